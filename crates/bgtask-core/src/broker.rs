@@ -1,0 +1,260 @@
+//! The [`Broker`] contract: publish, subscribe and an atomic counter of expiring leases.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, Stream};
+
+use crate::error::Result;
+
+/// A shared, type-erased broker: what clients, workers and the facade hold.
+pub type DynBroker = Arc<dyn Broker>;
+
+/// The smallest service bgtask needs from a message broker.
+///
+/// Clients and workers are built only on this trait, so a backend that implements it and passes
+/// the `bgtask-conformance` suite runs the whole task protocol.
+///
+/// # Contract
+///
+/// **Names.** Channels and lease keys are arbitrary UTF-8 strings of up to at least 1 KiB: spaces,
+/// dots, `*`, `>`, quotes, `$`, non-ASCII. A backend maps them onto its own naming rules so that
+/// two different names never share traffic or counters, and no name reaches another name's traffic
+/// (no wildcards, no truncation, no case folding). Names are never pasted unescaped into a query or
+/// subject.
+///
+/// **Payloads** are opaque bytes, binary-safe, and at least 1 MiB plus 64 KiB must work. A backend
+/// whose transport carries less splits or stores the payload itself. A larger payload than the
+/// backend can carry fails with [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
+///
+/// **Time.** Every operation returns within a bounded time. A connection that is lost, refused or
+/// silent is reported as [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) (or
+/// [`TimedOut`](crate::ErrorKind::TimedOut)), never as a hang and never as a success. The backend
+/// reconnects by itself, with backoff.
+///
+/// **Delivery** is at most once: a message reaches the subscriptions that are active when it is
+/// published, and no others. Messages from one publisher on one channel arrive in order.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// Publish `payload` on `channel` to every subscription that is active at this moment.
+    ///
+    /// # Behaviour
+    ///
+    /// - At most once; no retry that could deliver twice.
+    /// - Returns [`Published::Receivers`] with the number of subscriptions that received it when
+    ///   the broker can tell (see [`Capabilities::receiver_counts`]), else [`Published::Unknown`].
+    /// - A broker that cannot be reached is an `Unavailable` error, never `Ok`.
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published>;
+
+    /// Subscribe to `channel`.
+    ///
+    /// # Behaviour
+    ///
+    /// - The subscription is active on the server when this returns: a message published after
+    ///   the call returns is delivered.
+    /// - Dropping the [`Subscription`] unsubscribes.
+    /// - After a reconnect the subscription is active again without the caller doing anything,
+    ///   and the stream yields [`Incoming::Gap`] to say messages may have been missed. A backend
+    ///   that has to drop messages because the reader is too slow yields `Gap` as well.
+    /// - The stream ends only when the broker is dropped or closed.
+    async fn subscribe(&self, channel: &str) -> Result<Subscription>;
+
+    /// Try to add one lease on `key`.
+    ///
+    /// # Behaviour
+    ///
+    /// - Atomically: drop the expired leases of `key`; if `request.cap` is `None` or fewer than
+    ///   `cap` live leases remain, add one that expires `request.ttl` from now and return it.
+    /// - [`Acquired::live`] is the number of live leases after the call, whether or not one was
+    ///   added.
+    /// - Expiry is judged by the broker's clock only, never by the callers' clocks.
+    /// - Every lease expires on its own; a backend never keeps data about a key for longer than
+    ///   its longest lease.
+    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired>;
+
+    /// Release a lease before it expires. Returns `false` if it was not live (already released,
+    /// expired, or never existed).
+    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool>;
+
+    /// The live leases of `key`, oldest first, each with its note and the time it has left.
+    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>>;
+
+    /// The number of live leases of `key`.
+    async fn count(&self, key: &str) -> Result<u64>;
+
+    /// What this backend can and cannot do.
+    fn capabilities(&self) -> Capabilities;
+}
+
+/// What a backend declares it can do; the conformance suite checks what is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// [`Broker::publish`] returns [`Published::Receivers`].
+    pub receiver_counts: bool,
+    /// The broker is reached over a network connection (and so can suffer outages).
+    pub networked: bool,
+}
+
+impl Capabilities {
+    /// Capabilities with every flag set as given.
+    pub fn new(receiver_counts: bool, networked: bool) -> Self {
+        Capabilities {
+            receiver_counts,
+            networked,
+        }
+    }
+}
+
+/// The outcome of [`Broker::publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The number of subscriptions that received the message.
+    Receivers(u64),
+    /// The broker accepted the message but cannot say who received it.
+    Unknown,
+}
+
+impl Published {
+    /// True when the broker knows that nobody received the message.
+    pub fn nobody(self) -> bool {
+        self == Published::Receivers(0)
+    }
+}
+
+/// One item of a [`Subscription`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message published on the channel.
+    Message(Bytes),
+    /// Messages may have been missed here (reconnect, or the reader fell behind).
+    Gap,
+}
+
+/// A live subscription to one channel: a stream of [`Incoming`]. Dropping it unsubscribes.
+pub struct Subscription {
+    channel: String,
+    inner: BoxStream<'static, Incoming>,
+}
+
+impl Subscription {
+    /// Wrap a backend's stream. The stream must unsubscribe when dropped.
+    pub fn new(channel: impl Into<String>, inner: BoxStream<'static, Incoming>) -> Self {
+        Subscription {
+            channel: channel.into(),
+            inner,
+        }
+    }
+
+    /// The channel this subscription listens to, as given to [`Broker::subscribe`].
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Incoming;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// What [`Broker::acquire`] is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// How long the lease lives unless released first. At least 1 ms.
+    pub ttl: Duration,
+    /// At most this many live leases on the key; `None` for no cap.
+    pub cap: Option<u64>,
+    /// A short text stored with the lease and returned by [`Broker::leases`] (may be empty).
+    pub note: String,
+}
+
+impl LeaseRequest {
+    /// A lease of `ttl` with no cap and no note.
+    pub fn new(ttl: Duration) -> Self {
+        LeaseRequest {
+            ttl,
+            cap: None,
+            note: String::new(),
+        }
+    }
+
+    /// Set the cap.
+    pub fn cap(mut self, cap: u64) -> Self {
+        self.cap = Some(cap);
+        self
+    }
+
+    /// Set the note.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+
+    /// The TTL in whole milliseconds, at least 1.
+    pub fn ttl_millis(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// The identity of one lease, unique per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(String);
+
+impl LeaseId {
+    /// Wrap a backend's lease identity.
+    pub fn new(id: impl Into<String>) -> Self {
+        LeaseId(id.into())
+    }
+
+    /// A new random identity (128 bits, hex), for backends that let the caller pick one.
+    pub fn random() -> Self {
+        LeaseId(crate::names::random_id())
+    }
+
+    /// The identity as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The outcome of [`Broker::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    /// The new lease, or `None` when the cap was reached.
+    pub lease: Option<LeaseId>,
+    /// Live leases on the key after the call.
+    pub live: u64,
+}
+
+/// One live lease, as listed by [`Broker::leases`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Its identity.
+    pub id: LeaseId,
+    /// The note it was acquired with.
+    pub note: String,
+    /// Time until it expires, by the broker's clock.
+    pub remaining: Duration,
+}

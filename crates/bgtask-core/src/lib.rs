@@ -1,0 +1,21 @@
+//! The core of bgtask: the [`Broker`] contract, the task protocol ([`Client`], [`Worker`]) built on
+//! it, and [`MemoryBroker`], the embedded backend for one process.
+//!
+//! Users depend on the `bgtask` facade crate, which re-exports everything here; backend authors
+//! depend on this crate and on `bgtask-conformance`.
+#![deny(missing_docs)]
+
+pub mod broker;
+pub mod error;
+pub mod memory;
+pub mod names;
+pub mod protocol;
+
+pub use broker::{
+    Acquired, Broker, Capabilities, DynBroker, Incoming, LeaseId, LeaseInfo, LeaseRequest,
+    Published, Subscription,
+};
+pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
+pub use memory::MemoryBroker;
+pub use names::Namespace;
+pub use protocol::*;

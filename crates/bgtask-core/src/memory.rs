@@ -1,0 +1,226 @@
+//! [`MemoryBroker`]: the embedded backend for one process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::broker::{
+    Acquired, Broker, Capabilities, Incoming, LeaseId, LeaseInfo, LeaseRequest, Published,
+    Subscription,
+};
+use crate::error::Result;
+
+/// How many messages one subscription buffers before it drops and signals [`Incoming::Gap`].
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+
+/// A broker that lives inside one process: publish, subscribe and leases in memory.
+///
+/// Clones share the same state. Its clock is the process's monotonic clock. A subscriber that
+/// falls more than [`DEFAULT_SUBSCRIPTION_BUFFER`] messages behind loses the newest messages and
+/// is told so by an [`Incoming::Gap`]; publishers never wait for slow subscribers.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    next_subscriber: u64,
+    channels: HashMap<String, Vec<Subscriber>>,
+    leases: HashMap<String, Vec<Lease>>,
+    last_sweep: Option<Instant>,
+}
+
+struct Subscriber {
+    id: u64,
+    tx: mpsc::Sender<Incoming>,
+    /// Set when a message was dropped; a `Gap` is owed before the next message.
+    owes_gap: bool,
+}
+
+struct Lease {
+    id: LeaseId,
+    note: String,
+    expires: Instant,
+}
+
+impl MemoryBroker {
+    /// A new, empty broker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps inconsistent (every update is a
+        // single insert or remove), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state();
+        f.debug_struct("MemoryBroker")
+            .field("channels", &state.channels.len())
+            .field("lease_keys", &state.leases.len())
+            .finish()
+    }
+}
+
+/// Drops the subscriber's entry when the subscription's stream is dropped.
+struct Unsubscribe {
+    broker: MemoryBroker,
+    channel: String,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let mut state = self.broker.state();
+        if let Some(subs) = state.channels.get_mut(&self.channel) {
+            subs.retain(|s| s.id != self.id);
+            if subs.is_empty() {
+                state.channels.remove(&self.channel);
+            }
+        }
+    }
+}
+
+fn live_leases<'a>(
+    leases: &'a mut HashMap<String, Vec<Lease>>,
+    key: &str,
+    now: Instant,
+) -> Option<&'a mut Vec<Lease>> {
+    let list = leases.get_mut(key)?;
+    list.retain(|l| l.expires > now);
+    Some(list)
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
+        let mut state = self.state();
+        let mut receivers = 0;
+        if let Some(subs) = state.channels.get_mut(channel) {
+            for sub in subs.iter_mut() {
+                if sub.owes_gap && sub.tx.try_send(Incoming::Gap).is_ok() {
+                    sub.owes_gap = false;
+                }
+                if sub.owes_gap {
+                    continue;
+                }
+                match sub.tx.try_send(Incoming::Message(payload.clone())) {
+                    Ok(()) => receivers += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => sub.owes_gap = true,
+                    // The stream is being dropped; its Unsubscribe removes the entry.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        Ok(Published::Receivers(receivers))
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
+        let (tx, rx) = mpsc::channel(DEFAULT_SUBSCRIPTION_BUFFER);
+        let id = {
+            let mut state = self.state();
+            state.next_subscriber += 1;
+            let id = state.next_subscriber;
+            state
+                .channels
+                .entry(channel.to_owned())
+                .or_default()
+                .push(Subscriber {
+                    id,
+                    tx,
+                    owes_gap: false,
+                });
+            id
+        };
+        let guard = Unsubscribe {
+            broker: self.clone(),
+            channel: channel.to_owned(),
+            id,
+        };
+        let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            rx.recv().await.map(|item| (item, (rx, guard)))
+        });
+        Ok(Subscription::new(channel, stream.boxed()))
+    }
+
+    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let list = match live_leases(&mut state.leases, key, now) {
+            Some(list) => list,
+            None => state.leases.entry(key.to_owned()).or_default(),
+        };
+        let live = list.len() as u64;
+        if request.cap.is_some_and(|cap| live >= cap) {
+            return Ok(Acquired { lease: None, live });
+        }
+        let id = LeaseId::random();
+        list.push(Lease {
+            id: id.clone(),
+            note: request.note.clone(),
+            expires: now + Duration::from_millis(request.ttl_millis()),
+        });
+        // Keys whose every lease expired are dropped once a second, so memory stays bounded by
+        // the leases of the last second.
+        if state.last_sweep.is_none_or(|t| now - t > Duration::from_secs(1)) {
+            state.last_sweep = Some(now);
+            state.leases.retain(|_, list| list.iter().any(|l| l.expires > now));
+        }
+        Ok(Acquired {
+            lease: Some(id),
+            live: live + 1,
+        })
+    }
+
+    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let Some(list) = live_leases(&mut state.leases, key, now) else {
+            return Ok(false);
+        };
+        let before = list.len();
+        list.retain(|l| &l.id != lease);
+        let released = list.len() < before;
+        if list.is_empty() {
+            state.leases.remove(key);
+        }
+        Ok(released)
+    }
+
+    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        let now = Instant::now();
+        let mut state = self.state();
+        Ok(live_leases(&mut state.leases, key, now)
+            .map(|list| {
+                list.iter()
+                    .map(|l| LeaseInfo {
+                        id: l.id.clone(),
+                        note: l.note.clone(),
+                        remaining: l.expires - now,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        let now = Instant::now();
+        let mut state = self.state();
+        Ok(live_leases(&mut state.leases, key, now).map_or(0, |l| l.len() as u64))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, false)
+    }
+}

@@ -1,0 +1,4 @@
+//! The task protocol, built on [`Broker`](crate::Broker) only.
+
+mod envelope;
+pub use envelope::Status;
