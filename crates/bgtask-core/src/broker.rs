@@ -46,8 +46,10 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// # Behaviour
     ///
     /// - At most once; no retry that could deliver twice.
-    /// - Returns [`Published::Receivers`] with the number of subscriptions that received it when
-    ///   the broker can tell (see [`Capabilities::receiver_counts`]), else [`Published::Unknown`].
+    /// - Returns [`Published::Receivers`] when the broker can tell who received it (see
+    ///   [`Capabilities::receiver_counts`]), else [`Published::Unknown`]. The count is 0 exactly
+    ///   when no subscription received the message; a backend that multiplexes several local
+    ///   subscriptions over one connection may count that connection once.
     /// - A broker that cannot be reached is an `Unavailable` error, never `Ok`.
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published>;
 
@@ -114,7 +116,8 @@ impl Capabilities {
 /// The outcome of [`Broker::publish`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
-    /// The number of subscriptions that received the message.
+    /// How many subscriptions (or connections, see [`Broker::publish`]) received the message;
+    /// 0 means nobody did.
     Receivers(u64),
     /// The broker accepted the message but cannot say who received it.
     Unknown,

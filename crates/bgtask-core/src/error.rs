@@ -176,10 +176,6 @@ impl Error {
         )
     }
 
-    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
-        Error::new(ErrorKind::Unavailable, message)
-    }
-
     pub(crate) fn invalid_input(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::InvalidInput, message)
     }

@@ -1,0 +1,793 @@
+//! The worker side: [`Worker`] is told of available tasks, accepts some, and completes them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures::stream::{SelectAll, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::blacklist::{Blacklist, BlacklistConfig};
+use super::client::check_payload_size;
+use super::envelope::{to_raw, Kind, Message, Status};
+use super::{decode_raw, duration_ms, Counter};
+use crate::broker::{DynBroker, Incoming, LeaseRequest, Subscription};
+use crate::error::{Error, ErrorKind, Result};
+use crate::names::{random_id, validate_name, Namespace};
+
+/// Settings of a [`Worker`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Namespace shared with the creators. Default `bgtask`.
+    pub namespace: String,
+    /// Task names this worker serves.
+    pub tasks: Vec<String>,
+    /// Extra targeted channels this worker listens to (see
+    /// [`SubmitOptions::target`](crate::SubmitOptions::target)).
+    pub targets: Vec<String>,
+    /// Largest progress value or reply accepted, in bytes of JSON. Default 1 MiB.
+    pub max_payload: usize,
+    /// When reported key values become blacklisted.
+    pub blacklist: BlacklistConfig,
+    /// How long a task's claim outlives its deadline. Default 1 s.
+    #[serde(rename = "claim_margin_ms", with = "duration_ms")]
+    pub claim_margin: Duration,
+    /// How long [`Worker::run`] waits for running tasks at shutdown before cancelling them.
+    /// Default 10 s.
+    #[serde(rename = "shutdown_grace_ms", with = "duration_ms")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            namespace: crate::names::DEFAULT_NAMESPACE.to_owned(),
+            tasks: Vec::new(),
+            targets: Vec::new(),
+            max_payload: super::DEFAULT_MAX_PAYLOAD,
+            blacklist: BlacklistConfig::default(),
+            claim_margin: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The default configuration serving `tasks`.
+    pub fn for_tasks<I, S>(tasks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        WorkerConfig {
+            tasks: tasks.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Something that happened on a worker, for monitoring (see [`Worker::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerEvent {
+    /// A message on one of the worker's channels could not be understood; it was dropped.
+    Malformed {
+        /// The channel.
+        channel: String,
+        /// Why.
+        error: String,
+    },
+    /// A creator cancelled a task this worker runs.
+    Cancelled {
+        /// The task.
+        id: String,
+    },
+    /// A subscription resumed after a reconnect; tasks may have been missed.
+    Gap,
+}
+
+/// Counters of a worker since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Tasks seen on the worker's channels.
+    pub seen: u64,
+    /// Tasks this worker accepted.
+    pub accepted: u64,
+    /// Accepts that lost to another worker (or to a cancellation).
+    pub lost: u64,
+    /// Tasks completed (any status).
+    pub completed: u64,
+    /// Messages that could not be understood.
+    pub malformed: u64,
+    /// Times a subscription said messages may have been missed.
+    pub gaps: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    seen: Counter,
+    accepted: Counter,
+    lost: Counter,
+    completed: Counter,
+    malformed: Counter,
+    gaps: Counter,
+}
+
+struct Inner {
+    broker: DynBroker,
+    namespace: Namespace,
+    config: WorkerConfig,
+    worker_id: String,
+    reply_prefix: String,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    counters: Counters,
+    events: broadcast::Sender<WorkerEvent>,
+    shutdown: CancellationToken,
+    blacklist: Blacklist,
+}
+
+impl Inner {
+    fn running(&self) -> MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, event: impl FnOnce() -> WorkerEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event());
+        }
+    }
+
+    fn malformed(&self, channel: &str, error: &Error) {
+        self.counters.malformed.incr();
+        tracing::warn!(channel, %error, "dropped a malformed message");
+        self.emit(|| WorkerEvent::Malformed {
+            channel: channel.to_owned(),
+            error: error.to_string(),
+        });
+    }
+
+    async fn publish_reply(&self, reply_to: &str, message: Message) -> Result<()> {
+        self.broker.publish(reply_to, message.encode()).await?;
+        Ok(())
+    }
+}
+
+/// A worker: subscribed to task names (and targeted channels), told of each available task.
+///
+/// Two styles: the event style ([`next_task`](Self::next_task), then
+/// [`AvailableTask::accept`]) and the handler style ([`run`](Self::run)).
+pub struct Worker {
+    inner: Arc<Inner>,
+    tasks: SelectAll<Subscription>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.inner.worker_id)
+            .field("tasks", &self.inner.config.tasks)
+            .field("targets", &self.inner.config.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Start a worker: subscribe to its control channel, its task names and its targets.
+    /// Subscriptions are active when this returns.
+    pub async fn new(broker: DynBroker, config: WorkerConfig) -> Result<Worker> {
+        let namespace = Namespace::new(config.namespace.clone())?;
+        if config.tasks.is_empty() && config.targets.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "a worker needs at least one task name or target",
+            ));
+        }
+        for task in &config.tasks {
+            validate_name("task name", task)?;
+        }
+        for target in &config.targets {
+            validate_name("target", target)?;
+        }
+        let worker_id = random_id();
+        let control = broker
+            .subscribe(&namespace.worker_channel(&worker_id))
+            .await?;
+        let mut tasks = SelectAll::new();
+        for task in &config.tasks {
+            tasks.push(broker.subscribe(&namespace.task_channel(task)).await?);
+        }
+        for target in &config.targets {
+            tasks.push(broker.subscribe(&namespace.target_channel(target)).await?);
+        }
+        let inner = Arc::new(Inner {
+            blacklist: Blacklist::new(broker.clone(), namespace.clone(), config.blacklist.clone()),
+            reply_prefix: namespace.reply_channel(""),
+            broker,
+            namespace,
+            config,
+            worker_id,
+            running: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            events: broadcast::channel(1024).0,
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(control_loop(Arc::downgrade(&inner), control));
+        Ok(Worker { inner, tasks })
+    }
+
+    /// This worker's id, as creators see it.
+    pub fn id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The blacklist of the worker's namespace, with the worker's thresholds.
+    pub fn blacklist(&self) -> &Blacklist {
+        &self.inner.blacklist
+    }
+
+    /// A handle that stops this worker from anywhere (e.g. a signal handler).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.inner.shutdown.clone())
+    }
+
+    /// Counters since the worker started.
+    pub fn stats(&self) -> WorkerStats {
+        let c = &self.inner.counters;
+        WorkerStats {
+            seen: c.seen.get(),
+            accepted: c.accepted.get(),
+            lost: c.lost.get(),
+            completed: c.completed.get(),
+            malformed: c.malformed.get(),
+            gaps: c.gaps.get(),
+        }
+    }
+
+    /// A stream of what happens on this worker from now on (malformed messages, cancellations,
+    /// gaps). A reader more than 1024 events behind misses the oldest.
+    pub fn events(&self) -> impl futures::Stream<Item = WorkerEvent> + Send + 'static {
+        let rx = self.inner.events.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((event, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+
+    /// The next available task, or `None` once the worker is shut down. Malformed messages are
+    /// counted, logged and skipped; they never end the stream.
+    pub async fn next_task(&mut self) -> Option<AvailableTask> {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = self.inner.shutdown.cancelled() => return None,
+                item = self.tasks.next() => item?,
+            };
+            let bytes = match item {
+                Incoming::Message(bytes) => bytes,
+                Incoming::Gap => {
+                    self.inner.counters.gaps.incr();
+                    tracing::warn!("a task subscription resumed; tasks may have been missed");
+                    self.inner.emit(|| WorkerEvent::Gap);
+                    continue;
+                }
+            };
+            self.inner.counters.seen.incr();
+            match self.parse_task(&bytes) {
+                Ok(task) => return Some(task),
+                Err(error) => self.inner.malformed("task channel", &error),
+            }
+        }
+    }
+
+    fn parse_task(&self, bytes: &[u8]) -> Result<AvailableTask> {
+        let received = Instant::now();
+        let message = Message::decode(bytes)?;
+        if message.kind != Kind::Task {
+            return Err(Error::protocol(format!(
+                "a {:?} message on a task channel",
+                message.kind
+            )));
+        }
+        // decode() checked that these are present.
+        let (Some(task), Some(reply_to), Some(timeout_ms), Some(body)) = (
+            message.task,
+            message.reply_to,
+            message.timeout_ms,
+            message.body,
+        ) else {
+            return Err(Error::protocol("a task message without its fields"));
+        };
+        // Replies go to creators' reply channels of this namespace only, so a forged task cannot
+        // make workers publish onto any other channel.
+        if !reply_to.starts_with(&self.inner.reply_prefix)
+            || validate_name("reply channel", &reply_to[self.inner.reply_prefix.len()..]).is_err()
+        {
+            return Err(Error::protocol(format!(
+                "reply channel {reply_to:?} is not a reply channel of this namespace"
+            )));
+        }
+        let timeout = Duration::from_millis(timeout_ms.min(u64::from(u32::MAX)));
+        Ok(AvailableTask {
+            context: TaskContext {
+                shared: Arc::new(Shared {
+                worker: self.inner.clone(),
+                id: message.id,
+                task,
+                reply_to,
+                deadline: received + timeout,
+                broadcast: message.broadcast,
+                key: message.key,
+                meta: message.meta,
+                body,
+                cancel: CancellationToken::new(),
+            }),
+            },
+        })
+    }
+
+    /// Serve tasks with `handler`, at most `concurrency` at a time, until shut down. Every task
+    /// seen is accepted while there is capacity; the handler's result completes it.
+    ///
+    /// At shutdown: stop taking tasks, wait up to `shutdown_grace` for running ones, then cancel
+    /// them; a task whose handler never returns is completed as `Failed`. A handler that panics
+    /// completes its task as `Failed` and the worker goes on.
+    pub async fn run<F, Fut>(mut self, concurrency: usize, handler: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut running = JoinSet::new();
+        loop {
+            while let Some(joined) = running.try_join_next() {
+                log_join(joined);
+            }
+            let permit = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let Some(task) = self.next_task().await else {
+                break;
+            };
+            let handler = handler.clone();
+            running.spawn(async move {
+                let _permit = permit;
+                match task.accept().await {
+                    Ok(Some(task)) => {
+                        let result = handler(task.context()).await;
+                        if let Err(error) = task.finish(result).await {
+                            tracing::warn!(%error, "could not complete a task");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "could not accept a task"),
+                }
+            });
+        }
+        // Stop receiving tasks, then drain.
+        self.tasks = SelectAll::new();
+        let grace = self.inner.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = running.join_next().await {
+                log_join(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                tasks = running.len(),
+                "tasks still running after the shutdown grace period; cancelling them"
+            );
+            for token in self.inner.running().values() {
+                token.cancel();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(joined) = running.join_next().await {
+                    log_join(joined);
+                }
+            })
+            .await;
+            // Whatever is left is aborted; each dropped task completes as Failed.
+            running.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined {
+        if error.is_panic() {
+            tracing::error!("a task handler panicked; its task was completed as failed");
+        }
+    }
+}
+
+/// Stops a [`Worker`]: it takes no new tasks, and [`Worker::run`] drains and returns.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(CancellationToken);
+
+impl ShutdownHandle {
+    /// Begin the shutdown.
+    pub fn shutdown(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether the shutdown has begun.
+    pub fn is_shutdown(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}
+
+async fn control_loop(inner: Weak<Inner>, mut subscription: Subscription) {
+    while let Some(item) = subscription.next().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let bytes = match item {
+            Incoming::Message(bytes) => bytes,
+            Incoming::Gap => {
+                inner.counters.gaps.incr();
+                continue;
+            }
+        };
+        match Message::decode(&bytes) {
+            Ok(message) if message.kind == Kind::Cancel => {
+                let token = inner.running().get(&message.id).cloned();
+                if let Some(token) = token {
+                    token.cancel();
+                    let id = message.id;
+                    inner.emit(|| WorkerEvent::Cancelled { id });
+                }
+            }
+            Ok(message) => inner.malformed(
+                "control channel",
+                &Error::protocol(format!("a {:?} message on a control channel", message.kind)),
+            ),
+            Err(error) => inner.malformed("control channel", &error),
+        }
+    }
+}
+
+struct Shared {
+    worker: Arc<Inner>,
+    id: String,
+    task: String,
+    reply_to: String,
+    deadline: Instant,
+    broadcast: bool,
+    key: Option<String>,
+    meta: Option<Box<RawValue>>,
+    body: Box<RawValue>,
+    cancel: CancellationToken,
+}
+
+/// A task's data as a worker sees it: shared by [`AvailableTask`], [`RunningTask`] and
+/// [`TaskContext`].
+#[derive(Clone)]
+pub struct TaskContext {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.shared.id)
+            .field("task", &self.shared.task)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskContext {
+    /// The task's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The task name.
+    pub fn name(&self) -> &str {
+        &self.shared.task
+    }
+
+    /// The payload as raw JSON text.
+    pub fn raw(&self) -> &RawValue {
+        &self.shared.body
+    }
+
+    /// The payload as a JSON value.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.shared.body.get()).unwrap_or(Value::Null)
+    }
+
+    /// The payload deserialized into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        decode_raw(&self.shared.body, "task payload")
+    }
+
+    /// The metadata the creator attached, if any.
+    pub fn metadata(&self) -> Option<Value> {
+        self.shared
+            .meta
+            .as_ref()
+            .map(|m| serde_json::from_str(m.get()).unwrap_or(Value::Null))
+    }
+
+    /// The value of the task key, when the creator set one.
+    pub fn key_value(&self) -> Option<&str> {
+        self.shared.key.as_deref()
+    }
+
+    /// Whether every worker runs this task (its creator used
+    /// [`Client::broadcast`](crate::Client::broadcast)).
+    pub fn is_broadcast(&self) -> bool {
+        self.shared.broadcast
+    }
+
+    /// When the creator stops waiting (measured from when this worker received the task).
+    pub fn deadline(&self) -> Instant {
+        self.shared.deadline
+    }
+
+    /// Whether the creator cancelled the task (or the worker is shutting down past its grace).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// Resolves when the task is cancelled.
+    pub async fn cancelled(&self) {
+        self.shared.cancel.cancelled().await
+    }
+
+    /// Send a progress value to the creator.
+    pub async fn progress<T: Serialize + ?Sized>(&self, progress: &T) -> Result<()> {
+        let body = to_raw(progress)?;
+        check_payload_size(
+            "progress value",
+            body.get().len(),
+            self.shared.worker.config.max_payload,
+        )?;
+        let mut message = Message::new(Kind::Progress, self.shared.id.clone());
+        message.worker = Some(self.shared.worker.worker_id.clone());
+        message.body = Some(body);
+        self.shared
+            .worker
+            .publish_reply(&self.shared.reply_to, message)
+            .await
+    }
+
+    /// Report this task's key value as bad (see [`Blacklist::report`]). Returns `true` when this
+    /// report blacklisted it, and an error of kind `InvalidInput` when the task has no key.
+    pub async fn report_bad_key(&self, reason: &str) -> Result<bool> {
+        let Some(value) = &self.shared.key else {
+            return Err(Error::invalid_input("the task has no task key value to report"));
+        };
+        self.shared
+            .worker
+            .blacklist
+            .report(&self.shared.task, value, reason)
+            .await
+    }
+}
+
+/// A task seen on a worker's channel, not yet accepted. Ignoring it is dropping it.
+pub struct AvailableTask {
+    context: TaskContext,
+}
+
+impl std::fmt::Debug for AvailableTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AvailableTask")
+            .field("id", &self.context.shared.id)
+            .field("task", &self.context.shared.task)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deref for AvailableTask {
+    type Target = TaskContext;
+
+    fn deref(&self) -> &TaskContext {
+        &self.context
+    }
+}
+
+impl AvailableTask {
+    /// Try to take the task. `Ok(None)` when another worker took it first, the creator
+    /// cancelled it, its deadline passed, or this worker is shutting down.
+    pub async fn accept(self) -> Result<Option<RunningTask>> {
+        let shared = self.context.shared;
+        let worker = &shared.worker;
+        if worker.shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        let remaining = shared.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            worker.counters.lost.incr();
+            return Ok(None);
+        }
+        if !shared.broadcast {
+            let request = LeaseRequest::new(remaining + worker.config.claim_margin)
+                .cap(1)
+                .note(&worker.worker_id);
+            let claim = worker
+                .broker
+                .acquire(&worker.namespace.claim_key(&shared.id), request)
+                .await?;
+            if claim.lease.is_none() {
+                worker.counters.lost.incr();
+                return Ok(None);
+            }
+        }
+        worker
+            .running()
+            .insert(shared.id.clone(), shared.cancel.clone());
+        worker.counters.accepted.incr();
+        let running = RunningTask {
+            context: TaskContext {
+                shared: shared.clone(),
+            },
+            completed: false,
+        };
+        let mut accepted = Message::new(Kind::Accepted, shared.id.clone());
+        accepted.worker = Some(worker.worker_id.clone());
+        worker.publish_reply(&shared.reply_to, accepted).await?;
+        Ok(Some(running))
+    }
+}
+
+/// A task this worker accepted. Complete it with [`success`](Self::success),
+/// [`error`](Self::error), [`fail`](Self::fail) or [`complete`](Self::complete).
+///
+/// Dropped without completion, it completes itself as `Failed`, so the creator learns at once
+/// instead of at its timeout.
+pub struct RunningTask {
+    context: TaskContext,
+    completed: bool,
+}
+
+impl std::fmt::Debug for RunningTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningTask")
+            .field("id", &self.context.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deref for RunningTask {
+    type Target = TaskContext;
+
+    fn deref(&self) -> &TaskContext {
+        &self.context
+    }
+}
+
+impl RunningTask {
+    /// A cloneable view of the task, for handlers.
+    pub fn context(&self) -> TaskContext {
+        self.context.clone()
+    }
+
+    /// Complete with `Success` and `reply`.
+    pub async fn success<T: Serialize + ?Sized>(self, reply: &T) -> Result<()> {
+        self.complete(Status::Success, reply).await
+    }
+
+    /// Complete with `Error` and `reply`.
+    pub async fn error<T: Serialize + ?Sized>(self, reply: &T) -> Result<()> {
+        self.complete(Status::Error, reply).await
+    }
+
+    /// Complete with `Failed` and `reply`.
+    pub async fn fail<T: Serialize + ?Sized>(self, reply: &T) -> Result<()> {
+        self.complete(Status::Failed, reply).await
+    }
+
+    /// Complete with a handler's result.
+    pub async fn finish(self, result: HandlerResult) -> Result<()> {
+        match result {
+            Ok(reply) => self.complete(Status::Success, &reply).await,
+            Err(failure) => self.complete(failure.status, &failure.reply).await,
+        }
+    }
+
+    /// Complete with `status` and `reply`. A reply over the payload limit is not sent: the
+    /// creator gets `Failed` with a short explanation and this returns [`ErrorKind::TooLarge`].
+    pub async fn complete<T: Serialize + ?Sized>(mut self, status: Status, reply: &T) -> Result<()> {
+        self.completed = true;
+        let shared = &self.context.shared;
+        let worker = &shared.worker;
+        worker.running().remove(&shared.id);
+        worker.counters.completed.incr();
+        let body = to_raw(reply)?;
+        let limit = worker.config.max_payload;
+        if let Err(error) = check_payload_size("reply", body.get().len(), limit) {
+            let notice = json!({"error": "reply too large", "size": body.get().len(), "limit": limit});
+            send_done(shared, Status::Failed, to_raw(&notice)?).await?;
+            return Err(error);
+        }
+        send_done(shared, status, body).await
+    }
+}
+
+async fn send_done(shared: &Shared, status: Status, body: Box<RawValue>) -> Result<()> {
+    let mut message = Message::new(Kind::Done, shared.id.clone());
+    message.worker = Some(shared.worker.worker_id.clone());
+    message.status = Some(status);
+    message.body = Some(body);
+    shared.worker.publish_reply(&shared.reply_to, message).await
+}
+
+impl Drop for RunningTask {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        let shared = self.context.shared.clone();
+        shared.worker.running().remove(&shared.id);
+        shared.worker.counters.completed.incr();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let notice = json!({"error": "the worker dropped the task without completing it"});
+                if let Ok(body) = to_raw(&notice) {
+                    if let Err(error) = send_done(&shared, Status::Failed, body).await {
+                        tracing::warn!(%error, "could not report a dropped task");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// What a [`Worker::run`] handler returns: the reply, or how the task failed.
+pub type HandlerResult = std::result::Result<Value, TaskFailure>;
+
+/// A handler's unsuccessful completion: `Error` or `Failed` with a JSON reply.
+#[derive(Debug, Clone)]
+pub struct TaskFailure {
+    /// `Error` or `Failed` (a `Success` here is sent as given).
+    pub status: Status,
+    /// The reply the creator gets in [`Error::reply`].
+    pub reply: Value,
+}
+
+impl TaskFailure {
+    /// Complete with `Error`.
+    pub fn error(reply: Value) -> Self {
+        TaskFailure {
+            status: Status::Error,
+            reply,
+        }
+    }
+
+    /// Complete with `Failed`.
+    pub fn failed(reply: Value) -> Self {
+        TaskFailure {
+            status: Status::Failed,
+            reply,
+        }
+    }
+}
+
+impl From<Error> for TaskFailure {
+    /// A bgtask error inside a handler fails the task with `{"error": "<message>"}`.
+    fn from(error: Error) -> Self {
+        TaskFailure::failed(json!({ "error": error.to_string() }))
+    }
+}
