@@ -1,26 +1,142 @@
-//! The conformance suite every bgtask backend passes.
+//! The conformance suite every bgtask backend passes: the [`Broker`] contract, the task protocol
+//! end to end, and faults injected with a TCP [`proxy::FaultProxy`].
+//!
+//! A backend runs the whole suite by writing one [`BrokerFactory`] and one macro call in an
+//! integration test (which needs `tokio` with the `macros` and `rt-multi-thread` features):
+//!
+//! ```ignore
+//! bgtask_conformance::conformance_suite!(MyFactory::new());
+//! ```
+//!
+//! Every scenario becomes a `#[tokio::test]` of its own name, so failures show by name and
+//! `cargo test <name>` filters. Each runs in a namespace of its own and cleans up by expiry; none
+//! deletes anything it did not create. Scenarios that need something a backend declares it lacks
+//! (see [`Capabilities`](bgtask_core::Capabilities)) check the declared behaviour instead, or say
+//! on stderr that they do not apply (only the fault scenarios, for in-process brokers).
 #![deny(missing_docs)]
 
+mod harness;
 pub mod proxy;
+pub mod scenarios;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use bgtask_core::Broker;
+use bgtask_core::{DynBroker, Result};
+
+pub use harness::{next_message, run, Harness, WorkerGuard};
 
 /// How the suite gets brokers of the backend under test. A backend writes one of these.
 #[async_trait]
 pub trait BrokerFactory: Send + Sync + 'static {
     /// A new broker connected to the test server. Panics with a message saying how to start the
-    /// server when it cannot connect.
-    async fn broker(&self) -> Arc<dyn Broker>;
+    /// server when it cannot connect: a missing server fails the suite, it never passes it.
+    async fn broker(&self) -> DynBroker;
 
     /// The server's address, which the fault proxy forwards to; `None` for an in-process broker.
     fn server_addr(&self) -> Option<SocketAddr>;
 
     /// A new broker that connects to `addr` (a fault proxy in front of the server) instead of the
-    /// server itself, configured with short timeouts and reconnect backoff (about 1 s each) so
-    /// outages are noticed quickly. `None` for an in-process broker.
-    async fn broker_via(&self, addr: SocketAddr) -> Option<Arc<dyn Broker>>;
+    /// server itself, with short timeouts and reconnect backoff (about 1 s each) so outages are
+    /// noticed quickly. Connect errors are returned, not panicked. Only called when
+    /// `server_addr()` is `Some`.
+    async fn broker_via(&self, addr: SocketAddr) -> Result<DynBroker>;
+}
+
+/// Expand into one `#[tokio::test]` per scenario, each running against brokers from `$factory`
+/// (an expression that builds a [`BrokerFactory`]).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($factory:expr) => {
+        $crate::for_each_scenario!($crate::__conformance_test, $factory);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test {
+    ($factory:expr; $($module:ident :: $name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run(stringify!($name), $factory, $crate::scenarios::$module::$name).await;
+            }
+        )*
+    };
+}
+
+/// Call `$callback!($arg; module::scenario, ...)` with every scenario of the suite: the one list
+/// of scenarios, which the tests and the documentation both read.
+#[macro_export]
+macro_rules! for_each_scenario {
+    ($callback:path, $arg:expr) => {
+        $callback!($arg;
+            broker::publish_reaches_every_subscriber,
+            broker::publish_without_subscribers_is_declared,
+            broker::subscription_is_active_on_return,
+            broker::messages_arrive_in_order,
+            broker::payloads_are_binary_safe,
+            broker::one_mib_payload,
+            broker::dropping_a_subscription_unsubscribes,
+            broker::subscriptions_on_one_broker_share_a_channel,
+            broker::channel_names_never_meet,
+            broker::lease_cap_is_respected,
+            broker::concurrent_acquires_respect_the_cap,
+            broker::leases_expire_on_their_own,
+            broker::each_lease_expires_individually,
+            broker::release_frees_a_slot,
+            broker::release_of_an_unknown_lease_is_false,
+            broker::leases_list_notes_and_remaining_time,
+            broker::lease_keys_never_meet,
+            broker::uncapped_leases_count_up,
+            protocol::submit_and_reply,
+            protocol::submit_returns_the_id_at_once,
+            protocol::typed_call_round_trip,
+            protocol::progress_arrives_in_order,
+            protocol::worker_sees_metadata_and_key_before_accepting,
+            protocol::first_accept_wins,
+            protocol::thousand_tasks_ten_workers_exactly_once,
+            protocol::ignored_task_times_out,
+            protocol::zero_or_negative_timeout_means_default,
+            protocol::per_task_timeout_overrides_default,
+            protocol::late_reply_is_dropped,
+            protocol::error_status_is_a_typed_error,
+            protocol::failed_status_is_a_typed_error,
+            protocol::handler_panic_fails_the_task,
+            protocol::dropped_running_task_fails_fast,
+            protocol::broadcast_runs_on_every_worker,
+            protocol::per_key_limit_rejects_over_limit,
+            protocol::per_key_limit_frees_on_completion,
+            protocol::per_key_limit_frees_on_timeout,
+            protocol::unlimited_per_key_admits_all,
+            protocol::crashed_creator_leases_free_themselves,
+            protocol::task_without_its_key_is_rejected,
+            protocol::blacklist_after_threshold,
+            protocol::blacklist_lift,
+            protocol::blacklist_expires,
+            protocol::reports_at_threshold_do_not_blacklist,
+            protocol::oversized_task_is_refused_before_publishing,
+            protocol::oversized_reply_is_refused,
+            protocol::one_mib_task_and_reply,
+            protocol::no_worker_fails_fast,
+            protocol::targeted_task_reaches_only_its_workers,
+            protocol::cancel_is_observed_by_the_running_worker,
+            protocol::cancel_before_accept_prevents_accept,
+            protocol::worker_shutdown_drains_in_flight,
+            protocol::client_shutdown_ends_pending_tasks,
+            protocol::malformed_messages_do_not_stop_anyone,
+            protocol::forged_reply_channel_is_refused,
+            protocol::handler_concurrency_is_respected,
+            protocol::namespaces_never_meet,
+            protocol::invalid_names_are_rejected,
+            protocol::events_report_the_task_lifecycle,
+            protocol::hostile_task_names_reach_only_their_workers,
+            faults::refused_connection_is_unavailable,
+            faults::calls_are_bounded_in_a_black_hole,
+            faults::no_task_call_waits_past_its_deadline,
+            faults::subscription_resumes_after_outage,
+            faults::subscription_resumes_after_20s_outage,
+            faults::task_completes_after_outage,
+        );
+    };
 }

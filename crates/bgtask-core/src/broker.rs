@@ -211,7 +211,9 @@ impl LeaseRequest {
 
     /// The TTL in whole milliseconds, at least 1.
     pub fn ttl_millis(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 

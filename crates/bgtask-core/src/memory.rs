@@ -173,9 +173,14 @@ impl Broker for MemoryBroker {
         });
         // Keys whose every lease expired are dropped once a second, so memory stays bounded by
         // the leases of the last second.
-        if state.last_sweep.is_none_or(|t| now - t > Duration::from_secs(1)) {
+        if state
+            .last_sweep
+            .is_none_or(|t| now - t > Duration::from_secs(1))
+        {
             state.last_sweep = Some(now);
-            state.leases.retain(|_, list| list.iter().any(|l| l.expires > now));
+            state
+                .leases
+                .retain(|_, list| list.iter().any(|l| l.expires > now));
         }
         Ok(Acquired {
             lease: Some(id),

@@ -152,17 +152,29 @@ mod tests {
     fn names_are_checked() {
         assert!(validate_name("task", "a.*").is_ok());
         assert!(validate_name("task", "$SYS.x y \"q\" é").is_ok());
-        assert_eq!(validate_name("task", "").unwrap_err().kind(), ErrorKind::InvalidName);
-        assert_eq!(validate_name("task", "a\0b").unwrap_err().kind(), ErrorKind::InvalidName);
+        assert_eq!(
+            validate_name("task", "").unwrap_err().kind(),
+            ErrorKind::InvalidName
+        );
+        assert_eq!(
+            validate_name("task", "a\0b").unwrap_err().kind(),
+            ErrorKind::InvalidName
+        );
         let long = "x".repeat(MAX_NAME_BYTES + 1);
-        assert_eq!(validate_name("task", &long).unwrap_err().kind(), ErrorKind::InvalidName);
+        assert_eq!(
+            validate_name("task", &long).unwrap_err().kind(),
+            ErrorKind::InvalidName
+        );
     }
 
     #[test]
     fn namespaces_are_checked() {
         assert!(Namespace::new("app-1_x").is_ok());
         for bad in ["", "a:b", "a b", "é"] {
-            assert_eq!(Namespace::new(bad).unwrap_err().kind(), ErrorKind::InvalidName);
+            assert_eq!(
+                Namespace::new(bad).unwrap_err().kind(),
+                ErrorKind::InvalidName
+            );
         }
     }
 

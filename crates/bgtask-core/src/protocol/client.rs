@@ -292,8 +292,13 @@ impl Client {
     }
 
     /// Submit `payload` (a JSON object) as a task named `task`, with the client's defaults.
-    pub async fn submit<T: Serialize + ?Sized>(&self, task: &str, payload: &T) -> Result<TaskHandle> {
-        self.submit_with(task, payload, SubmitOptions::default()).await
+    pub async fn submit<T: Serialize + ?Sized>(
+        &self,
+        task: &str,
+        payload: &T,
+    ) -> Result<TaskHandle> {
+        self.submit_with(task, payload, SubmitOptions::default())
+            .await
     }
 
     /// Submit a task with per-task options. Returns as soon as the task is published; the
@@ -367,7 +372,7 @@ impl Client {
 
     /// A stream of what happens on this client from now on. A reader that falls more than 1024
     /// events behind misses the oldest ones.
-    pub fn events(&self) -> impl futures::Stream<Item = ClientEvent> + Send + 'static {
+    pub fn events(&self) -> futures::stream::BoxStream<'static, ClientEvent> {
         let rx = self.inner.events.subscribe();
         futures::stream::unfold(rx, |mut rx| async move {
             loop {
@@ -378,6 +383,7 @@ impl Client {
                 }
             }
         })
+        .boxed()
     }
 
     /// Stop: refuse new tasks, end every pending task with an [`ErrorKind::Closed`] error (their
@@ -408,19 +414,26 @@ impl Client {
         payload: &T,
         options: &SubmitOptions,
         broadcast: bool,
-    ) -> Result<(Prepared, mpsc::Receiver<Update>, oneshot::Receiver<Result<Reply>>)> {
+    ) -> Result<(
+        Prepared,
+        mpsc::Receiver<Update>,
+        oneshot::Receiver<Result<Reply>>,
+    )> {
         let timeout = self.timeout_of(options);
-        tokio::time::timeout(timeout, self.admit_and_publish(task, payload, options, broadcast))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorKind::TimedOut,
-                    format!(
-                        "submitting {task:?} took longer than its timeout of {} ms",
-                        timeout.as_millis()
-                    ),
-                ))
-            })
+        tokio::time::timeout(
+            timeout,
+            self.admit_and_publish(task, payload, options, broadcast),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "submitting {task:?} took longer than its timeout of {} ms",
+                    timeout.as_millis()
+                ),
+            ))
+        })
     }
 
     async fn admit_and_publish<T: Serialize + ?Sized>(
@@ -429,7 +442,11 @@ impl Client {
         payload: &T,
         options: &SubmitOptions,
         broadcast: bool,
-    ) -> Result<(Prepared, mpsc::Receiver<Update>, oneshot::Receiver<Result<Reply>>)> {
+    ) -> Result<(
+        Prepared,
+        mpsc::Receiver<Update>,
+        oneshot::Receiver<Result<Reply>>,
+    )> {
         let inner = &self.inner;
         let deadline = Instant::now() + self.timeout_of(options);
         if inner.closed.load(Ordering::SeqCst) {
@@ -548,7 +565,6 @@ pub(crate) fn check_payload_size(what: &str, size: usize, max: usize) -> Result<
     Ok(())
 }
 
-
 /// The task key's value in a task payload: a string as is, anything else as its JSON text.
 fn key_value(body: &RawValue, key: &str) -> Result<String> {
     let object: BTreeMap<String, &RawValue> = serde_json::from_str(body.get()).map_err(|_| {
@@ -557,7 +573,9 @@ fn key_value(body: &RawValue, key: &str) -> Result<String> {
         ))
     })?;
     let raw = object.get(key).ok_or_else(|| {
-        Error::invalid_input(format!("the task has no top-level property {key:?} (its task key)"))
+        Error::invalid_input(format!(
+            "the task has no top-level property {key:?} (its task key)"
+        ))
     })?;
     Ok(match serde_json::from_str::<String>(raw.get()) {
         Ok(s) => s,
@@ -668,15 +686,20 @@ impl Inner {
             return false;
         };
         if let Some(done) = pending.done.take() {
-            let _ = done.send(Err(Error::new(ErrorKind::Cancelled, "the task was cancelled")));
+            let _ = done.send(Err(Error::new(
+                ErrorKind::Cancelled,
+                "the task was cancelled",
+            )));
         }
         if !pending.broadcast {
-            let ttl = pending
-                .deadline
-                .saturating_duration_since(Instant::now())
+            let ttl = pending.deadline.saturating_duration_since(Instant::now())
                 + self.config.lease_margin;
             let request = LeaseRequest::new(ttl).cap(1).note("cancelled");
-            if let Err(error) = self.broker.acquire(&self.namespace.claim_key(id), request).await {
+            if let Err(error) = self
+                .broker
+                .acquire(&self.namespace.claim_key(id), request)
+                .await
+            {
                 tracing::debug!(%error, "could not take the claim of a cancelled task");
             }
         }
@@ -871,8 +894,11 @@ impl TaskHandle {
         }
         let cancelled = self.guard.client.cancel(&self.id).await;
         if cancelled {
-            self.end(Err(Error::new(ErrorKind::Cancelled, "the task was cancelled")))
-                .await;
+            self.end(Err(Error::new(
+                ErrorKind::Cancelled,
+                "the task was cancelled",
+            )))
+            .await;
         }
         cancelled
     }
@@ -958,10 +984,13 @@ impl Reply {
         if shown.len() < body.get().len() {
             shown.push('…');
         }
-        Err(Error::new(kind, format!("worker {worker} reported {status}: {shown}"))
-            .with_detail(ErrorDetail::Reply {
-                status,
-                reply: body,
-            }))
+        Err(
+            Error::new(kind, format!("worker {worker} reported {status}: {shown}")).with_detail(
+                ErrorDetail::Reply {
+                    status,
+                    reply: body,
+                },
+            ),
+        )
     }
 }

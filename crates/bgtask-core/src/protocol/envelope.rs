@@ -82,9 +82,21 @@ pub(crate) struct Message {
     pub(crate) worker: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) status: Option<Status>,
-    /// The task's payload, a progress value or a reply.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The task's payload, a progress value or a reply. JSON `null` is a value here, not an
+    /// absent field.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_raw"
+    )]
     pub(crate) body: Option<Box<RawValue>>,
+}
+
+/// Deserialize a present field as `Some`, even when it is `null`.
+fn present_raw<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 fn is_false(b: &bool) -> bool {
@@ -188,6 +200,15 @@ mod tests {
         let back = Message::decode(&m.encode()).unwrap();
         assert_eq!(back.kind, Kind::Task);
         assert_eq!(back.body.unwrap().get(), r#"{"a":[1,2]}"#);
+    }
+
+    #[test]
+    fn null_body_is_a_value() {
+        let m = Message::decode(
+            br#"{"v":1,"kind":"done","id":"a","worker":"w","status":"success","body":null}"#,
+        )
+        .unwrap();
+        assert_eq!(m.body.unwrap().get(), "null");
     }
 
     #[test]

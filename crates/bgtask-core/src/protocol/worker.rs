@@ -256,7 +256,7 @@ impl Worker {
 
     /// A stream of what happens on this worker from now on (malformed messages, cancellations,
     /// gaps). A reader more than 1024 events behind misses the oldest.
-    pub fn events(&self) -> impl futures::Stream<Item = WorkerEvent> + Send + 'static {
+    pub fn events(&self) -> futures::stream::BoxStream<'static, WorkerEvent> {
         let rx = self.inner.events.subscribe();
         futures::stream::unfold(rx, |mut rx| async move {
             loop {
@@ -267,6 +267,7 @@ impl Worker {
                 }
             }
         })
+        .boxed()
     }
 
     /// The next available task, or `None` once the worker is shut down. Malformed messages are
@@ -326,17 +327,17 @@ impl Worker {
         Ok(AvailableTask {
             context: TaskContext {
                 shared: Arc::new(Shared {
-                worker: self.inner.clone(),
-                id: message.id,
-                task,
-                reply_to,
-                deadline: received + timeout,
-                broadcast: message.broadcast,
-                key: message.key,
-                meta: message.meta,
-                body,
-                cancel: CancellationToken::new(),
-            }),
+                    worker: self.inner.clone(),
+                    id: message.id,
+                    task,
+                    reply_to,
+                    deadline: received + timeout,
+                    broadcast: message.broadcast,
+                    key: message.key,
+                    meta: message.meta,
+                    body,
+                    cancel: CancellationToken::new(),
+                }),
             },
         })
     }
@@ -576,7 +577,9 @@ impl TaskContext {
     /// report blacklisted it, and an error of kind `InvalidInput` when the task has no key.
     pub async fn report_bad_key(&self, reason: &str) -> Result<bool> {
         let Some(value) = &self.shared.key else {
-            return Err(Error::invalid_input("the task has no task key value to report"));
+            return Err(Error::invalid_input(
+                "the task has no task key value to report",
+            ));
         };
         self.shared
             .worker
@@ -709,7 +712,11 @@ impl RunningTask {
 
     /// Complete with `status` and `reply`. A reply over the payload limit is not sent: the
     /// creator gets `Failed` with a short explanation and this returns [`ErrorKind::TooLarge`].
-    pub async fn complete<T: Serialize + ?Sized>(mut self, status: Status, reply: &T) -> Result<()> {
+    pub async fn complete<T: Serialize + ?Sized>(
+        mut self,
+        status: Status,
+        reply: &T,
+    ) -> Result<()> {
         self.completed = true;
         let shared = &self.context.shared;
         let worker = &shared.worker;
@@ -718,7 +725,8 @@ impl RunningTask {
         let body = to_raw(reply)?;
         let limit = worker.config.max_payload;
         if let Err(error) = check_payload_size("reply", body.get().len(), limit) {
-            let notice = json!({"error": "reply too large", "size": body.get().len(), "limit": limit});
+            let notice =
+                json!({"error": "reply too large", "size": body.get().len(), "limit": limit});
             send_done(shared, Status::Failed, to_raw(&notice)?).await?;
             return Err(error);
         }

@@ -1,0 +1,185 @@
+//! What every scenario gets: brokers, clients and workers in a namespace of its own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bgtask_core::{Client, ClientConfig, DynBroker, Incoming, Subscription, Worker, WorkerConfig};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::proxy::FaultProxy;
+use crate::BrokerFactory;
+
+/// How long one scenario may run before it fails as hung.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
+
+/// Run one scenario with a fresh [`Harness`], failing it if it runs longer than two minutes.
+pub async fn run<F, S, Fut>(name: &str, factory: F, scenario: S)
+where
+    F: BrokerFactory,
+    S: FnOnce(Harness) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let harness = Harness {
+        factory: Arc::new(factory),
+        namespace: format!("t{}", &bgtask_core::names::random_id()[..16]),
+    };
+    if tokio::time::timeout(SCENARIO_LIMIT, scenario(harness))
+        .await
+        .is_err()
+    {
+        panic!("scenario {name} did not finish within {SCENARIO_LIMIT:?}: something hangs");
+    }
+}
+
+/// A scenario's fixture: its own namespace on the backend under test.
+#[derive(Clone)]
+pub struct Harness {
+    factory: Arc<dyn BrokerFactory>,
+    namespace: String,
+}
+
+impl Harness {
+    /// This scenario's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A channel or key name unique to this scenario.
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.namespace)
+    }
+
+    /// A new broker on the backend under test.
+    pub async fn broker(&self) -> DynBroker {
+        self.factory.broker().await
+    }
+
+    /// Whether the backend is reached over a network (fault scenarios apply).
+    pub fn networked(&self) -> bool {
+        self.factory.server_addr().is_some()
+    }
+
+    /// A fault proxy in front of the server, and a broker connected through it. `None` (after
+    /// saying so on stderr) for an in-process broker.
+    pub async fn proxied_broker(&self) -> Option<(FaultProxy, DynBroker)> {
+        let Some(server) = self.factory.server_addr() else {
+            eprintln!("not applicable: the backend declares no network connection");
+            return None;
+        };
+        let proxy = FaultProxy::start(server)
+            .await
+            .expect("start the fault proxy");
+        let broker = self
+            .factory
+            .broker_via(proxy.addr())
+            .await
+            .expect("connect through the fault proxy");
+        Some((proxy, broker))
+    }
+
+    /// A broker connected through `proxy`, or the connect error.
+    pub async fn broker_via(&self, proxy: &FaultProxy) -> bgtask_core::Result<DynBroker> {
+        self.factory.broker_via(proxy.addr()).await
+    }
+
+    /// The client configuration of this namespace.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            namespace: self.namespace.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The worker configuration of this namespace for `tasks`.
+    pub fn worker_config(&self, tasks: &[&str]) -> WorkerConfig {
+        WorkerConfig {
+            namespace: self.namespace.clone(),
+            ..WorkerConfig::for_tasks(tasks.iter().copied())
+        }
+    }
+
+    /// A client on `broker` with `config`.
+    pub async fn client_on(&self, broker: DynBroker, config: ClientConfig) -> Client {
+        Client::new(broker, config).await.expect("start a client")
+    }
+
+    /// A client with the default configuration on a new broker.
+    pub async fn client(&self) -> Client {
+        self.client_on(self.broker().await, self.client_config())
+            .await
+    }
+
+    /// A worker on a new broker.
+    pub async fn worker(&self, config: WorkerConfig) -> Worker {
+        Worker::new(self.broker().await, config)
+            .await
+            .expect("start a worker")
+    }
+
+    /// Start `count` workers of `task` that echo each task's payload back, each on its own
+    /// broker. They stop when the returned handles are dropped.
+    pub async fn echo_workers(&self, task: &str, count: usize) -> Vec<WorkerGuard> {
+        let mut guards = Vec::new();
+        for _ in 0..count {
+            let worker = self.worker(self.worker_config(&[task])).await;
+            guards.push(WorkerGuard::spawn(worker, 16, |task| async move {
+                Ok(task.json())
+            }));
+        }
+        guards
+    }
+}
+
+/// A worker running a handler in the background; dropping the guard shuts it down.
+pub struct WorkerGuard {
+    shutdown: bgtask_core::ShutdownHandle,
+    join: Option<tokio::task::JoinHandle<bgtask_core::Result<()>>>,
+}
+
+impl WorkerGuard {
+    /// Run `handler` on `worker` with `concurrency`.
+    pub fn spawn<F, Fut>(worker: Worker, concurrency: usize, handler: F) -> WorkerGuard
+    where
+        F: Fn(bgtask_core::TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bgtask_core::HandlerResult> + Send + 'static,
+    {
+        let shutdown = worker.shutdown_handle();
+        let join = tokio::spawn(worker.run(concurrency, handler));
+        WorkerGuard {
+            shutdown,
+            join: Some(join),
+        }
+    }
+
+    /// Shut the worker down and wait until `run` returns.
+    pub async fn stop(mut self) {
+        self.shutdown.shutdown();
+        if let Some(join) = self.join.take() {
+            join.await.expect("worker task").expect("worker run");
+        }
+    }
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+    }
+}
+
+/// The next message of `subscription` within `wait`, skipping gaps.
+pub async fn next_message(subscription: &mut Subscription, wait: Duration) -> Option<Bytes> {
+    tokio::time::timeout(wait, async {
+        loop {
+            match subscription.next().await {
+                Some(Incoming::Message(bytes)) => return Some(bytes),
+                Some(Incoming::Gap) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}

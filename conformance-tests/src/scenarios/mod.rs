@@ -1,0 +1,39 @@
+//! The scenarios, one public async function each, grouped by what they exercise.
+//!
+//! Each takes a [`Harness`](crate::Harness) and panics on failure.
+
+pub mod broker;
+pub mod faults;
+pub mod protocol;
+
+/// Names that trip naive mappings: NATS wildcards and token separators, reserved prefixes,
+/// quotes, case, non-ASCII, and long names that share a prefix.
+pub fn hostile_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "a",
+        "a.*",
+        "a.>",
+        "a.b",
+        "a b",
+        "*",
+        ">",
+        "$SYS.x",
+        "A",
+        "a:b",
+        "\"q'",
+        "a\\b",
+        "é✓ünï",
+        "a/b",
+        "a%2Eb",
+        "a-b",
+        "a_b",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let long = "x".repeat(500);
+    names.push(format!("{long}1"));
+    names.push(format!("{long}2"));
+    names.push(long.to_uppercase());
+    names
+}

@@ -1,0 +1,1087 @@
+//! The task protocol end to end: clients and workers over the backend under test.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bgtask_core::{
+    BlacklistConfig, ClientConfig, ErrorDetail, ErrorKind, KeyLimit, Status, SubmitOptions,
+    TaskFailure, Worker,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::hostile_names;
+use crate::harness::WorkerGuard;
+use crate::Harness;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn next_task(worker: &mut Worker, wait: Duration) -> Option<bgtask_core::AvailableTask> {
+    tokio::time::timeout(wait, worker.next_task())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A task's payload reaches a worker and its reply comes back.
+pub async fn submit_and_reply(h: Harness) {
+    let _workers = h.echo_workers("echo", 1).await;
+    let client = h.client().await;
+    let payload = json!({"text": "hello", "n": [1, 2, 3]});
+    let reply = client
+        .submit("echo", &payload)
+        .await
+        .unwrap()
+        .reply()
+        .await
+        .unwrap();
+    assert_eq!(reply.json(), payload);
+}
+
+/// `submit` returns the task's id before any reply; ids are unique.
+pub async fn submit_returns_the_id_at_once(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["slow"])).await;
+    let client = h.client().await;
+    let mut ids = std::collections::HashSet::new();
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let handle = client.submit("slow", &json!({"i": i})).await.unwrap();
+        assert!(ids.insert(handle.id().to_owned()), "duplicate id");
+        handles.push(handle);
+    }
+    // The worker has not replied to anything yet; it sees the first task with that id.
+    let first = next_task(&mut worker, WAIT).await.unwrap();
+    assert_eq!(first.id(), handles[0].id());
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Sum {
+    sum: i64,
+}
+
+/// The typed API: a serde type in, a serde type out.
+pub async fn typed_call_round_trip(h: Harness) {
+    let worker = h.worker(h.worker_config(&["add"])).await;
+    let _guard = WorkerGuard::spawn(worker, 4, |task| async move {
+        let add: Add = task.decode()?;
+        Ok(json!(Sum { sum: add.a + add.b }))
+    });
+    let client = h.client().await;
+    let sum: Sum = client.call("add", &Add { a: 40, b: 2 }).await.unwrap();
+    assert_eq!(sum, Sum { sum: 42 });
+}
+
+/// Progress values reach the creator in order, before the reply.
+pub async fn progress_arrives_in_order(h: Harness) {
+    let worker = h.worker(h.worker_config(&["steps"])).await;
+    let _guard = WorkerGuard::spawn(worker, 4, |task| async move {
+        for step in 0..10 {
+            task.progress(&json!({"step": step})).await?;
+        }
+        Ok(json!("done"))
+    });
+    let client = h.client().await;
+    let mut handle = client.submit("steps", &json!({})).await.unwrap();
+    let mut steps = Vec::new();
+    while let Some(progress) = handle.progress().await {
+        steps.push(progress["step"].as_i64().unwrap());
+    }
+    assert_eq!(steps, (0..10).collect::<Vec<_>>());
+    assert_eq!(handle.reply().await.unwrap().json(), json!("done"));
+}
+
+/// A worker sees metadata, the task key's value and the deadline before it accepts.
+pub async fn worker_sees_metadata_and_key_before_accepting(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["meta"])).await;
+    let client = h.client().await;
+    let options = SubmitOptions::new()
+        .task_key("user")
+        .metadata(json!({"trace": "abc"}))
+        .timeout(Duration::from_secs(3));
+    let handle = client
+        .submit_with("meta", &json!({"user": "u1", "x": 1}), options)
+        .await
+        .unwrap();
+    let task = next_task(&mut worker, WAIT).await.unwrap();
+    assert_eq!(task.id(), handle.id());
+    assert_eq!(task.name(), "meta");
+    assert_eq!(task.metadata(), Some(json!({"trace": "abc"})));
+    assert_eq!(task.key_value(), Some("u1"));
+    assert!(!task.is_broadcast());
+    let left = task.deadline() - Instant::now();
+    assert!(
+        left > Duration::from_secs(1) && left <= Duration::from_secs(3),
+        "{left:?}"
+    );
+}
+
+/// Of many workers that try to accept one task, exactly one wins.
+pub async fn first_accept_wins(h: Harness) {
+    let mut workers = Vec::new();
+    for _ in 0..5 {
+        workers.push(h.worker(h.worker_config(&["race"])).await);
+    }
+    let client = h.client().await;
+    for round in 0..5 {
+        let _handle = client
+            .submit("race", &json!({"round": round}))
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for worker in &mut workers {
+            tasks.push(
+                next_task(worker, WAIT)
+                    .await
+                    .expect("every worker sees the task"),
+            );
+        }
+        let accepted = futures::future::join_all(tasks.into_iter().map(|t| t.accept())).await;
+        let winners: Vec<_> = accepted.into_iter().map(|a| a.unwrap()).flatten().collect();
+        assert_eq!(winners.len(), 1, "round {round}");
+    }
+}
+
+/// 1,000 tasks over 10 workers: each accepted exactly once, each reply delivered once.
+pub async fn thousand_tasks_ten_workers_exactly_once(h: Harness) {
+    let executions: Arc<Mutex<HashMap<u64, usize>>> = Arc::default();
+    let mut guards = Vec::new();
+    for _ in 0..10 {
+        let worker = h.worker(h.worker_config(&["count"])).await;
+        let executions = executions.clone();
+        guards.push(WorkerGuard::spawn(worker, 32, move |task| {
+            let executions = executions.clone();
+            async move {
+                let n = task.json()["n"].as_u64().unwrap();
+                *executions.lock().unwrap().entry(n).or_default() += 1;
+                Ok(json!({"n": n}))
+            }
+        }));
+    }
+    let client = h.client().await;
+    let replies = futures::stream::iter(0..1000u64)
+        .map(|n| {
+            let client = client.clone();
+            async move {
+                let options = SubmitOptions::new().timeout(Duration::from_secs(30));
+                let handle = client
+                    .submit_with("count", &json!({"n": n}), options)
+                    .await
+                    .unwrap();
+                (n, handle.reply().await.unwrap().json())
+            }
+        })
+        .buffer_unordered(100)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(replies.len(), 1000);
+    for (n, reply) in &replies {
+        assert_eq!(reply["n"], json!(n));
+    }
+    let executions = executions.lock().unwrap();
+    assert_eq!(executions.len(), 1000, "every task ran");
+    assert!(executions.values().all(|&c| c == 1), "a task ran twice");
+    assert_eq!(client.stats().late, 0, "no reply arrived twice");
+}
+
+/// A task no worker takes ends with a timeout error, at its timeout.
+pub async fn ignored_task_times_out(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["ignored"])).await;
+    let client = h.client().await;
+    let started = Instant::now();
+    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
+    let handle = client
+        .submit_with("ignored", &json!({}), options)
+        .await
+        .unwrap();
+    let err = handle.reply().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
+/// A timeout of zero or below means the client's default.
+pub async fn zero_or_negative_timeout_means_default(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["ignored"])).await;
+    let config = ClientConfig {
+        default_timeout: Duration::from_millis(400),
+        ..h.client_config()
+    };
+    let client = h.client_on(h.broker().await, config).await;
+    for millis in [0, -5] {
+        let started = Instant::now();
+        let options = SubmitOptions::new().timeout_ms(millis);
+        let err = client
+            .submit_with("ignored", &json!({}), options)
+            .await
+            .unwrap()
+            .reply()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+            "{millis}: {took:?}"
+        );
+    }
+}
+
+/// A per-task timeout wins over the default.
+pub async fn per_task_timeout_overrides_default(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["ignored"])).await;
+    let client = h.client().await; // default 5 s
+    let started = Instant::now();
+    let options = SubmitOptions::new().timeout(Duration::from_millis(200));
+    let err = client
+        .submit_with("ignored", &json!({}), options)
+        .await
+        .unwrap()
+        .reply()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A reply after the creator gave up is dropped and counted; nothing runs twice.
+pub async fn late_reply_is_dropped(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["late"])).await;
+    let client = h.client().await;
+    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
+    let handle = client
+        .submit_with("late", &json!({}), options)
+        .await
+        .unwrap();
+    let task = next_task(&mut worker, WAIT).await.unwrap();
+    let running = task.accept().await.unwrap().expect("accepted");
+    assert_eq!(
+        handle.reply().await.unwrap_err().kind(),
+        ErrorKind::TimedOut
+    );
+    running.success(&json!("too late")).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while client.stats().late == 0 {
+        assert!(Instant::now() < deadline, "the late reply was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A task completed with `Error` reaches the creator as `TaskError` with the worker's fields.
+pub async fn error_status_is_a_typed_error(h: Harness) {
+    let worker = h.worker(h.worker_config(&["err"])).await;
+    let _guard = WorkerGuard::spawn(worker, 1, |_| async move {
+        Err(TaskFailure::error(json!({"code": 42, "why": "bad input"})))
+    });
+    let client = h.client().await;
+    let err = client
+        .submit("err", &json!({}))
+        .await
+        .unwrap()
+        .reply()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TaskError);
+    let reply: Value = serde_json::from_str(err.reply().unwrap().get()).unwrap();
+    assert_eq!(reply, json!({"code": 42, "why": "bad input"}));
+    assert!(matches!(
+        err.detail(),
+        Some(ErrorDetail::Reply {
+            status: Status::Error,
+            ..
+        })
+    ));
+}
+
+/// A task completed with `Failed` reaches the creator as `TaskFailed`.
+pub async fn failed_status_is_a_typed_error(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["fail"])).await;
+    let client = h.client().await;
+    let handle = client.submit("fail", &json!({})).await.unwrap();
+    let task = next_task(&mut worker, WAIT).await.unwrap();
+    task.accept()
+        .await
+        .unwrap()
+        .unwrap()
+        .fail(&json!({"disk": "full"}))
+        .await
+        .unwrap();
+    let err = handle.reply().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TaskFailed);
+    assert_eq!(err.reply().unwrap().get(), r#"{"disk":"full"}"#);
+}
+
+/// A handler that panics fails its task, and the worker goes on serving.
+pub async fn handler_panic_fails_the_task(h: Harness) {
+    let worker = h.worker(h.worker_config(&["panic"])).await;
+    let _guard = WorkerGuard::spawn(worker, 2, |task| async move {
+        if task.json()["panic"] == json!(true) {
+            panic!("handler bug (expected by the test)");
+        }
+        Ok(json!("fine"))
+    });
+    let client = h.client().await;
+    let err = client
+        .submit("panic", &json!({"panic": true}))
+        .await
+        .unwrap()
+        .reply()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TaskFailed);
+    let ok = client
+        .submit("panic", &json!({"panic": false}))
+        .await
+        .unwrap()
+        .reply()
+        .await;
+    assert_eq!(ok.unwrap().json(), json!("fine"));
+}
+
+/// A running task dropped without completion fails at once, not at the timeout.
+pub async fn dropped_running_task_fails_fast(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["dropped"])).await;
+    let client = h.client().await;
+    let started = Instant::now();
+    let options = SubmitOptions::new().timeout(Duration::from_secs(10));
+    let handle = client
+        .submit_with("dropped", &json!({}), options)
+        .await
+        .unwrap();
+    let task = next_task(&mut worker, WAIT).await.unwrap();
+    drop(task.accept().await.unwrap().unwrap());
+    let err = handle.reply().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TaskFailed);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A broadcast task runs on every worker; the creator gets every reply.
+pub async fn broadcast_runs_on_every_worker(h: Harness) {
+    let mut guards = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let worker = h.worker(h.worker_config(&["all"])).await;
+        ids.push(worker.id().to_owned());
+        guards.push(WorkerGuard::spawn(worker, 1, |task| async move {
+            assert!(task.is_broadcast());
+            Ok(json!("ran"))
+        }));
+    }
+    let client = h.client().await;
+    let options = SubmitOptions::new().timeout(Duration::from_millis(1500));
+    let replies = client
+        .broadcast("all", &json!({}), options)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let mut workers: Vec<String> = replies
+        .into_iter()
+        .map(|r| r.unwrap().worker().to_owned())
+        .collect();
+    workers.sort();
+    ids.sort();
+    assert_eq!(workers, ids);
+}
+
+fn keyed(h: &Harness, limit: KeyLimit) -> ClientConfig {
+    ClientConfig {
+        task_key: Some("user".into()),
+        per_key_limit: limit,
+        ..h.client_config()
+    }
+}
+
+/// Over the per-key limit, submit fails at once with `LimitReached`; other values are admitted.
+pub async fn per_key_limit_rejects_over_limit(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["held"])).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(2)))
+        .await;
+    let _a = client.submit("held", &json!({"user": "u1"})).await.unwrap();
+    let _b = client.submit("held", &json!({"user": "u1"})).await.unwrap();
+    let started = Instant::now();
+    let err = client
+        .submit("held", &json!({"user": "u1"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitReached);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(matches!(
+        err.detail(),
+        Some(ErrorDetail::Limit {
+            in_flight: 2,
+            limit: 2
+        })
+    ));
+    assert_eq!(client.in_flight("held", "u1").await.unwrap(), 2);
+    let _c = client.submit("held", &json!({"user": "u2"})).await.unwrap();
+    // Numbers are key values too, as their JSON text.
+    let _d = client.submit("held", &json!({"user": 7})).await.unwrap();
+    assert_eq!(client.in_flight("held", "7").await.unwrap(), 1);
+}
+
+/// A completed task frees its slot at once.
+pub async fn per_key_limit_frees_on_completion(h: Harness) {
+    let _workers = h.echo_workers("echo", 1).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(1)))
+        .await;
+    for i in 0..5 {
+        let reply = client
+            .submit("echo", &json!({"user": "u1", "i": i}))
+            .await
+            .unwrap();
+        reply.reply().await.unwrap();
+        assert_eq!(client.in_flight("echo", "u1").await.unwrap(), 0);
+    }
+}
+
+/// A timed-out task frees its slot.
+pub async fn per_key_limit_frees_on_timeout(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["ignored"])).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(1)))
+        .await;
+    let options = SubmitOptions::new().timeout(Duration::from_millis(200));
+    let handle = client
+        .submit_with("ignored", &json!({"user": "u1"}), options.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        handle.reply().await.unwrap_err().kind(),
+        ErrorKind::TimedOut
+    );
+    assert_eq!(client.in_flight("ignored", "u1").await.unwrap(), 0);
+    client
+        .submit_with("ignored", &json!({"user": "u1"}), options)
+        .await
+        .unwrap();
+}
+
+/// With an explicit unlimited limit, every task is admitted.
+pub async fn unlimited_per_key_admits_all(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["held"])).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .await;
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        handles.push(client.submit("held", &json!({"user": "u1"})).await.unwrap());
+    }
+    assert_eq!(
+        client.in_flight("held", "u1").await.unwrap(),
+        0,
+        "unlimited takes no leases"
+    );
+}
+
+/// A creator that vanishes with 5 tasks in flight (no cleanup at all) does not block the key:
+/// its leases expire shortly after the tasks' deadline.
+pub async fn crashed_creator_leases_free_themselves(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["held"])).await;
+    let config = ClientConfig {
+        lease_margin: Duration::from_millis(300),
+        ..keyed(&h, KeyLimit::Max(5))
+    };
+    let crashed = h.client_on(h.broker().await, config.clone()).await;
+    let options = SubmitOptions::new().timeout(Duration::from_millis(700));
+    for _ in 0..5 {
+        let handle = crashed
+            .submit_with("held", &json!({"user": "u1"}), options.clone())
+            .await
+            .unwrap();
+        std::mem::forget(handle); // a crash runs no destructor
+    }
+    std::mem::forget(crashed);
+    let survivor = h.client_on(h.broker().await, config).await;
+    let started = Instant::now();
+    let err = survivor
+        .submit("held", &json!({"user": "u1"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitReached);
+    loop {
+        match survivor.submit("held", &json!({"user": "u1"})).await {
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::LimitReached => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "leases did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "key admitted again {:?} after the crash (TTL 1 s)",
+        started.elapsed()
+    );
+}
+
+/// With a task key set, a task that is not an object or lacks the property is refused.
+pub async fn task_without_its_key_is_rejected(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["keyed"])).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(5)))
+        .await;
+    for payload in [json!({"other": 1}), json!([1, 2]), json!("text")] {
+        let err = client.submit("keyed", &payload).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{payload}");
+    }
+}
+
+fn quick_blacklist(h: &Harness, task: &str, duration: Duration) -> bgtask_core::WorkerConfig {
+    bgtask_core::WorkerConfig {
+        blacklist: BlacklistConfig {
+            threshold: 3,
+            interval: Duration::from_secs(2),
+            duration,
+        },
+        ..h.worker_config(&[task])
+    }
+}
+
+async fn report_bad(
+    worker: &mut Worker,
+    client: &bgtask_core::Client,
+    task: &str,
+    times: usize,
+) -> bool {
+    let mut blacklisted = false;
+    for _ in 0..times {
+        let _handle = client.submit(task, &json!({"user": "bad"})).await.unwrap();
+        let available = next_task(worker, WAIT).await.unwrap();
+        let running = available.accept().await.unwrap().unwrap();
+        blacklisted = running.report_bad_key("corrupt account").await.unwrap();
+        running.error(&json!("bad user")).await.unwrap();
+    }
+    blacklisted
+}
+
+/// More than `threshold` reports within the interval blacklist the value; submits for it fail
+/// with the reason and the time left; other values pass; the count is readable.
+pub async fn blacklist_after_threshold(h: Harness) {
+    let mut worker = h
+        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
+        .await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .await;
+    assert!(
+        report_bad(&mut worker, &client, "bl", 4).await,
+        "the 4th report blacklists"
+    );
+    let err = client
+        .submit("bl", &json!({"user": "bad"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Blacklisted);
+    match err.detail() {
+        Some(ErrorDetail::Blacklisted { reason, remaining }) => {
+            assert_eq!(reason, "corrupt account");
+            assert!(*remaining > Duration::from_secs(25) && *remaining <= Duration::from_secs(30));
+        }
+        other => panic!("{other:?}"),
+    }
+    client.submit("bl", &json!({"user": "good"})).await.unwrap();
+    assert_eq!(client.blacklist().count().await.unwrap(), 1);
+    let listed = client.blacklist().list().await.unwrap();
+    assert_eq!(
+        (listed[0].task.as_str(), listed[0].value.as_str()),
+        ("bl", "bad")
+    );
+}
+
+/// Lifting a blacklisting admits the value again at once.
+pub async fn blacklist_lift(h: Harness) {
+    let mut worker = h
+        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
+        .await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .await;
+    assert!(report_bad(&mut worker, &client, "bl", 4).await);
+    assert!(client.blacklist().lift("bl", "bad").await.unwrap());
+    assert!(!client.blacklist().lift("bl", "bad").await.unwrap());
+    assert_eq!(client.blacklist().count().await.unwrap(), 0);
+    client.submit("bl", &json!({"user": "bad"})).await.unwrap();
+}
+
+/// A blacklisting ends by itself after its duration.
+pub async fn blacklist_expires(h: Harness) {
+    let mut worker = h
+        .worker(quick_blacklist(&h, "bl", Duration::from_millis(500)))
+        .await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .await;
+    assert!(report_bad(&mut worker, &client, "bl", 4).await);
+    assert_eq!(
+        client
+            .submit("bl", &json!({"user": "bad"}))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Blacklisted
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    client.submit("bl", &json!({"user": "bad"})).await.unwrap();
+    assert_eq!(client.blacklist().count().await.unwrap(), 0);
+}
+
+/// Exactly `threshold` reports do not blacklist ("more than" the threshold does).
+pub async fn reports_at_threshold_do_not_blacklist(h: Harness) {
+    let mut worker = h
+        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
+        .await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .await;
+    assert!(!report_bad(&mut worker, &client, "bl", 3).await);
+    client.submit("bl", &json!({"user": "bad"})).await.unwrap();
+    assert_eq!(client.blacklist().count().await.unwrap(), 0);
+}
+
+/// An oversized task is refused before anything is published.
+pub async fn oversized_task_is_refused_before_publishing(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["big"])).await;
+    let config = ClientConfig {
+        max_payload: 1000,
+        ..h.client_config()
+    };
+    let client = h.client_on(h.broker().await, config).await;
+    let err = client
+        .submit("big", &json!({"blob": "x".repeat(2000)}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge);
+    assert!(next_task(&mut worker, Duration::from_millis(300))
+        .await
+        .is_none());
+    assert_eq!(client.stats().submitted, 0);
+}
+
+/// An oversized reply is not sent: the worker gets `TooLarge`, the creator `TaskFailed`.
+pub async fn oversized_reply_is_refused(h: Harness) {
+    let config = bgtask_core::WorkerConfig {
+        max_payload: 1000,
+        ..h.worker_config(&["big"])
+    };
+    let mut worker = h.worker(config).await;
+    let client = h.client().await;
+    let handle = client.submit("big", &json!({})).await.unwrap();
+    let running = next_task(&mut worker, WAIT)
+        .await
+        .unwrap()
+        .accept()
+        .await
+        .unwrap()
+        .unwrap();
+    let err = running.success(&json!("y".repeat(2000))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge);
+    let err = handle.reply().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TaskFailed);
+    assert!(err.reply().unwrap().get().contains("reply too large"));
+}
+
+/// A task and a reply just under the 1 MiB default limit round-trip.
+pub async fn one_mib_task_and_reply(h: Harness) {
+    let _workers = h.echo_workers("echo", 1).await;
+    let client = h.client().await;
+    let blob = "z".repeat((1 << 20) - 64);
+    let payload = json!({ "blob": blob });
+    let options = SubmitOptions::new().timeout(Duration::from_secs(20));
+    let reply = client
+        .submit_with("echo", &payload, options)
+        .await
+        .unwrap()
+        .reply()
+        .await
+        .unwrap();
+    assert!(reply.json() == payload, "payload changed");
+}
+
+/// With nobody listening, a broker that counts receivers fails the submit at once; one that
+/// cannot (declared) times out.
+pub async fn no_worker_fails_fast(h: Harness) {
+    let client = h.client().await;
+    let counts = h.broker().await.capabilities().receiver_counts;
+    let started = Instant::now();
+    let options = SubmitOptions::new().timeout(Duration::from_millis(500));
+    let result = client.submit_with("nobody", &json!({}), options).await;
+    let err = match result {
+        Err(e) => e,
+        Ok(handle) => handle.reply().await.unwrap_err(),
+    };
+    if counts {
+        assert_eq!(err.kind(), ErrorKind::NoWorker);
+        assert!(started.elapsed() < Duration::from_millis(450));
+    } else {
+        assert_eq!(err.kind(), ErrorKind::TimedOut);
+    }
+}
+
+/// A task sent to a target reaches only workers that listen to that target.
+pub async fn targeted_task_reaches_only_its_workers(h: Harness) {
+    let mut general = h.worker(h.worker_config(&["job"])).await;
+    let special_config = bgtask_core::WorkerConfig {
+        targets: vec!["gpu-1".into()],
+        ..h.worker_config(&["job"])
+    };
+    let mut special = h.worker(special_config).await;
+    let client = h.client().await;
+    let handle = client
+        .submit_with("job", &json!({}), SubmitOptions::new().target("gpu-1"))
+        .await
+        .unwrap();
+    let task = next_task(&mut special, WAIT).await.unwrap();
+    assert_eq!(task.id(), handle.id());
+    assert_eq!(task.name(), "job");
+    assert!(next_task(&mut general, Duration::from_millis(300))
+        .await
+        .is_none());
+}
+
+/// A creator's cancellation reaches the worker running the task.
+pub async fn cancel_is_observed_by_the_running_worker(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["long"])).await;
+    let client = h.client().await;
+    let options = SubmitOptions::new().timeout(Duration::from_secs(20));
+    let mut handle = client
+        .submit_with("long", &json!({}), options)
+        .await
+        .unwrap();
+    let running = next_task(&mut worker, WAIT)
+        .await
+        .unwrap()
+        .accept()
+        .await
+        .unwrap()
+        .unwrap();
+    // Wait until the creator knows who runs it.
+    let mut events = client.events();
+    let _ = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    assert!(handle.cancel().await);
+    tokio::time::timeout(WAIT, running.cancelled())
+        .await
+        .expect("the worker saw the cancellation");
+    assert!(running.is_cancelled());
+    assert_eq!(
+        handle.reply().await.unwrap_err().kind(),
+        ErrorKind::Cancelled
+    );
+}
+
+/// A task cancelled before any worker accepted it can no longer be accepted.
+pub async fn cancel_before_accept_prevents_accept(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["c"])).await;
+    let client = h.client().await;
+    let mut handle = client.submit("c", &json!({})).await.unwrap();
+    let task = next_task(&mut worker, WAIT).await.unwrap();
+    assert!(handle.cancel().await);
+    assert!(task.accept().await.unwrap().is_none());
+    assert!(!handle.cancel().await, "cancelling twice");
+}
+
+/// Shutdown stops taking tasks and lets the running ones finish.
+pub async fn worker_shutdown_drains_in_flight(h: Harness) {
+    let worker = h.worker(h.worker_config(&["drain"])).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = started.clone();
+    let guard = WorkerGuard::spawn(worker, 4, move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(json!("finished"))
+        }
+    });
+    let client = h.client().await;
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(client.submit("drain", &json!({})).await.unwrap());
+    }
+    let deadline = Instant::now() + WAIT;
+    while started.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    guard.stop().await;
+    for handle in handles {
+        assert_eq!(handle.reply().await.unwrap().json(), json!("finished"));
+    }
+    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
+    let late = match client.submit_with("drain", &json!({}), options).await {
+        Ok(handle) => handle.reply().await,
+        Err(e) => Err(e),
+    };
+    assert!(matches!(
+        late.unwrap_err().kind(),
+        ErrorKind::NoWorker | ErrorKind::TimedOut
+    ));
+}
+
+/// Client shutdown ends pending tasks with `Closed` and releases their key leases.
+pub async fn client_shutdown_ends_pending_tasks(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["held"])).await;
+    let client = h
+        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(5)))
+        .await;
+    let handle = client.submit("held", &json!({"user": "u1"})).await.unwrap();
+    assert_eq!(client.in_flight("held", "u1").await.unwrap(), 1);
+    client.shutdown().await;
+    assert_eq!(handle.reply().await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(client.in_flight("held", "u1").await.unwrap(), 0);
+    let err = client
+        .submit("held", &json!({"user": "u1"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+/// Garbage, truncated JSON, wrong versions and forged replies on every channel kind are
+/// counted and dropped; workers and creators keep serving.
+pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
+    let worker = h.worker(h.worker_config(&["echo"])).await;
+    let worker_id = worker.id().to_owned();
+    let mut events = worker.events();
+    let guard = WorkerGuard::spawn(worker, 4, |task| async move { Ok(task.json()) });
+    let client = h.client().await;
+    let attacker = h.broker().await;
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
+    let garbage: Vec<Bytes> = vec![
+        Bytes::from_static(b"\x00\xff\xfe garbage"),
+        Bytes::from_static(b"{\"v\":1,\"kind\":\"task\",\"id\":\"x\",\"task\":"),
+        Bytes::from_static(b"{\"v\":99,\"kind\":\"task\",\"id\":\"x\"}"),
+        Bytes::from_static(b"[1,2,3]"),
+        Bytes::from(vec![b'{'; 100_000]),
+    ];
+    let forged_done = Bytes::from_static(
+        b"{\"v\":1,\"kind\":\"done\",\"id\":\"not-a-task\",\"worker\":\"w\",\"status\":\"success\",\"body\":1}",
+    );
+    // Another creator's reply channel cannot be known, but if it were, forged ids go nowhere.
+    let channels = [ns.task_channel("echo"), ns.worker_channel(&worker_id)];
+    for channel in &channels {
+        for bytes in &garbage {
+            attacker.publish(channel, bytes.clone()).await.unwrap();
+        }
+    }
+    // The worker counted each bad message once.
+    let mut malformed = 0;
+    while malformed < garbage.len() * channels.len() {
+        match tokio::time::timeout(WAIT, events.next()).await {
+            Ok(Some(bgtask_core::WorkerEvent::Malformed { .. })) => malformed += 1,
+            Ok(Some(_)) => {}
+            other => panic!("expected malformed events, got {other:?} after {malformed}"),
+        }
+    }
+    let reply = client
+        .submit("echo", &json!({"still": "alive"}))
+        .await
+        .unwrap()
+        .reply()
+        .await;
+    assert_eq!(reply.unwrap().json(), json!({"still": "alive"}));
+    drop(guard);
+    // The creator's reply channel: publish to it through a task we control.
+    let mut raw_worker = h.worker(h.worker_config(&["probe"])).await;
+    let mut handle = client.submit("probe", &json!({})).await.unwrap();
+    let task = next_task(&mut raw_worker, WAIT).await.unwrap();
+    let running = task.accept().await.unwrap().unwrap();
+    let reply_channel = find_reply_channel(&h, &client).await;
+    for bytes in garbage.iter().chain([&forged_done]) {
+        attacker
+            .publish(&reply_channel, bytes.clone())
+            .await
+            .unwrap();
+    }
+    running.progress(&json!(1)).await.unwrap();
+    assert_eq!(handle.progress().await, Some(json!(1)));
+    running.success(&json!("ok")).await.unwrap();
+    assert_eq!(handle.reply().await.unwrap().json(), json!("ok"));
+    let stats = client.stats();
+    assert_eq!(stats.malformed, garbage.len() as u64, "{stats:?}");
+    assert_eq!(stats.late, 1, "the forged reply counted as late: {stats:?}");
+}
+
+/// The reply channel of `client`, learnt the way a worker learns it: from a task it receives.
+async fn find_reply_channel(h: &Harness, client: &bgtask_core::Client) -> String {
+    let broker = h.broker().await;
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
+    let mut sub = broker.subscribe(&ns.task_channel("spy")).await.unwrap();
+    let _handle = client.submit("spy", &json!({})).await.unwrap();
+    let bytes = crate::harness::next_message(&mut sub, WAIT).await.unwrap();
+    let message: Value = serde_json::from_slice(&bytes).unwrap();
+    message["reply_to"].as_str().unwrap().to_owned()
+}
+
+/// A task whose reply channel lies outside the namespace's reply channels is never run.
+pub async fn forged_reply_channel_is_refused(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["echo"])).await;
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
+    let forged = json!({
+        "v": 1, "kind": "task", "id": "forged", "task": "echo",
+        "reply_to": ns.task_channel("other"), "timeout_ms": 5000, "body": {}
+    });
+    h.broker()
+        .await
+        .publish(&ns.task_channel("echo"), Bytes::from(forged.to_string()))
+        .await
+        .unwrap();
+    assert!(next_task(&mut worker, Duration::from_millis(500))
+        .await
+        .is_none());
+    assert_eq!(worker.stats().malformed, 1);
+}
+
+/// `run` never has more than `concurrency` handlers running.
+pub async fn handler_concurrency_is_respected(h: Harness) {
+    let worker = h.worker(h.worker_config(&["par"])).await;
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let _guard = WorkerGuard::spawn(worker, 2, move |_| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(running, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    let client = h.client().await;
+    let mut handles = Vec::new();
+    for _ in 0..6 {
+        handles.push(client.submit("par", &json!({})).await.unwrap());
+    }
+    for handle in handles {
+        handle.reply().await.unwrap();
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 2);
+}
+
+/// Two namespaces on one broker never see each other's tasks.
+pub async fn namespaces_never_meet(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["echo"])).await;
+    let other = ClientConfig {
+        namespace: format!("{}-other", h.namespace()),
+        default_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let client = h.client_on(h.broker().await, other).await;
+    let result = match client.submit("echo", &json!({})).await {
+        Ok(handle) => handle.reply().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(
+        result.unwrap_err().kind(),
+        ErrorKind::NoWorker | ErrorKind::TimedOut
+    ));
+    assert!(next_task(&mut worker, Duration::from_millis(200))
+        .await
+        .is_none());
+}
+
+/// Empty, over-long and control-character names, and bad namespaces, are `InvalidName`.
+pub async fn invalid_names_are_rejected(h: Harness) {
+    let client = h.client().await;
+    for name in [
+        String::new(),
+        "a\0b".into(),
+        "tab\t".into(),
+        "n".repeat(513),
+    ] {
+        let err = client.submit(&name, &json!({})).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidName, "{name:?}");
+    }
+    let bad_ns = ClientConfig {
+        namespace: "a:b".into(),
+        ..Default::default()
+    };
+    let err = bgtask_core::Client::new(h.broker().await, bad_ns)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidName);
+    let err = Worker::new(h.broker().await, h.worker_config(&["ok", ""]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidName);
+}
+
+/// The client's event stream reports accept, progress and completion.
+pub async fn events_report_the_task_lifecycle(h: Harness) {
+    let worker = h.worker(h.worker_config(&["ev"])).await;
+    let _guard = WorkerGuard::spawn(worker, 1, |task| async move {
+        task.progress(&json!(50)).await?;
+        Ok(json!("done"))
+    });
+    let client = h.client().await;
+    let mut events = client.events();
+    let handle = client.submit("ev", &json!({})).await.unwrap();
+    let id = handle.id().to_owned();
+    handle.reply().await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(event);
+    }
+    use bgtask_core::ClientEvent::*;
+    assert!(
+        matches!(&seen[0], Accepted { id: i, .. } if *i == id),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[1], Progress { id: i } if *i == id),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[2], Done { id: i, status: Status::Success } if *i == id),
+        "{seen:?}"
+    );
+}
+
+/// Tasks named with wildcards, separators, `$` prefixes and long names reach only their own
+/// workers.
+pub async fn hostile_task_names_reach_only_their_workers(h: Harness) {
+    let names = hostile_names();
+    let mut workers = Vec::new();
+    for name in &names {
+        let worker = h.worker(h.worker_config(&[name.as_str()])).await;
+        let expected = name.clone();
+        workers.push(WorkerGuard::spawn(worker, 1, move |task| {
+            let expected = expected.clone();
+            async move {
+                assert_eq!(task.name(), expected, "a worker got another name's task");
+                Ok(json!(task.name()))
+            }
+        }));
+    }
+    let client = h.client().await;
+    for name in &names {
+        let reply = client
+            .submit(name, &json!({}))
+            .await
+            .unwrap()
+            .reply()
+            .await
+            .unwrap();
+        assert_eq!(reply.json(), json!(name));
+    }
+}
