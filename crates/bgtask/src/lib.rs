@@ -1,1 +1,154 @@
-//! placeholder
+#![doc = include_str!("../../../README.md")]
+#![deny(missing_docs)]
+
+pub use bgtask_core::*;
+
+/// The Redis backend (cargo feature `redis`, on by default).
+#[cfg(feature = "redis")]
+pub use bgtask_redis as redis;
+
+use std::sync::Arc;
+
+/// The broker backends a URL can name, by scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scheme {
+    /// `memory://`: a new in-process [`MemoryBroker`].
+    Memory,
+    /// `redis://` or `rediss://` (TLS).
+    Redis,
+    /// `nats://` or `tls://`.
+    Nats,
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+}
+
+impl Scheme {
+    /// The scheme of `url`, or a [`ErrorKind::Config`] error naming the accepted ones.
+    pub fn of(url: &str) -> Result<Scheme> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
+        match scheme.to_ascii_lowercase().as_str() {
+            "memory" => Ok(Scheme::Memory),
+            "redis" | "rediss" => Ok(Scheme::Redis),
+            "nats" | "tls" => Ok(Scheme::Nats),
+            "postgres" | "postgresql" => Ok(Scheme::Postgres),
+            _ => Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "unknown broker URL {:?}: expected memory://, redis://, rediss://, nats://, tls://, postgres:// or postgresql://",
+                    redact(url)
+                ),
+            )),
+        }
+    }
+
+    /// The cargo feature of the `bgtask` crate that compiles this backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Scheme::Memory => "(built in)",
+            Scheme::Redis => "redis",
+            Scheme::Nats => "nats",
+            Scheme::Postgres => "postgres",
+        }
+    }
+}
+
+/// Connect to the broker that `url` names.
+///
+/// | URL | backend |
+/// |---|---|
+/// | `memory://` | a new [`MemoryBroker`] (one process; share it by cloning the `Arc`) |
+/// | `redis://[user:password@]host[:port][/db]`, `rediss://...` | Redis (feature `redis`, default) |
+/// | `nats://...`, `tls://...` | NATS (feature `nats`) |
+/// | `postgres://...`, `postgresql://...` | PostgreSQL (feature `postgres`) |
+///
+/// A URL whose backend is not compiled in is an [`ErrorKind::Config`] error that names the
+/// cargo feature to enable. Passwords in URLs never appear in errors or logs.
+pub async fn connect(url: &str) -> Result<DynBroker> {
+    let scheme = Scheme::of(url)?;
+    match scheme {
+        Scheme::Memory => Ok(Arc::new(MemoryBroker::new())),
+        #[cfg(feature = "redis")]
+        Scheme::Redis => Ok(Arc::new(bgtask_redis::RedisBroker::connect(url).await?)),
+        _ => Err(not_compiled_in(scheme, url)),
+    }
+}
+
+#[allow(dead_code)] // unused when every backend is compiled in
+fn not_compiled_in(scheme: Scheme, url: &str) -> Error {
+    let feature = scheme.feature();
+    let hint = match scheme {
+        Scheme::Nats | Scheme::Postgres => {
+            " (this backend is planned; no released version of bgtask provides it yet)"
+        }
+        _ => "",
+    };
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "the broker URL {:?} needs the `{feature}` cargo feature of bgtask{hint}: \
+             bgtask = {{ version = \"0.1\", features = [\"{feature}\"] }}",
+            redact(url)
+        ),
+    )
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{user}:***"),
+                None if scheme.starts_with("nats") || scheme == "tls" => "***".to_owned(),
+                None => userinfo.to_owned(),
+            };
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes() {
+        assert_eq!(Scheme::of("redis://localhost").unwrap(), Scheme::Redis);
+        assert_eq!(Scheme::of("REDISS://x").unwrap(), Scheme::Redis);
+        assert_eq!(Scheme::of("memory://").unwrap(), Scheme::Memory);
+        assert_eq!(Scheme::of("postgresql://x").unwrap(), Scheme::Postgres);
+        let err = Scheme::of("ftp://user:secret@x").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(!err.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
+        assert_eq!(redact("nats://token@h"), "nats://***@h");
+        assert_eq!(redact("redis://h/0?x=@"), "redis://h/0?x=@");
+        assert_eq!(redact("memory://"), "memory://");
+    }
+
+    #[tokio::test]
+    async fn missing_backends_name_their_feature() {
+        let err = connect("nats://127.0.0.1:4222").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("`nats` cargo feature"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn memory_urls_connect() {
+        let broker = connect("memory://").await.unwrap();
+        assert!(!broker.capabilities().networked);
+    }
+}
