@@ -82,10 +82,10 @@ async fn main() -> bgtask::Result<()> {
     for (user, mut handle) in handles {
         let mut steps = Vec::new();
         while let Some(progress) = handle.progress().await {
-            steps.push(progress["percent"].to_string());
+            steps.push(format!("{}%", progress["percent"]));
         }
         let reply = handle.reply().await?;
-        println!("   {user:<4} progress {} → {}", steps.join("% "), reply.json());
+        println!("   {user:<4} progress {} → {}", steps.join(" "), reply.json());
         record("success");
     }
 
