@@ -147,7 +147,7 @@ pub async fn first_accept_wins(h: Harness) {
             );
         }
         let accepted = futures::future::join_all(tasks.into_iter().map(|t| t.accept())).await;
-        let winners: Vec<_> = accepted.into_iter().map(|a| a.unwrap()).flatten().collect();
+        let winners: Vec<_> = accepted.into_iter().filter_map(|a| a.unwrap()).collect();
         assert_eq!(winners.len(), 1, "round {round}");
     }
 }

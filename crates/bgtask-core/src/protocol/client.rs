@@ -583,6 +583,13 @@ fn key_value(body: &RawValue, key: &str) -> Result<String> {
     })
 }
 
+impl Drop for Inner {
+    /// The last clone of the client is gone: stop the dispatcher, which drops the subscription.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Inner {
     fn pending(&self) -> MutexGuard<'_, HashMap<String, Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())

@@ -134,7 +134,15 @@ struct Inner {
     counters: Counters,
     events: broadcast::Sender<WorkerEvent>,
     shutdown: CancellationToken,
+    /// Cancelled when the worker is dropped: ends the control loop.
+    dropped: CancellationToken,
     blacklist: Blacklist,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.dropped.cancel();
+    }
 }
 
 impl Inner {
@@ -221,8 +229,13 @@ impl Worker {
             counters: Counters::default(),
             events: broadcast::channel(1024).0,
             shutdown: CancellationToken::new(),
+            dropped: CancellationToken::new(),
         });
-        tokio::spawn(control_loop(Arc::downgrade(&inner), control));
+        tokio::spawn(control_loop(
+            Arc::downgrade(&inner),
+            inner.dropped.clone(),
+            control,
+        ));
         Ok(Worker { inner, tasks })
     }
 
@@ -439,8 +452,19 @@ impl ShutdownHandle {
     }
 }
 
-async fn control_loop(inner: Weak<Inner>, mut subscription: Subscription) {
-    while let Some(item) = subscription.next().await {
+async fn control_loop(
+    inner: Weak<Inner>,
+    dropped: CancellationToken,
+    mut subscription: Subscription,
+) {
+    loop {
+        let item = tokio::select! {
+            _ = dropped.cancelled() => return,
+            item = subscription.next() => match item {
+                Some(item) => item,
+                None => return,
+            },
+        };
         let Some(inner) = inner.upgrade() else { return };
         let bytes = match item {
             Incoming::Message(bytes) => bytes,
