@@ -1,1 +1,303 @@
-//! placeholder
+//! The Redis backend of bgtask: [`RedisBroker`], a [`Broker`] on a Redis server.
+//!
+//! ```no_run
+//! # async fn example() -> bgtask_core::Result<()> {
+//! use std::time::Duration;
+//! use bgtask_redis::{RedisBroker, RedisConfig};
+//!
+//! let broker = RedisBroker::connect("redis://127.0.0.1:6379").await?;
+//! let tuned = RedisBroker::connect_with(
+//!     RedisConfig::new("redis://:secret@redis.internal:6379/2")
+//!         .with_op_timeout(Duration::from_secs(2)),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # URLs
+//!
+//! - `redis://host[:port][/db]`, `redis://:password@host`, `redis://user:password@host` (ACL
+//!   users), with the password percent-encoded where needed;
+//! - `rediss://...` for TLS (rustls, with the platform's root certificates), and
+//!   `rediss://...#insecure` to skip certificate checks;
+//! - `redis+unix:///path/to/redis.sock?db=0&user=...&pass=...` for a Unix socket;
+//! - `?protocol=resp3` selects RESP3 for the command connection.
+//!
+//! The password never appears in `Debug` output or in error messages.
+//!
+//! # Connections
+//!
+//! A broker holds two connections, and its clones share them:
+//!
+//! - **Commands** (publish and the lease script) go over one multiplexed connection. Any I/O
+//!   error, and any operation that gets no answer in time, drops it; the next operation opens a
+//!   new one. After a failed attempt the next one waits (50 ms, doubling up to
+//!   [`max_backoff`](RedisConfig::max_backoff)); an operation that cannot get a connection
+//!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer.
+//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task. It
+//!   keeps a registry of channels and their local subscribers: the first subscriber of a channel
+//!   sends `SUBSCRIBE` (never `PSUBSCRIBE`, so `*` and `?` in names are plain characters) and
+//!   [`subscribe`](Broker::subscribe) returns once the server confirmed it; further subscribers
+//!   of that channel need no round trip; dropping the last one sends `UNSUBSCRIBE`.
+//!
+//!   A watchdog pings the connection every [`ping_interval`](RedisConfig::ping_interval) and
+//!   expects the answer within [`op_timeout`](RedisConfig::op_timeout). When a ping fails or
+//!   the connection ends, the supervisor reconnects, forever, with exponential backoff capped
+//!   at [`max_backoff`](RedisConfig::max_backoff); subscribes every channel that still has
+//!   subscribers, checking each confirmation; and only then yields [`Incoming::Gap`] on every
+//!   subscription that existed during the outage. While disconnected,
+//!   [`subscribe`](Broker::subscribe) waits at most `op_timeout` for the connection to come
+//!   back, then fails with [`ErrorKind::Unavailable`].
+//!
+//!   Each subscription buffers up to [`subscription_buffer`](RedisConfig::subscription_buffer)
+//!   messages; when its reader falls further behind, new messages are dropped and the next item
+//!   it reads is an [`Incoming::Gap`].
+//!
+//! `redis`'s own reconnection is deliberately not used: `aio::PubSub` never reconnects, the
+//! `ConnectionManager` resubscribes only over RESP3, gives up after a handful of retries and
+//! ignores a failed resubscription, and it keeps a command connection that times out instead of
+//! replacing it.
+//!
+//! # Time bounds
+//!
+//! Every operation finishes within [`op_timeout`](RedisConfig::op_timeout) (publish, each lease
+//! call, subscribe), including any reconnection it triggers; each connection attempt is bounded
+//! by [`connect_timeout`](RedisConfig::connect_timeout). [`RedisBroker::connect`] fails with
+//! [`ErrorKind::Unavailable`] when the server cannot be reached and with [`ErrorKind::Auth`] when
+//! it refuses the credentials. A lost, refused or silent connection is reported as
+//! [`ErrorKind::Unavailable`] (an operation that timed out included), so that it is never
+//! confused with a task's own deadline; ACL denials are [`ErrorKind::Auth`].
+//!
+//! # Lease layout
+//!
+//! Lease key `K` (any UTF-8 string, used byte for byte) is stored in two Redis keys:
+//!
+//! - `bgl:{K}`, a sorted set: member = lease id, score = expiry in milliseconds by the server's
+//!   clock (`TIME`);
+//! - `bgn:{K}`, a hash: lease id → `"<seq>:<note>"` and the counter field `#seq`, which orders
+//!   leases by acquisition for [`Broker::leases`].
+//!
+//! One Lua script (loaded with `EVALSHA` and reloaded by `redis::Script` after a `NOSCRIPT`, e.g.
+//! when the server restarted) does every lease operation atomically, reading the clock inside
+//! the script: `acquire` drops the expired leases, counts the live ones, and, under the cap,
+//! adds one. Both keys always carry a TTL equal to the time left on their longest lease, so a
+//! key never outlives its leases, even when its creators crashed. The `{K}` hash tag keeps both
+//! keys of a lease key on one slot, though Redis Cluster is not a goal. TTLs are capped at
+//! [`lease::MAX_TTL_MILLIS`] (about 69 years).
+//!
+//! # Configuration
+//!
+//! | field | default | meaning |
+//! |-------|---------|---------|
+//! | [`url`](RedisConfig::url) | — | where the server is (see above) |
+//! | [`op_timeout`](RedisConfig::op_timeout) | 5 s | bound on every operation and on the watchdog's ping |
+//! | [`connect_timeout`](RedisConfig::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`ping_interval`](RedisConfig::ping_interval) | 2 s | how often the pub/sub connection is pinged |
+//! | [`max_backoff`](RedisConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`subscription_buffer`](RedisConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+#![deny(missing_docs)]
+
+mod config;
+mod conn;
+mod error;
+pub mod lease;
+mod pubsub;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bgtask_core::{
+    Acquired, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Published,
+    Result, Subscription,
+};
+use bytes::Bytes;
+use redis::Value;
+
+pub use bgtask_core::Incoming;
+pub use config::{
+    RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
+    DEFAULT_PING_INTERVAL, DEFAULT_SUBSCRIPTION_BUFFER,
+};
+
+use conn::Commands;
+use pubsub::PubSubHandle;
+
+/// A [`Broker`] on a Redis server. Cheap to clone; clones share the connections.
+///
+/// See the [crate docs](crate) for how it connects, reconnects and stores leases. Subscriptions
+/// keep the subscription connection alive: it closes when the last clone and the last
+/// subscription are dropped, or at once with [`close`](Self::close), which also ends every
+/// subscription stream.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    closed: AtomicBool,
+    commands: Arc<Commands>,
+    pubsub: PubSubHandle,
+    script: redis::Script,
+}
+
+impl RedisBroker {
+    /// Connect to the server at `url` with default settings.
+    ///
+    /// Fails with [`ErrorKind::Config`] for a URL that is not a Redis URL,
+    /// [`ErrorKind::Unavailable`] when the server cannot be reached within the connect timeout,
+    /// and [`ErrorKind::Auth`] when it refuses the credentials.
+    pub async fn connect(url: &str) -> Result<RedisBroker> {
+        Self::connect_with(RedisConfig::new(url)).await
+    }
+
+    /// Connect with the given settings; fails like [`connect`](Self::connect).
+    pub async fn connect_with(config: RedisConfig) -> Result<RedisBroker> {
+        config.validate()?;
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("not a usable redis URL: {}", config.redacted_url()),
+            )
+            .with_source(e)
+        })?;
+        let commands = Arc::new(Commands::new(client.clone(), &config));
+        commands.connect_now().await?;
+        // When the subscription connection is lost, the command connection most likely is too:
+        // drop it, so that the first command after an outage does not fail on a dead socket.
+        let weak = Arc::downgrade(&commands);
+        let on_lost = Box::new(move || {
+            if let Some(commands) = weak.upgrade() {
+                commands.invalidate_current();
+            }
+        });
+        let pubsub = PubSubHandle::start(client, &config, on_lost).await?;
+        tracing::debug!(url = %config.redacted_url(), "redis: broker connected");
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                config,
+                closed: AtomicBool::new(false),
+                commands,
+                pubsub,
+                script: redis::Script::new(lease::SCRIPT),
+            }),
+        })
+    }
+
+    /// The settings this broker was built with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// Close the broker and every clone of it now: every subscription stream ends, and every
+    /// later call fails with [`ErrorKind::Closed`].
+    ///
+    /// Without it the connections close when the last clone and the last subscription are
+    /// dropped.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.pubsub.close();
+        self.inner.commands.invalidate_current();
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                format!("redis broker is closed; cannot {what}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Run the lease script with operation `args[0]` on lease key `key`.
+    async fn lease_script(&self, what: &str, key: &str, args: Vec<Vec<u8>>) -> Result<Value> {
+        self.check_open(what)?;
+        let (leases, notes) = lease::keys(key);
+        let script = &self.inner.script;
+        self.inner
+            .commands
+            .run(what, |mut conn| async move {
+                let mut invocation = script.prepare_invoke();
+                invocation.key(leases).key(notes);
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                invocation.invoke_async::<Value>(&mut conn).await
+            })
+            .await
+    }
+}
+
+impl fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("url", &self.inner.config.redacted_url())
+            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("subscribed_channels", &self.inner.pubsub.channels())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
+        self.check_open("publish")?;
+        let receivers = self
+            .inner
+            .commands
+            .run("publish", |mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload.as_ref())
+                    .query_async::<u64>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Published::Receivers(receivers))
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
+        self.check_open("subscribe")?;
+        self.inner.pubsub.subscribe(channel).await
+    }
+
+    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+        let id = LeaseId::random();
+        let args = lease::acquire_args(&id, &request);
+        let value = self.lease_script("acquire", key, args).await?;
+        lease::parse_acquired(id, value)
+    }
+
+    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+        let args = vec![b"release".to_vec(), lease.as_str().as_bytes().to_vec()];
+        let value = self.lease_script("release", key, args).await?;
+        lease::parse_released(value)
+    }
+
+    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        let value = self
+            .lease_script("leases", key, vec![b"leases".to_vec()])
+            .await?;
+        lease::parse_leases(value)
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        let value = self
+            .lease_script("count", key, vec![b"count".to_vec()])
+            .await?;
+        lease::parse_count(value)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true)
+    }
+}

@@ -1,0 +1,202 @@
+//! The command connection: one multiplexed connection, replaced when it fails or goes silent.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bgtask_core::{Error, ErrorKind, Result};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError};
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::config::RedisConfig;
+use crate::error::{from_redis, poisons_connection, timed_out};
+
+/// The first wait after a failed connection attempt; it doubles up to `max_backoff`.
+pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The wait before attempt number `failures + 1`, after `failures` failed ones.
+pub(crate) fn backoff(failures: u32, max: Duration) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    INITIAL_BACKOFF.saturating_mul(factor).min(max)
+}
+
+/// A shared multiplexed connection that is reconnected on demand.
+///
+/// `redis`'s `ConnectionManager` is not used: it only replaces a connection after an error it
+/// deems unrecoverable, which excludes timeouts, so a connection that silently stopped answering
+/// (a network black hole) is kept forever and every request times out. Here any I/O error or
+/// timeout drops the connection, and the next operation connects afresh, with backoff after
+/// failed attempts.
+pub(crate) struct Commands {
+    client: Client,
+    connection_config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    max_backoff: Duration,
+    state: Mutex<State>,
+    /// Held while connecting, so that concurrent operations share one attempt.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The current connection and its generation.
+    current: Option<(u64, MultiplexedConnection)>,
+    generation: u64,
+    /// Failed attempts since the last success.
+    failures: u32,
+    /// No new attempt before this instant.
+    retry_at: Option<Instant>,
+}
+
+impl Commands {
+    pub(crate) fn new(client: Client, config: &RedisConfig) -> Self {
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            // The crate's default of 500 ms is too short for large payloads.
+            .set_response_timeout(Some(config.op_timeout));
+        Commands {
+            client,
+            connection_config,
+            connect_timeout: config.connect_timeout,
+            op_timeout: config.op_timeout,
+            max_backoff: config.max_backoff,
+            state: Mutex::new(State::default()),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connect now (used by `connect`, which reports the error instead of retrying later).
+    pub(crate) async fn connect_now(&self) -> Result<()> {
+        let deadline = Instant::now() + self.connect_timeout;
+        self.connection(deadline).await.map(|_| ())
+    }
+
+    /// The current connection, connecting first if there is none. Fails at once when the next
+    /// attempt is not due before `deadline`.
+    async fn connection(&self, deadline: Instant) -> Result<(u64, MultiplexedConnection)> {
+        if let Some(current) = self.state().current.clone() {
+            return Ok(current);
+        }
+        let _connecting = timeout_at(deadline, self.connecting.lock())
+            .await
+            .map_err(|_| timed_out("connect", self.op_timeout))?;
+        let retry_at = {
+            let state = self.state();
+            if let Some(current) = state.current.clone() {
+                return Ok(current);
+            }
+            state.retry_at
+        };
+        if let Some(at) = retry_at {
+            if at > deadline {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "redis unavailable: the last connection attempt failed and the next one is \
+                     not due yet",
+                ));
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        let attempt = timeout(
+            self.connect_timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.connection_config),
+        )
+        .await;
+        let mut state = self.state();
+        match attempt {
+            Ok(Ok(conn)) => {
+                state.generation += 1;
+                state.failures = 0;
+                state.retry_at = None;
+                state.current = Some((state.generation, conn.clone()));
+                tracing::debug!(generation = state.generation, "redis: connected");
+                Ok((state.generation, conn))
+            }
+            failed => {
+                state.failures = state.failures.saturating_add(1);
+                state.retry_at = Some(Instant::now() + backoff(state.failures, self.max_backoff));
+                Err(match failed {
+                    Ok(Err(e)) => from_redis("connect", e),
+                    _ => Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "redis unavailable: no connection within {:?}",
+                            self.connect_timeout
+                        ),
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Forget the current connection, whatever it is: another connection to the same server
+    /// was just lost, so this one most likely is too, and finding out by failing the next
+    /// operation would be worse than reconnecting.
+    pub(crate) fn invalidate_current(&self) {
+        let mut state = self.state();
+        if let Some((generation, _)) = state.current.take() {
+            tracing::debug!(generation, "redis: dropping the command connection too");
+        }
+    }
+
+    /// Forget connection `generation` (if it is still the current one).
+    fn invalidate(&self, generation: u64) {
+        let mut state = self.state();
+        if matches!(&state.current, Some((g, _)) if *g == generation) {
+            tracing::debug!(generation, "redis: dropping a failed connection");
+            state.current = None;
+        }
+    }
+
+    /// Run `op` on the connection within `op_timeout`, connecting first if needed, and drop the
+    /// connection when the operation shows it is broken or silent.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, RedisError>>,
+    {
+        let deadline = Instant::now() + self.op_timeout;
+        let mut used = None;
+        let outcome = timeout_at(deadline, async {
+            let (generation, conn) = self.connection(deadline).await?;
+            used = Some(generation);
+            op(conn).await.map_err(|e| {
+                if poisons_connection(&e) {
+                    self.invalidate(generation);
+                }
+                from_redis(what, e)
+            })
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(generation) = used {
+                    self.invalidate(generation);
+                }
+                Err(timed_out(what, self.op_timeout))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let max = Duration::from_secs(2);
+        assert_eq!(backoff(1, max), Duration::from_millis(50));
+        assert_eq!(backoff(2, max), Duration::from_millis(100));
+        assert_eq!(backoff(3, max), Duration::from_millis(200));
+        assert_eq!(backoff(10, max), max);
+        assert_eq!(backoff(u32::MAX, max), max);
+    }
+}

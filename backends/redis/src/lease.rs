@@ -1,0 +1,237 @@
+//! Leases: one Lua script over a sorted set and a hash per lease key.
+
+use std::time::Duration;
+
+use bgtask_core::{Acquired, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result};
+use redis::Value;
+
+/// The prefix of the sorted set of a lease key: `bgl:{<key>}`.
+pub const LEASES_PREFIX: &str = "bgl:{";
+/// The prefix of the hash of a lease key: `bgn:{<key>}`.
+pub const NOTES_PREFIX: &str = "bgn:{";
+
+/// The longest TTL the backend stores, about 69 years; longer ones are capped to it. It keeps
+/// every expiry an exact integer in Lua's doubles.
+pub const MAX_TTL_MILLIS: u64 = 1 << 41;
+
+/// The Redis keys of lease key `key`: its sorted set and its hash.
+pub(crate) fn keys(key: &str) -> (Vec<u8>, Vec<u8>) {
+    let wrap = |prefix: &str| {
+        let mut k = Vec::with_capacity(prefix.len() + key.len() + 1);
+        k.extend_from_slice(prefix.as_bytes());
+        k.extend_from_slice(key.as_bytes());
+        k.push(b'}');
+        k
+    };
+    (wrap(LEASES_PREFIX), wrap(NOTES_PREFIX))
+}
+
+/// The one script behind every lease operation. `KEYS[1]` is the sorted set (member = lease id,
+/// score = expiry in ms by the server's clock), `KEYS[2]` the hash (lease id -> "<seq>:<note>",
+/// plus the counter field `#seq` that orders leases by acquisition). `ARGV[1]` names the
+/// operation.
+pub(crate) const SCRIPT: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local leases, notes = KEYS[1], KEYS[2]
+local op = ARGV[1]
+
+local function int(n) return string.format('%d', n) end
+
+-- Remove the expired leases and their notes.
+local function purge()
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', int(now))
+  if #expired == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now))
+  for i = 1, #expired, 500 do
+    redis.call('HDEL', notes, unpack(expired, i, math.min(i + 499, #expired)))
+  end
+end
+
+if op == 'acquire' then
+  local id, ttl, cap, note = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  purge()
+  local live = redis.call('ZCARD', leases)
+  if cap >= 0 and live >= cap then return {0, live} end
+  redis.call('ZADD', leases, int(now + ttl), id)
+  local seq = redis.call('HINCRBY', notes, '#seq', 1)
+  redis.call('HSET', notes, id, int(seq) .. ':' .. note)
+  -- Both keys live exactly as long as their longest lease: never less (the expiry only moves
+  -- to the latest lease), never more.
+  local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+  local keep = int(tonumber(last[2]) - now)
+  redis.call('PEXPIRE', leases, keep)
+  redis.call('PEXPIRE', notes, keep)
+  return {1, live + 1}
+elseif op == 'release' then
+  local id = ARGV[2]
+  local expiry = redis.call('ZSCORE', leases, id)
+  if not expiry then return 0 end
+  redis.call('ZREM', leases, id)
+  redis.call('HDEL', notes, id)
+  if redis.call('ZCARD', leases) == 0 then redis.call('DEL', notes) end
+  if tonumber(expiry) > now then return 1 end
+  return 0
+elseif op == 'leases' then
+  local items = redis.call('ZRANGEBYSCORE', leases, '(' .. int(now), '+inf', 'WITHSCORES')
+  local out = {}
+  for i = 1, #items, 2 do
+    local id = items[i]
+    out[#out + 1] = id
+    out[#out + 1] = int(tonumber(items[i + 1]) - now)
+    out[#out + 1] = redis.call('HGET', notes, id) or ''
+  end
+  return out
+elseif op == 'count' then
+  return redis.call('ZCOUNT', leases, '(' .. int(now), '+inf')
+end
+return redis.error_reply('bgtask: unknown lease operation')
+"#;
+
+/// Build the arguments of an `acquire` call.
+pub(crate) fn acquire_args(id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>> {
+    let ttl = request.ttl_millis().min(MAX_TTL_MILLIS);
+    let cap = match request.cap {
+        // Any cap beyond i64 is as good as none.
+        Some(cap) => i64::try_from(cap).unwrap_or(-1),
+        None => -1,
+    };
+    vec![
+        b"acquire".to_vec(),
+        id.as_str().as_bytes().to_vec(),
+        ttl.to_string().into_bytes(),
+        cap.to_string().into_bytes(),
+        request.note.as_bytes().to_vec(),
+    ]
+}
+
+fn unexpected(what: &str, value: &Value) -> Error {
+    Error::new(
+        ErrorKind::Protocol,
+        format!("redis lease script answered {what} with an unexpected value: {value:?}"),
+    )
+}
+
+fn as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Read the answer of `acquire`.
+pub(crate) fn parse_acquired(id: LeaseId, value: Value) -> Result<Acquired> {
+    let parsed = match &value {
+        Value::Array(items) if items.len() == 2 => as_u64(&items[0]).zip(as_u64(&items[1])),
+        _ => None,
+    };
+    match parsed {
+        Some((1, live)) => Ok(Acquired {
+            lease: Some(id),
+            live,
+        }),
+        Some((0, live)) => Ok(Acquired { lease: None, live }),
+        _ => Err(unexpected("acquire", &value)),
+    }
+}
+
+/// Read the answer of `release`.
+pub(crate) fn parse_released(value: Value) -> Result<bool> {
+    match as_u64(&value) {
+        Some(n) => Ok(n == 1),
+        None => Err(unexpected("release", &value)),
+    }
+}
+
+/// Read the answer of `count`.
+pub(crate) fn parse_count(value: Value) -> Result<u64> {
+    as_u64(&value).ok_or_else(|| unexpected("count", &value))
+}
+
+/// Read the answer of `leases`: triples of id, remaining ms and "<seq>:<note>", returned oldest
+/// first.
+pub(crate) fn parse_leases(value: Value) -> Result<Vec<LeaseInfo>> {
+    let Value::Array(items) = &value else {
+        return Err(unexpected("leases", &value));
+    };
+    if items.len() % 3 != 0 {
+        return Err(unexpected("leases", &value));
+    }
+    let mut leases = Vec::with_capacity(items.len() / 3);
+    for triple in items.chunks(3) {
+        let (Some(id), Some(remaining), Some(stored)) = (
+            as_string(&triple[0]),
+            as_u64(&triple[1]),
+            as_string(&triple[2]),
+        ) else {
+            return Err(unexpected("leases", &value));
+        };
+        // A lease without a note entry (it cannot happen, but keep it) sorts last.
+        let (seq, note) = match stored.split_once(':') {
+            Some((seq, note)) => (seq.parse::<u64>().unwrap_or(u64::MAX), note.to_owned()),
+            None => (u64::MAX, String::new()),
+        };
+        leases.push((
+            seq,
+            LeaseInfo {
+                id: LeaseId::new(id),
+                note,
+                remaining: Duration::from_millis(remaining),
+            },
+        ));
+    }
+    leases.sort_by_key(|(seq, _)| *seq);
+    Ok(leases.into_iter().map(|(_, info)| info).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_prefixed_and_distinct() {
+        let (l, n) = keys("a b*>");
+        assert_eq!(l, b"bgl:{a b*>}");
+        assert_eq!(n, b"bgn:{a b*>}");
+        assert_ne!(keys("a").0, keys("a}").0);
+    }
+
+    #[test]
+    fn parses_leases_in_acquisition_order() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let value = Value::Array(vec![
+            bulk("b"),
+            Value::Int(900),
+            bulk("2:second: with colon"),
+            bulk("a"),
+            Value::Int(1000),
+            bulk("1:"),
+        ]);
+        let leases = parse_leases(value).unwrap();
+        assert_eq!(leases[0].id.as_str(), "a");
+        assert_eq!(leases[0].note, "");
+        assert_eq!(leases[1].note, "second: with colon");
+        assert_eq!(leases[1].remaining, Duration::from_millis(900));
+    }
+
+    #[test]
+    fn caps_arguments() {
+        let id = LeaseId::new("x");
+        let args = acquire_args(&id, &LeaseRequest::new(Duration::MAX).cap(u64::MAX));
+        assert_eq!(args[2], MAX_TTL_MILLIS.to_string().into_bytes());
+        assert_eq!(args[3], b"-1");
+        let args = acquire_args(&id, &LeaseRequest::new(Duration::ZERO));
+        assert_eq!(args[2], b"1");
+    }
+}
