@@ -70,7 +70,15 @@ elseif op == 'release' then
   if not expiry then return 0 end
   redis.call('ZREM', leases, id)
   redis.call('HDEL', notes, id)
-  if redis.call('ZCARD', leases) == 0 then redis.call('DEL', notes) end
+  -- The keys now live exactly as long as the longest remaining lease.
+  local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+  if #last == 0 or tonumber(last[2]) <= now then
+    redis.call('DEL', leases, notes)
+  else
+    local keep = int(tonumber(last[2]) - now)
+    redis.call('PEXPIRE', leases, keep)
+    redis.call('PEXPIRE', notes, keep)
+  end
   if tonumber(expiry) > now then return 1 end
   return 0
 elseif op == 'leases' then

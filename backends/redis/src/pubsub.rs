@@ -517,7 +517,11 @@ impl Supervisor {
     /// subscribed, so only the caller of an `Ensure` needs remembering.
     fn defer(&mut self, command: Command) {
         match command {
-            Command::Ensure { reply, .. } => self.waiting.push(reply),
+            Command::Ensure { reply, .. } => {
+                // Forget callers that gave up, so a long outage does not pile them up.
+                self.waiting.retain(|r| !r.is_closed());
+                self.waiting.push(reply);
+            }
             Command::Release { channel } => {
                 let mut registry = self.shared.registry();
                 if matches!(registry.channels.get(&channel), Some(e) if e.subscribers.is_empty()) {
