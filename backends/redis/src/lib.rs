@@ -19,8 +19,10 @@
 //!
 //! - `redis://host[:port][/db]`, `redis://:password@host`, `redis://user:password@host` (ACL
 //!   users), with the password percent-encoded where needed;
-//! - `rediss://...` for TLS (rustls, with the platform's root certificates), and
-//!   `rediss://...#insecure` to skip certificate checks;
+//! - `rediss://...` for TLS, with the `tls` cargo feature (on by default): rustls with the
+//!   `ring` provider and the platform's root certificates (`SSL_CERT_FILE` is honoured). If
+//!   another crate enables a second rustls provider, install one with
+//!   `rustls::crypto::CryptoProvider::install_default` before connecting;
 //! - `redis+unix:///path/to/redis.sock?db=0&user=...&pass=...` for a Unix socket;
 //! - `?protocol=resp3` selects RESP3 for the command connection.
 //!
@@ -34,7 +36,10 @@
 //!   error, and any operation that gets no answer in time, drops it; the next operation opens a
 //!   new one. After a failed attempt the next one waits (50 ms, doubling up to
 //!   [`max_backoff`](RedisConfig::max_backoff)); an operation that cannot get a connection
-//!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer.
+//!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer. When
+//!   the subscription connection (below) is found lost, the command connection is dropped as
+//!   well, so the first command after an outage does not fail on a dead socket. Nothing is
+//!   retried after a request may have reached the server, so a publish is never delivered twice.
 //! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task. It
 //!   keeps a registry of channels and their local subscribers: the first subscriber of a channel
 //!   sends `SUBSCRIBE` (never `PSUBSCRIBE`, so `*` and `?` in names are plain characters) and
@@ -45,14 +50,18 @@
 //!   expects the answer within [`op_timeout`](RedisConfig::op_timeout). When a ping fails or
 //!   the connection ends, the supervisor reconnects, forever, with exponential backoff capped
 //!   at [`max_backoff`](RedisConfig::max_backoff); subscribes every channel that still has
-//!   subscribers, checking each confirmation; and only then yields [`Incoming::Gap`] on every
+//!   subscribers, checking each confirmation; and only then yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) on every
 //!   subscription that existed during the outage. While disconnected,
 //!   [`subscribe`](Broker::subscribe) waits at most `op_timeout` for the connection to come
 //!   back, then fails with [`ErrorKind::Unavailable`].
 //!
 //!   Each subscription buffers up to [`subscription_buffer`](RedisConfig::subscription_buffer)
 //!   messages; when its reader falls further behind, new messages are dropped and the next item
-//!   it reads is an [`Incoming::Gap`].
+//!   it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
+//!
+//! Subscriptions keep the subscription connection alive: it closes when the last clone of the
+//! broker and the last subscription are dropped, or at once with [`RedisBroker::close`], which
+//! also ends every subscription stream.
 //!
 //! `redis`'s own reconnection is deliberately not used: `aio::PubSub` never reconnects, the
 //! `ConnectionManager` resubscribes only over RESP3, gives up after a handful of retries and
@@ -81,8 +90,9 @@
 //! One Lua script (loaded with `EVALSHA` and reloaded by `redis::Script` after a `NOSCRIPT`, e.g.
 //! when the server restarted) does every lease operation atomically, reading the clock inside
 //! the script: `acquire` drops the expired leases, counts the live ones, and, under the cap,
-//! adds one. Both keys always carry a TTL equal to the time left on their longest lease, so a
-//! key never outlives its leases, even when its creators crashed. The `{K}` hash tag keeps both
+//! adds one. Both keys always carry a TTL equal to the time left on their longest lease (set on
+//! every acquire and release, and only ever extended by an acquire), so a key never outlives its
+//! leases, even when its creators crashed. The `{K}` hash tag keeps both
 //! keys of a lease key on one slot, though Redis Cluster is not a goal. TTLs are capped at
 //! [`lease::MAX_TTL_MILLIS`] (about 69 years).
 //!
@@ -96,6 +106,14 @@
 //! | [`ping_interval`](RedisConfig::ping_interval) | 2 s | how often the pub/sub connection is pinged |
 //! | [`max_backoff`](RedisConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`subscription_buffer`](RedisConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//!
+//! # Tests
+//!
+//! The integration tests need a Redis at `BGTASK_REDIS_URL` (default `redis://127.0.0.1:6379`;
+//! `docker compose up -d redis` or `redis-server --port 6379`) and fail when there is none. They
+//! use random key and channel prefixes and never flush or reconfigure the server. Tests that
+//! need a server of their own (`SCRIPT FLUSH`, a restart) or TLS are `#[ignore]`d; run them
+//! with `cargo test -p bgtask-redis -- --ignored`.
 #![deny(missing_docs)]
 
 mod config;
@@ -116,7 +134,6 @@ use bgtask_core::{
 use bytes::Bytes;
 use redis::Value;
 
-pub use bgtask_core::Incoming;
 pub use config::{
     RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
     DEFAULT_PING_INTERVAL, DEFAULT_SUBSCRIPTION_BUFFER,
