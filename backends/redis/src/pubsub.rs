@@ -452,15 +452,19 @@ impl Supervisor {
         }
     }
 
-    /// The connection is gone: nothing is subscribed any more, and every current subscriber
-    /// may miss messages until the resubscription.
+    /// The connection is gone: nothing is subscribed any more, and every subscriber of an
+    /// active channel may miss messages until the resubscription. (Subscribers of a channel
+    /// still waiting for its first confirmation have missed nothing: their `subscribe` call has
+    /// not returned yet.)
     fn mark_lost(&self) {
         let mut registry = self.shared.registry();
         for entry in registry.channels.values_mut() {
-            entry.active = false;
-            for subscriber in &mut entry.subscribers {
-                subscriber.owes_gap = true;
+            if entry.active {
+                for subscriber in &mut entry.subscribers {
+                    subscriber.owes_gap = true;
+                }
             }
+            entry.active = false;
         }
     }
 
