@@ -78,10 +78,7 @@ pub async fn calls_are_bounded_in_a_black_hole(h: Harness) {
         let err = result
             .unwrap_or_else(|_| panic!("{name} hung in a black hole"))
             .expect_err(name);
-        assert!(
-            matches!(err.kind(), ErrorKind::Unavailable | ErrorKind::TimedOut),
-            "{name}: {err}"
-        );
+        assert!(err.kind() == ErrorKind::Unavailable, "{name}: {err}");
         assert!(took < BOUND, "{name} took {took:?}");
     }
 }
@@ -175,7 +172,7 @@ pub async fn subscription_resumes_after_20s_outage(h: Harness) {
     outage_then_resume(h, Duration::from_secs(20)).await;
 }
 
-/// After an outage of client and worker, a task submitted afterwards completes.
+/// After a 20 s outage of client and worker, a task submitted afterwards completes.
 pub async fn task_completes_after_outage(h: Harness) {
     let Some((proxy, worker_broker)) = h.proxied_broker().await else {
         return;
@@ -194,7 +191,7 @@ pub async fn task_completes_after_outage(h: Harness) {
         .await;
     assert_eq!(reply.unwrap().json(), json!({"n": 1}));
     proxy.cut();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
     proxy.pass();
     let restored = Instant::now();
     loop {

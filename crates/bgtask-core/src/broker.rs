@@ -33,9 +33,13 @@ pub type DynBroker = Arc<dyn Broker>;
 /// backend can carry fails with [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
 ///
 /// **Time.** Every operation returns within a bounded time. A connection that is lost, refused or
-/// silent is reported as [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) (or
-/// [`TimedOut`](crate::ErrorKind::TimedOut)), never as a hang and never as a success. The backend
-/// reconnects by itself, with backoff.
+/// silent, and an operation that exceeds the backend's own time bound, are reported as
+/// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) — never as a hang and never as a
+/// success. ([`TimedOut`](crate::ErrorKind::TimedOut) is kept for a task passing its deadline.)
+/// The backend reconnects by itself, with backoff.
+///
+/// **Lifetimes.** A [`Subscription`] keeps what it needs alive: it goes on receiving after the
+/// broker handle that created it is dropped, until it is dropped itself.
 ///
 /// **Delivery** is at most once: a message reaches the subscriptions that are active when it is
 /// published, and no others. Messages from one publisher on one channel arrive in order.
@@ -63,7 +67,8 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// - After a reconnect the subscription is active again without the caller doing anything,
     ///   and the stream yields [`Incoming::Gap`] to say messages may have been missed. A backend
     ///   that has to drop messages because the reader is too slow yields `Gap` as well.
-    /// - The stream ends only when the broker is dropped or closed.
+    /// - The stream does not end while the backend can still reconnect; it outlives the broker
+    ///   handle that created it.
     async fn subscribe(&self, channel: &str) -> Result<Subscription>;
 
     /// Try to add one lease on `key`.

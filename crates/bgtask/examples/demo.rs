@@ -10,17 +10,22 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bgtask::{
-    BlacklistConfig, Client, ClientConfig, ErrorKind, KeyLimit, SubmitOptions, TaskFailure,
-    Worker, WorkerConfig,
+    BlacklistConfig, Client, ClientConfig, ErrorKind, KeyLimit, SubmitOptions, TaskFailure, Worker,
+    WorkerConfig,
 };
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> bgtask::Result<()> {
-    let url = std::env::args().nth(1).unwrap_or_else(|| "memory://".to_owned());
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "memory://".to_owned());
     let broker = bgtask::connect(&url).await?;
     let namespace = format!("demo-{}", &bgtask::names::random_id()[..8]);
-    println!("bgtask demo on {} (namespace {namespace})\n", bgtask::redact(&url));
+    println!(
+        "bgtask demo on {} (namespace {namespace})\n",
+        bgtask::redact(&url)
+    );
 
     // Three workers serve "thumbnail"; each reports progress, and flags accounts it cannot
     // process so that a user who keeps failing gets blacklisted.
@@ -77,7 +82,10 @@ async fn main() -> bgtask::Result<()> {
     println!("1. six users, one image each, with progress:");
     let mut handles = Vec::new();
     for user in ["ana", "bo", "cy", "di", "ed", "flo"] {
-        handles.push((user, client.submit("thumbnail", &json!({"user": user})).await?));
+        handles.push((
+            user,
+            client.submit("thumbnail", &json!({"user": user})).await?,
+        ));
     }
     for (user, mut handle) in handles {
         let mut steps = Vec::new();
@@ -85,7 +93,11 @@ async fn main() -> bgtask::Result<()> {
             steps.push(format!("{}%", progress["percent"]));
         }
         let reply = handle.reply().await?;
-        println!("   {user:<4} progress {} → {}", steps.join(" "), reply.json());
+        println!(
+            "   {user:<4} progress {} → {}",
+            steps.join(" "),
+            reply.json()
+        );
         record("success");
     }
 
@@ -107,7 +119,11 @@ async fn main() -> bgtask::Result<()> {
     println!("\n3. an image too big to finish within its 1 s timeout:");
     let options = SubmitOptions::new().timeout(Duration::from_secs(1));
     let huge = client
-        .submit_with("thumbnail", &json!({"user": "hal", "kind": "huge"}), options)
+        .submit_with(
+            "thumbnail",
+            &json!({"user": "hal", "kind": "huge"}),
+            options,
+        )
         .await?;
     let err = huge.reply().await.unwrap_err();
     println!("   {err}");
