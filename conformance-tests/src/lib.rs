@@ -100,6 +100,7 @@ macro_rules! for_each_scenario {
             protocol::zero_or_negative_timeout_means_default,
             protocol::per_task_timeout_overrides_default,
             protocol::late_reply_is_dropped,
+            protocol::timed_out_task_is_cancelled_at_the_worker,
             protocol::error_status_is_a_typed_error,
             protocol::failed_status_is_a_typed_error,
             protocol::handler_panic_fails_the_task,

@@ -772,9 +772,6 @@ pub async fn cancel_is_observed_by_the_running_worker(h: Harness) {
         .await
         .unwrap()
         .unwrap();
-    // Wait until the creator knows who runs it.
-    let mut events = client.events();
-    let _ = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
     assert!(handle.cancel().await);
     tokio::time::timeout(WAIT, running.cancelled())
         .await
@@ -856,7 +853,6 @@ pub async fn client_shutdown_ends_pending_tasks(h: Harness) {
 /// counted and dropped; workers and creators keep serving.
 pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
     let worker = h.worker(h.worker_config(&["echo"])).await;
-    let worker_id = worker.id().to_owned();
     let mut events = worker.events();
     let guard = WorkerGuard::spawn(worker, 4, |task| async move { Ok(task.json()) });
     let client = h.client().await;
@@ -873,7 +869,7 @@ pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
         b"{\"v\":1,\"kind\":\"done\",\"id\":\"not-a-task\",\"worker\":\"w\",\"status\":\"success\",\"body\":1}",
     );
     // Another creator's reply channel cannot be known, but if it were, forged ids go nowhere.
-    let channels = [ns.task_channel("echo"), ns.worker_channel(&worker_id)];
+    let channels = [ns.task_channel("echo"), ns.cancel_channel()];
     for channel in &channels {
         for bytes in &garbage {
             attacker.publish(channel, bytes.clone()).await.unwrap();
@@ -1022,7 +1018,7 @@ pub async fn invalid_names_are_rejected(h: Harness) {
     assert_eq!(err.kind(), ErrorKind::InvalidName);
 }
 
-/// The client's event stream reports accept, progress and completion.
+/// The client's event stream reports progress and completion.
 pub async fn events_report_the_task_lifecycle(h: Harness) {
     let worker = h.worker(h.worker_config(&["ev"])).await;
     let _guard = WorkerGuard::spawn(worker, 1, |task| async move {
@@ -1035,7 +1031,7 @@ pub async fn events_report_the_task_lifecycle(h: Harness) {
     let id = handle.id().to_owned();
     handle.reply().await.unwrap();
     let mut seen = Vec::new();
-    while seen.len() < 3 {
+    while seen.len() < 2 {
         let event = tokio::time::timeout(WAIT, events.next())
             .await
             .unwrap()
@@ -1044,15 +1040,11 @@ pub async fn events_report_the_task_lifecycle(h: Harness) {
     }
     use bgtask_core::ClientEvent::*;
     assert!(
-        matches!(&seen[0], Accepted { id: i, .. } if *i == id),
+        matches!(&seen[0], Progress { id: i } if *i == id),
         "{seen:?}"
     );
     assert!(
-        matches!(&seen[1], Progress { id: i } if *i == id),
-        "{seen:?}"
-    );
-    assert!(
-        matches!(&seen[2], Done { id: i, status: Status::Success } if *i == id),
+        matches!(&seen[1], Done { id: i, status: Status::Success } if *i == id),
         "{seen:?}"
     );
 }
@@ -1084,4 +1076,33 @@ pub async fn hostile_task_names_reach_only_their_workers(h: Harness) {
             .unwrap();
         assert_eq!(reply.json(), json!(name));
     }
+}
+
+/// When the creator stops waiting (timeout), the worker running the task is told, so it can
+/// stop; a worker that has not accepted it yet no longer can.
+pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
+    let mut worker = h.worker(h.worker_config(&["slow"])).await;
+    let mut other = h.worker(h.worker_config(&["slow"])).await;
+    let client = h.client().await;
+    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
+    let handle = client
+        .submit_with("slow", &json!({}), options)
+        .await
+        .unwrap();
+    let running = next_task(&mut worker, WAIT)
+        .await
+        .unwrap()
+        .accept()
+        .await
+        .unwrap()
+        .unwrap();
+    let late = next_task(&mut other, WAIT).await.unwrap();
+    assert_eq!(
+        handle.reply().await.unwrap_err().kind(),
+        ErrorKind::TimedOut
+    );
+    tokio::time::timeout(WAIT, running.cancelled())
+        .await
+        .expect("the running worker was told the creator gave up");
+    assert!(late.accept().await.unwrap().is_none());
 }

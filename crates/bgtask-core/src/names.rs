@@ -99,9 +99,10 @@ impl Namespace {
         self.prefix("reply") + client_id
     }
 
-    /// A worker's control channel (cancellations).
-    pub fn worker_channel(&self, worker_id: &str) -> String {
-        self.prefix("worker") + worker_id
+    /// The namespace's cancellation channel: every worker listens; creators publish there when
+    /// a task is cancelled or times out.
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:{PROTOCOL_LEVEL}:cancel", self.0)
     }
 
     /// The first-accept-wins claim of one task.

@@ -27,6 +27,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default payload limit of tasks and replies: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
+/// How long ending a task may wait for its key lease's release after the deadline.
+const FINISH_GRACE: Duration = Duration::from_millis(200);
+
 /// Progress values buffered per task before the oldest unread are dropped (and counted).
 const PROGRESS_BUFFER: usize = 64;
 
@@ -133,13 +136,6 @@ impl SubmitOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientEvent {
-    /// A worker accepted a task.
-    Accepted {
-        /// The task.
-        id: String,
-        /// The worker.
-        worker: String,
-    },
     /// A task reported progress.
     Progress {
         /// The task.
@@ -201,7 +197,6 @@ struct Pending {
     done: Option<oneshot::Sender<Result<Reply>>>,
     broadcast: bool,
     deadline: Instant,
-    workers: Vec<String>,
 }
 
 struct Inner {
@@ -531,7 +526,6 @@ impl Client {
                 done: (!broadcast).then_some(done_tx),
                 broadcast,
                 deadline,
-                workers: Vec::new(),
             },
         );
         let prepared = Prepared {
@@ -617,29 +611,6 @@ impl Inner {
         let id = message.id;
         let worker = message.worker.unwrap_or_default();
         match message.kind {
-            Kind::Accepted => {
-                let known = match self.pending().get_mut(&id) {
-                    Some(p) => {
-                        p.workers.push(worker.clone());
-                        true
-                    }
-                    None => false,
-                };
-                if known {
-                    self.emit(|| ClientEvent::Accepted { id, worker });
-                } else {
-                    // The task ended here (timed out or cancelled) before the worker took it:
-                    // tell the worker to stop.
-                    self.counters.late.incr();
-                    if validate_name("worker id", &worker).is_ok() {
-                        let cancel = Message::new(Kind::Cancel, id);
-                        let channel = self.namespace.worker_channel(&worker);
-                        if let Err(error) = self.broker.publish(&channel, cancel.encode()).await {
-                            tracing::debug!(%error, "could not cancel a late accept");
-                        }
-                    }
-                }
-            }
             Kind::Progress => {
                 let sent = match self.pending().get(&id) {
                     Some(p) => {
@@ -686,36 +657,35 @@ impl Inner {
         }
     }
 
-    /// End a pending task on this side: take its claim so no worker accepts it from now on, and
-    /// tell the workers that took it. Returns false if the task was not pending.
-    async fn cancel(&self, id: &str) -> bool {
+    /// End a pending task on this side with `outcome`: take its claim so no worker accepts it
+    /// from now on, and tell the workers (one message on the namespace's cancel channel) so one
+    /// that runs it can stop. Returns false if the task was not pending.
+    async fn abandon(&self, id: &str, outcome: Result<Reply>) -> bool {
         let Some(mut pending) = self.pending().remove(id) else {
             return false;
         };
         if let Some(done) = pending.done.take() {
-            let _ = done.send(Err(Error::new(
-                ErrorKind::Cancelled,
-                "the task was cancelled",
-            )));
+            let _ = done.send(outcome);
         }
         if !pending.broadcast {
             let ttl = pending.deadline.saturating_duration_since(Instant::now())
                 + self.config.lease_margin;
-            let request = LeaseRequest::new(ttl).cap(1).note("cancelled");
+            let request = LeaseRequest::new(ttl).cap(1).note("abandoned");
             if let Err(error) = self
                 .broker
                 .acquire(&self.namespace.claim_key(id), request)
                 .await
             {
-                tracing::debug!(%error, "could not take the claim of a cancelled task");
+                tracing::debug!(%error, "could not take the claim of an abandoned task");
             }
         }
-        for worker in &pending.workers {
-            let cancel = Message::new(Kind::Cancel, id);
-            let channel = self.namespace.worker_channel(worker);
-            if let Err(error) = self.broker.publish(&channel, cancel.encode()).await {
-                tracing::warn!(%error, worker, "could not send a cancellation");
-            }
+        let cancel = Message::new(Kind::Cancel, id);
+        if let Err(error) = self
+            .broker
+            .publish(&self.namespace.cancel_channel(), cancel.encode())
+            .await
+        {
+            tracing::debug!(%error, "could not publish a cancellation");
         }
         true
     }
@@ -794,13 +764,23 @@ impl TaskGuard {
         }
     }
 
-    /// Forget the pending entry and release the key lease now.
+    /// Forget the pending entry and release the key lease: awaited until the task's deadline
+    /// (at least [`FINISH_GRACE`]), then left to finish in the background, so a slow broker
+    /// never makes a task call wait past its deadline.
     async fn finish(&mut self) {
         self.client.pending().remove(&self.id);
         if let Some((key, lease)) = self.lease.take() {
-            if let Err(error) = self.client.broker.release(&key, &lease).await {
-                tracing::warn!(%error, key, "could not release a key lease; it expires on its own");
-            }
+            let broker = self.client.broker.clone();
+            let release = tokio::spawn(async move {
+                if let Err(error) = broker.release(&key, &lease).await {
+                    tracing::warn!(%error, key, "could not release a key lease; it expires on its own");
+                }
+            });
+            let wait = self
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .max(FINISH_GRACE);
+            let _ = tokio::time::timeout(wait, release).await;
         }
     }
 }
@@ -874,7 +854,12 @@ impl TaskHandle {
             biased;
             Some(Update::Progress(p)) = self.updates.recv() => return Some(p),
             done = &mut self.done => done.unwrap_or_else(|_| Err(Error::closed("the client was shut down"))),
-            _ = tokio::time::sleep_until(self.deadline) => Err(self.timed_out()),
+            _ = tokio::time::sleep_until(self.deadline) => {
+                // Stop any worker still on it, without making this call wait on the broker.
+                let (client, id) = (self.guard.client.clone(), self.id.clone());
+                tokio::spawn(async move { client.abandon(&id, Err(Error::closed("timed out"))).await });
+                Err(self.timed_out())
+            }
         };
         self.end(outcome).await;
         None
@@ -899,15 +884,12 @@ impl TaskHandle {
         if self.outcome.is_some() {
             return false;
         }
-        let cancelled = self.guard.client.cancel(&self.id).await;
-        if cancelled {
-            self.end(Err(Error::new(
-                ErrorKind::Cancelled,
-                "the task was cancelled",
-            )))
-            .await;
+        let cancelled = || Err(Error::new(ErrorKind::Cancelled, "the task was cancelled"));
+        let was_pending = self.guard.client.abandon(&self.id, cancelled()).await;
+        if was_pending {
+            self.end(cancelled()).await;
         }
-        cancelled
+        was_pending
     }
 
     fn timed_out(&self) -> Error {

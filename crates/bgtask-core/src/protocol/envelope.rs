@@ -48,13 +48,11 @@ impl std::fmt::Display for Status {
 pub(crate) enum Kind {
     /// A task, on a task or target channel.
     Task,
-    /// A worker took the task, on the creator's reply channel.
-    Accepted,
     /// A progress report, on the creator's reply channel.
     Progress,
     /// The task's completion, on the creator's reply channel.
     Done,
-    /// The creator cancelled the task, on the worker's control channel.
+    /// The creator cancelled the task or stopped waiting for it, on the cancel channel.
     Cancel,
 }
 
@@ -157,7 +155,6 @@ impl Message {
                     None
                 }
             }
-            Kind::Accepted => msg.worker.is_none().then_some("worker"),
             Kind::Progress => msg.body.is_none().then_some("body"),
             Kind::Done => {
                 if msg.status.is_none() {

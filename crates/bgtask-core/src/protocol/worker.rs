@@ -208,9 +208,7 @@ impl Worker {
             validate_name("target", target)?;
         }
         let worker_id = random_id();
-        let control = broker
-            .subscribe(&namespace.worker_channel(&worker_id))
-            .await?;
+        let control = broker.subscribe(&namespace.cancel_channel()).await?;
         let mut tasks = SelectAll::new();
         for task in &config.tasks {
             tasks.push(broker.subscribe(&namespace.task_channel(task)).await?);
@@ -483,10 +481,13 @@ async fn control_loop(
                 }
             }
             Ok(message) => inner.malformed(
-                "control channel",
-                &Error::protocol(format!("a {:?} message on a control channel", message.kind)),
+                "cancel channel",
+                &Error::protocol(format!(
+                    "a {:?} message on the cancel channel",
+                    message.kind
+                )),
             ),
-            Err(error) => inner.malformed("control channel", &error),
+            Err(error) => inner.malformed("cancel channel", &error),
         }
     }
 }
@@ -649,6 +650,10 @@ impl AvailableTask {
             worker.counters.lost.incr();
             return Ok(None);
         }
+        // Registered before claiming, so a cancellation that follows the claim is never missed.
+        worker
+            .running()
+            .insert(shared.id.clone(), shared.cancel.clone());
         if !shared.broadcast {
             let request = LeaseRequest::new(remaining + worker.config.claim_margin)
                 .cap(1)
@@ -656,25 +661,18 @@ impl AvailableTask {
             let claim = worker
                 .broker
                 .acquire(&worker.namespace.claim_key(&shared.id), request)
-                .await?;
-            if claim.lease.is_none() {
+                .await;
+            if !matches!(claim, Ok(ref c) if c.lease.is_some()) {
+                worker.running().remove(&shared.id);
                 worker.counters.lost.incr();
-                return Ok(None);
+                return claim.map(|_| None);
             }
         }
-        worker
-            .running()
-            .insert(shared.id.clone(), shared.cancel.clone());
         worker.counters.accepted.incr();
         let running = RunningTask {
-            context: TaskContext {
-                shared: shared.clone(),
-            },
+            context: TaskContext { shared },
             completed: false,
         };
-        let mut accepted = Message::new(Kind::Accepted, shared.id.clone());
-        accepted.worker = Some(worker.worker_id.clone());
-        worker.publish_reply(&shared.reply_to, accepted).await?;
         Ok(Some(running))
     }
 }
