@@ -130,6 +130,7 @@ macro_rules! for_each_scenario {
             protocol::handler_concurrency_is_respected,
             protocol::namespaces_never_meet,
             protocol::invalid_names_are_rejected,
+            protocol::huge_timeouts_are_capped,
             protocol::events_report_the_task_lifecycle,
             protocol::hostile_task_names_reach_only_their_workers,
             faults::refused_connection_is_unavailable,

@@ -1106,3 +1106,25 @@ pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
         .expect("the running worker was told the creator gave up");
     assert!(late.accept().await.unwrap().is_none());
 }
+
+/// Extreme timeouts neither panic nor overflow: they are cut to 30 days.
+pub async fn huge_timeouts_are_capped(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["any"])).await;
+    let client = h.client().await;
+    let mut handle = client
+        .submit_with(
+            "any",
+            &json!({}),
+            SubmitOptions::new().timeout(Duration::MAX),
+        )
+        .await
+        .unwrap();
+    let left = handle.deadline() - Instant::now();
+    assert!(left <= bgtask_core::MAX_TIMEOUT && left > Duration::from_secs(29 * 24 * 3600));
+    let handle2 = client
+        .submit_with("any", &json!({}), SubmitOptions::new().timeout_ms(i64::MAX))
+        .await
+        .unwrap();
+    assert!(handle.cancel().await);
+    drop(handle2);
+}

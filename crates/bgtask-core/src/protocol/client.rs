@@ -24,6 +24,9 @@ use crate::names::{random_id, validate_name, Namespace};
 /// The default task timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest task timeout; longer ones are cut to this.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The default payload limit of tasks and replies: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
@@ -87,7 +90,7 @@ impl SubmitOptions {
         Self::default()
     }
 
-    /// The task's timeout; zero means the client's default.
+    /// The task's timeout; zero means the client's default; at most [`MAX_TIMEOUT`] (30 days).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -256,6 +259,12 @@ impl Client {
                 "per_key_limit must be at least 1 (use \"unlimited\" for no limit)",
             ));
         }
+        if config.default_timeout.is_zero() || config.default_timeout > MAX_TIMEOUT {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "default_timeout must be between 1 ms and 30 days",
+            ));
+        }
         let client_id = random_id();
         let reply_channel = namespace.reply_channel(&client_id);
         let subscription = broker.subscribe(&reply_channel).await?;
@@ -396,7 +405,7 @@ impl Client {
 
     fn timeout_of(&self, options: &SubmitOptions) -> Duration {
         match options.timeout {
-            Some(t) if !t.is_zero() => t,
+            Some(t) if !t.is_zero() => t.min(MAX_TIMEOUT),
             _ => self.inner.config.default_timeout,
         }
     }

@@ -16,7 +16,7 @@ use serde_json::Value;
 pub use blacklist::{Blacklist, BlacklistConfig, BlacklistEntry};
 pub use client::{
     BroadcastHandle, Client, ClientConfig, ClientEvent, ClientStats, SubmitOptions, TaskHandle,
-    DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT,
+    DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 pub use envelope::{Status, WIRE_VERSION};
 pub use worker::{
