@@ -1,6 +1,7 @@
 //! [`MemoryBroker`]: the embedded backend for one process.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,7 +35,9 @@ struct State {
     next_subscriber: u64,
     channels: HashMap<String, Vec<Subscriber>>,
     leases: HashMap<String, Vec<Lease>>,
-    last_sweep: Option<Instant>,
+    /// When each key's newest lease expires, earliest first: keys whose leases all expired are
+    /// dropped from `leases` as time passes, so memory is bounded by the live leases.
+    expiries: BinaryHeap<Reverse<(Instant, String)>>,
 }
 
 struct Subscriber {
@@ -102,6 +105,26 @@ fn live_leases<'a>(
     Some(list)
 }
 
+impl State {
+    /// Drop the keys whose every lease has expired, by the expiry queue: amortized O(log n) per
+    /// acquire, never a scan of every key.
+    fn expire(&mut self, now: Instant) {
+        while let Some(Reverse((when, _))) = self.expiries.peek() {
+            if *when > now {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.expiries.pop() else {
+                break;
+            };
+            if let Some(list) = self.leases.get(&key) {
+                if list.iter().all(|l| l.expires <= now) {
+                    self.leases.remove(&key);
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
@@ -156,7 +179,9 @@ impl Broker for MemoryBroker {
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
         let now = Instant::now();
+        let expires = now + Duration::from_millis(request.ttl_millis());
         let mut state = self.state();
+        state.expire(now);
         let list = match live_leases(&mut state.leases, key, now) {
             Some(list) => list,
             None => state.leases.entry(key.to_owned()).or_default(),
@@ -166,21 +191,14 @@ impl Broker for MemoryBroker {
             return Ok(Acquired { lease: None, live });
         }
         let id = LeaseId::random();
+        let extends = list.iter().all(|l| l.expires < expires);
         list.push(Lease {
             id: id.clone(),
-            note: request.note.clone(),
-            expires: now + Duration::from_millis(request.ttl_millis()),
+            note: request.note,
+            expires,
         });
-        // Keys whose every lease expired are dropped once a second, so memory stays bounded by
-        // the leases of the last second.
-        if state
-            .last_sweep
-            .is_none_or(|t| now - t > Duration::from_secs(1))
-        {
-            state.last_sweep = Some(now);
-            state
-                .leases
-                .retain(|_, list| list.iter().any(|l| l.expires > now));
+        if extends {
+            state.expiries.push(Reverse((expires, key.to_owned())));
         }
         Ok(Acquired {
             lease: Some(id),

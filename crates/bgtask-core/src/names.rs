@@ -21,7 +21,17 @@ pub const DEFAULT_NAMESPACE: &str = "bgtask";
 
 /// A random 128-bit identifier as 32 lowercase hex digits.
 pub fn random_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    id_to_hex(rand::random::<u128>())
+}
+
+/// A 128-bit identifier as 32 lowercase hex digits.
+pub fn id_to_hex(id: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for shift in (0..32).rev() {
+        hex.push(DIGITS[((id >> (shift * 4)) & 0xf) as usize] as char);
+    }
+    hex
 }
 
 /// Check a task name, target channel or key value: 1 to [`MAX_NAME_BYTES`] bytes of UTF-8 with
@@ -148,6 +158,13 @@ impl std::fmt::Display for Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_32_hex_digits() {
+        assert_eq!(id_to_hex(0xabc), format!("{:032x}", 0xabc));
+        assert_eq!(id_to_hex(u128::MAX), "f".repeat(32));
+        assert_eq!(random_id().len(), 32);
+    }
 
     #[test]
     fn names_are_checked() {

@@ -1,6 +1,9 @@
 //! The creator side: [`Client`] submits tasks and awaits their replies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,16 +13,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::{broadcast, Notify};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::blacklist::Blacklist;
-use super::envelope::{to_raw, Kind, Message, Status};
+use super::envelope::{Kind, Message, Status};
 use super::{duration_ms, Counter, KeyLimit, Reply};
 use crate::broker::{DynBroker, Incoming, LeaseId, LeaseRequest, Published};
 use crate::error::{Error, ErrorDetail, ErrorKind, Result};
-use crate::names::{random_id, validate_name, Namespace};
+use crate::names::{id_to_hex, random_id, validate_name, Namespace};
 
 /// The default task timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -190,16 +193,68 @@ struct Counters {
     gaps: Counter,
 }
 
-enum Update {
-    Progress(Box<RawValue>),
-    Reply(Result<Reply>),
+/// Where the dispatcher leaves what arrives for one task, and its handle picks it up.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    /// `notify_one` after every change: a stored permit means no wake-up is ever lost.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct SlotState {
+    progress: VecDeque<Box<RawValue>>,
+    /// The completion of a single task (at most one), or the replies of a broadcast.
+    replies: VecDeque<Result<Reply>>,
+    /// The client shut down: nothing more will arrive.
+    closed: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, update: impl FnOnce(&mut SlotState)) {
+        update(&mut self.lock());
+        self.changed.notify_one();
+    }
 }
 
 struct Pending {
-    updates: mpsc::Sender<Update>,
-    done: Option<oneshot::Sender<Result<Reply>>>,
+    slot: Arc<Slot>,
     broadcast: bool,
     deadline: Instant,
+}
+
+/// Task ids are random 128-bit numbers: their low 64 bits are already a good hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        self.0 = id as u64;
+    }
+}
+
+type PendingMap = HashMap<u128, Pending, BuildHasherDefault<IdHasher>>;
+
+/// A task id from the wire: ours are 32 lowercase hex digits; anything else is not ours.
+fn parse_id(id: &str) -> Option<u128> {
+    if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u128::from_str_radix(id, 16).ok()
 }
 
 struct Inner {
@@ -208,7 +263,7 @@ struct Inner {
     config: ClientConfig,
     client_id: String,
     reply_channel: String,
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: Mutex<PendingMap>,
     counters: Counters,
     events: broadcast::Sender<ClientEvent>,
     closed: AtomicBool,
@@ -275,7 +330,7 @@ impl Client {
             config,
             client_id,
             reply_channel,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(PendingMap::default()),
             counters: Counters::default(),
             events: broadcast::channel(1024).0,
             closed: AtomicBool::new(false),
@@ -310,22 +365,18 @@ impl Client {
     ///
     /// Fails at once, before anything is published, when the payload is too large, a name is
     /// invalid, the task key's value is blacklisted or at its limit, or (where the broker can
-    /// tell) no worker received the task.
+    /// tell) no worker received the task. Never waits past the task's deadline.
     pub async fn submit_with<T: Serialize + ?Sized>(
         &self,
         task: &str,
         payload: &T,
         options: SubmitOptions,
     ) -> Result<TaskHandle> {
-        let (prepared, updates, done) = self.prepare(task, payload, &options, false).await?;
+        let submitted = self.submit_inner(task, payload, &options, false).await?;
         Ok(TaskHandle {
-            id: prepared.id.clone(),
-            deadline: prepared.deadline,
-            timeout: prepared.timeout,
-            updates,
-            done,
+            id: id_to_hex(submitted.guard.id),
             outcome: None,
-            guard: prepared.into_guard(self.inner.clone()),
+            submitted,
         })
     }
 
@@ -346,11 +397,10 @@ impl Client {
         payload: &T,
         options: SubmitOptions,
     ) -> Result<BroadcastHandle> {
-        let (prepared, updates, _done) = self.prepare(task, payload, &options, true).await?;
+        let submitted = self.submit_inner(task, payload, &options, true).await?;
         Ok(BroadcastHandle {
-            deadline: prepared.deadline,
-            updates,
-            guard: prepared.into_guard(self.inner.clone()),
+            id: id_to_hex(submitted.guard.id),
+            submitted,
         })
     }
 
@@ -395,10 +445,8 @@ impl Client {
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
         let pending: Vec<Pending> = self.inner.pending().drain().map(|(_, p)| p).collect();
-        for mut p in pending {
-            if let Some(done) = p.done.take() {
-                let _ = done.send(Err(Error::closed("the client was shut down")));
-            }
+        for p in pending {
+            p.slot.push(|state| state.closed = true);
         }
         self.inner.stop.cancel();
     }
@@ -411,32 +459,35 @@ impl Client {
     }
 
     /// Validate, admit and publish a task, within its timeout: a slow or unreachable broker
-    /// never makes a submit wait past the task's deadline.
-    async fn prepare<T: Serialize + ?Sized>(
+    /// never makes a submit wait past the task's deadline. The task's one timer serves both
+    /// this and the handle.
+    async fn submit_inner<T: Serialize + ?Sized>(
         &self,
         task: &str,
         payload: &T,
         options: &SubmitOptions,
         broadcast: bool,
-    ) -> Result<(
-        Prepared,
-        mpsc::Receiver<Update>,
-        oneshot::Receiver<Result<Reply>>,
-    )> {
+    ) -> Result<Submitted> {
         let timeout = self.timeout_of(options);
-        tokio::time::timeout(
-            timeout,
-            self.admit_and_publish(task, payload, options, broadcast),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::new(
+        let deadline = Instant::now() + timeout;
+        let mut sleep = Box::pin(tokio::time::sleep_until(deadline));
+        let admitted = tokio::select! {
+            biased;
+            admitted = self.admit_and_publish(task, payload, options, broadcast, deadline) => admitted,
+            _ = &mut sleep => Err(Error::new(
                 ErrorKind::TimedOut,
                 format!(
                     "submitting {task:?} took longer than its timeout of {} ms",
                     timeout.as_millis()
                 ),
-            ))
+            )),
+        };
+        let (guard, slot) = admitted?;
+        Ok(Submitted {
+            guard,
+            slot,
+            sleep,
+            timeout,
         })
     }
 
@@ -446,13 +497,9 @@ impl Client {
         payload: &T,
         options: &SubmitOptions,
         broadcast: bool,
-    ) -> Result<(
-        Prepared,
-        mpsc::Receiver<Update>,
-        oneshot::Receiver<Result<Reply>>,
-    )> {
+        deadline: Instant,
+    ) -> Result<(TaskGuard, Arc<Slot>)> {
         let inner = &self.inner;
-        let deadline = Instant::now() + self.timeout_of(options);
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::closed("the client was shut down"));
         }
@@ -464,29 +511,63 @@ impl Client {
             }
             None => inner.namespace.task_channel(task),
         };
-        let body = to_raw(payload)?;
-        check_payload_size("task payload", body.get().len(), inner.config.max_payload)?;
-        let meta = options.metadata.as_ref().map(to_raw).transpose()?;
-        let timeout = self.timeout_of(options);
+        let meta = options
+            .metadata
+            .as_ref()
+            .map(serde_json::value::to_raw_value)
+            .transpose()
+            .map_err(|e| Error::invalid_input("metadata is not JSON").with_source(e))?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let id = rand::random::<u128>();
+        let id_hex = id_to_hex(id);
+        let deadline_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(timeout)
+            .as_millis() as u64;
+
+        // The envelope, with the payload serialized straight into it.
+        let mut message = Message::new(Kind::Task, id_hex.as_str());
+        message.task = Some(Cow::Borrowed(task));
+        message.reply_to = Some(Cow::Borrowed(inner.reply_channel.as_str()));
+        message.timeout_ms = Some(timeout.as_millis() as u64);
+        message.deadline_ms = Some(deadline_ms);
+        message.broadcast = broadcast;
+        message.meta = meta.as_deref();
         let task_key = match &options.task_key {
             Some(key) => key.as_deref(),
             None => inner.config.task_key.as_deref(),
         };
-        let key_value = task_key.map(|key| key_value(&body, key)).transpose()?;
-        let limit = options.limit.unwrap_or(inner.config.per_key_limit);
+        let mut key_value = None;
+        let encoded = match task_key {
+            None => message.encode_with_body(payload)?,
+            Some(key) => {
+                // The key value goes in the envelope (before the body), so serialize the payload
+                // on its own first; this path pays one copy of it.
+                let body = serde_json::value::to_raw_value(payload).map_err(|e| {
+                    Error::invalid_input("value is not serializable as JSON").with_source(e)
+                })?;
+                check_payload_size("task payload", body.get().len(), inner.config.max_payload)?;
+                let value = extract_key_value(&body, key)?;
+                validate_name("task key value", &value)?;
+                key_value = Some(value);
+                message.key = key_value.as_deref().map(Cow::Borrowed);
+                message.encode_with_body(&*body)?
+            }
+        };
+        check_payload_size("task payload", encoded.body.len(), inner.config.max_payload)?;
 
-        let id = random_id();
         let mut lease = None;
         if let Some(value) = &key_value {
-            validate_name("task key value", value)?;
             if let Some(entry) = inner.blacklist.check(task, value).await? {
                 return Err(entry.to_error());
             }
+            let limit = options.limit.unwrap_or(inner.config.per_key_limit);
             if let KeyLimit::Max(max) = limit {
                 let key = inner.namespace.limit_key(task, value);
                 let request = LeaseRequest::new(timeout + inner.config.lease_margin)
                     .cap(max)
-                    .note(&id);
+                    .note(id_hex.as_str());
                 let acquired = inner.broker.acquire(&key, request).await?;
                 match acquired.lease {
                     Some(l) => lease = Some((key, l)),
@@ -507,54 +588,33 @@ impl Client {
             }
         }
 
-        let deadline_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_add(timeout)
-            .as_millis() as u64;
-        let mut message = Message::new(Kind::Task, id.clone());
-        message.task = Some(task.to_owned());
-        message.reply_to = Some(inner.reply_channel.clone());
-        message.timeout_ms = Some(timeout.as_millis() as u64);
-        message.deadline_ms = Some(deadline_ms);
-        message.broadcast = broadcast;
-        message.key = key_value;
-        message.meta = meta;
-        message.body = Some(body);
-
-        let (updates_tx, updates) = mpsc::channel(if broadcast {
-            BROADCAST_BUFFER
-        } else {
-            PROGRESS_BUFFER
-        });
-        let (done_tx, done) = oneshot::channel();
+        let slot = Arc::new(Slot::default());
         inner.pending().insert(
-            id.clone(),
+            id,
             Pending {
-                updates: updates_tx,
-                done: (!broadcast).then_some(done_tx),
+                slot: slot.clone(),
                 broadcast,
                 deadline,
             },
         );
-        let prepared = Prepared {
+        // From here on the guard cleans up (pending entry, lease) on every early return.
+        let guard = TaskGuard {
+            client: inner.clone(),
             id,
             task: task.to_owned(),
             deadline,
-            timeout,
             lease,
+            armed: true,
         };
-        // From here on the guard cleans up (pending entry, lease) on every early return.
-        let guard = prepared.into_guard(inner.clone());
-        let published = inner.broker.publish(&channel, message.encode()).await?;
+        let published = inner.broker.publish(&channel, encoded.bytes.into()).await?;
         if published == Published::Receivers(0) {
             return Err(Error::new(
                 ErrorKind::NoWorker,
-                format!("no worker is listening for {:?}", guard.task),
+                format!("no worker is listening for {task:?}"),
             ));
         }
         inner.counters.submitted.incr();
-        Ok((guard.disarm(), updates, done))
+        Ok((guard, slot))
     }
 }
 
@@ -569,12 +629,13 @@ pub(crate) fn check_payload_size(what: &str, size: usize, max: usize) -> Result<
 }
 
 /// The task key's value in a task payload: a string as is, anything else as its JSON text.
-fn key_value(body: &RawValue, key: &str) -> Result<String> {
-    let object: BTreeMap<String, &RawValue> = serde_json::from_str(body.get()).map_err(|_| {
-        Error::invalid_input(format!(
-            "a task with the task key {key:?} must be a JSON object"
-        ))
-    })?;
+fn extract_key_value(body: &RawValue, key: &str) -> Result<String> {
+    let object: BTreeMap<Cow<'_, str>, &RawValue> =
+        serde_json::from_str(body.get()).map_err(|_| {
+            Error::invalid_input(format!(
+                "a task with the task key {key:?} must be a JSON object"
+            ))
+        })?;
     let raw = object.get(key).ok_or_else(|| {
         Error::invalid_input(format!(
             "the task has no top-level property {key:?} (its task key)"
@@ -594,7 +655,7 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn pending(&self) -> MutexGuard<'_, HashMap<String, Pending>> {
+    fn pending(&self) -> MutexGuard<'_, PendingMap> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -605,7 +666,7 @@ impl Inner {
     }
 
     /// Route one message of the reply channel.
-    async fn handle(&self, bytes: &[u8]) {
+    fn handle(&self, bytes: &[u8]) {
         let message = match Message::decode(bytes) {
             Ok(m) => m,
             Err(error) => {
@@ -617,78 +678,82 @@ impl Inner {
                 return;
             }
         };
-        let id = message.id;
-        let worker = message.worker.unwrap_or_default();
-        match message.kind {
-            Kind::Progress => {
-                let sent = match self.pending().get(&id) {
-                    Some(p) => {
-                        // Only None when the dispatcher has a bug: decode checked the body.
-                        let body = message.body.unwrap_or_else(null_raw);
-                        if p.updates.try_send(Update::Progress(body)).is_err() {
-                            self.counters.dropped.incr();
-                        }
-                        true
-                    }
-                    None => false,
-                };
-                if sent {
-                    self.emit(|| ClientEvent::Progress { id });
+        let (Kind::Progress | Kind::Done) = message.kind else {
+            self.counters.malformed.incr();
+            tracing::warn!(channel = %self.reply_channel, kind = ?message.kind, "dropped a message of the wrong kind on a reply channel");
+            return;
+        };
+        // decode() checked that progress and done carry a body.
+        let body = message.body.unwrap_or(RawValue::NULL).to_owned();
+        let routed = parse_id(&message.id).and_then(|id| {
+            let mut pending = self.pending();
+            let p = pending.get(&id)?;
+            let slot = p.slot.clone();
+            let ends = message.kind == Kind::Done && !p.broadcast;
+            if ends {
+                pending.remove(&id);
+            }
+            Some(slot)
+        });
+        let Some(slot) = routed else {
+            self.counters.late.incr();
+            tracing::debug!(id = %message.id, "dropped a reply that arrived after its task ended");
+            return;
+        };
+        let id = || message.id.clone().into_owned();
+        if message.kind == Kind::Progress {
+            let mut dropped = false;
+            slot.push(|state| {
+                if state.progress.len() < PROGRESS_BUFFER {
+                    state.progress.push_back(body);
                 } else {
-                    self.counters.late.incr();
+                    dropped = true;
                 }
+            });
+            if dropped {
+                self.counters.dropped.incr();
             }
-            Kind::Done => {
-                let status = message.status.unwrap_or(Status::Failed);
-                let reply = Reply::from_wire(status, worker, message.body.unwrap_or_else(null_raw));
-                let mut pending = self.pending();
-                let Some(p) = pending.get_mut(&id) else {
-                    drop(pending);
-                    self.counters.late.incr();
-                    tracing::debug!(%id, "dropped a reply that arrived after its task ended");
-                    return;
-                };
-                if p.broadcast {
-                    if p.updates.try_send(Update::Reply(reply)).is_err() {
-                        self.counters.dropped.incr();
-                    }
-                } else if let Some(done) = p.done.take() {
-                    pending.remove(&id);
-                    let _ = done.send(reply);
+            self.emit(|| ClientEvent::Progress { id: id() });
+        } else {
+            let status = message.status.unwrap_or(Status::Failed);
+            let worker = message.worker.as_deref().unwrap_or_default().to_owned();
+            let reply = Reply::from_wire(status, worker, body);
+            let mut dropped = false;
+            slot.push(|state| {
+                if state.replies.len() < BROADCAST_BUFFER {
+                    state.replies.push_back(reply);
+                } else {
+                    dropped = true;
                 }
-                drop(pending);
-                self.emit(|| ClientEvent::Done { id, status });
+            });
+            if dropped {
+                self.counters.dropped.incr();
             }
-            Kind::Task | Kind::Cancel => {
-                self.counters.malformed.incr();
-                tracing::warn!(channel = %self.reply_channel, kind = ?message.kind, "dropped a message of the wrong kind on a reply channel");
-            }
+            self.emit(|| ClientEvent::Done { id: id(), status });
         }
     }
 
-    /// End a pending task on this side with `outcome`: take its claim so no worker accepts it
-    /// from now on, and tell the workers (one message on the namespace's cancel channel) so one
-    /// that runs it can stop. Returns false if the task was not pending.
-    async fn abandon(&self, id: &str, outcome: Result<Reply>) -> bool {
-        let Some(mut pending) = self.pending().remove(id) else {
+    /// Stop waiting for a pending task: take its claim so no worker accepts it from now on,
+    /// and tell the workers (one message on the namespace's cancel channel) so one that runs it
+    /// can stop. Returns false if the task was not pending.
+    async fn abandon(&self, id: u128) -> bool {
+        let Some(pending) = self.pending().remove(&id) else {
             return false;
         };
-        if let Some(done) = pending.done.take() {
-            let _ = done.send(outcome);
-        }
+        let id = id_to_hex(id);
         if !pending.broadcast {
             let ttl = pending.deadline.saturating_duration_since(Instant::now())
                 + self.config.lease_margin;
             let request = LeaseRequest::new(ttl).cap(1).note("abandoned");
             if let Err(error) = self
                 .broker
-                .acquire(&self.namespace.claim_key(id), request)
+                .acquire(&self.namespace.claim_key(&id), request)
                 .await
             {
                 tracing::debug!(%error, "could not take the claim of an abandoned task");
             }
         }
-        let cancel = Message::new(Kind::Cancel, id);
+        let cancel = Message::new(Kind::Cancel, id.as_str());
         if let Err(error) = self
             .broker
             .publish(&self.namespace.cancel_channel(), cancel.encode())
@@ -698,10 +763,6 @@ impl Inner {
         }
         true
     }
-}
-
-fn null_raw() -> Box<RawValue> {
-    RawValue::NULL.to_owned()
 }
 
 async fn dispatch(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscription) {
@@ -715,7 +776,7 @@ async fn dispatch(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscr
         };
         let Some(inner) = inner.upgrade() else { return };
         match item {
-            Some(Incoming::Message(bytes)) => inner.handle(&bytes).await,
+            Some(Incoming::Message(bytes)) => inner.handle(&bytes),
             Some(Incoming::Gap) => {
                 inner.counters.gaps.incr();
                 tracing::warn!(channel = %inner.reply_channel, "reply subscription resumed; replies may have been missed");
@@ -729,54 +790,26 @@ async fn dispatch(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscr
     }
 }
 
-struct Prepared {
-    id: String,
-    task: String,
-    deadline: Instant,
-    timeout: Duration,
-    lease: Option<(String, LeaseId)>,
-}
-
-impl Prepared {
-    fn into_guard(self, client: Arc<Inner>) -> TaskGuard {
-        TaskGuard {
-            client,
-            id: self.id,
-            task: self.task,
-            deadline: self.deadline,
-            timeout: self.timeout,
-            lease: self.lease,
-        }
-    }
-}
-
 /// Owns a submitted task's pending entry and key lease, and frees both exactly once: when the
 /// task ends, or when its handle is dropped.
 struct TaskGuard {
     client: Arc<Inner>,
-    id: String,
+    id: u128,
     task: String,
     deadline: Instant,
-    timeout: Duration,
     lease: Option<(String, LeaseId)>,
+    armed: bool,
 }
 
 impl TaskGuard {
-    /// Hand the parts back without cleaning up (the submit succeeded).
-    fn disarm(mut self) -> Prepared {
-        Prepared {
-            id: std::mem::take(&mut self.id),
-            task: std::mem::take(&mut self.task),
-            deadline: self.deadline,
-            timeout: self.timeout,
-            lease: self.lease.take(),
-        }
-    }
-
     /// Forget the pending entry and release the key lease: awaited until the task's deadline
     /// (at least [`FINISH_GRACE`]), then left to finish in the background, so a slow broker
     /// never makes a task call wait past its deadline.
     async fn finish(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
         self.client.pending().remove(&self.id);
         if let Some((key, lease)) = self.lease.take() {
             let broker = self.client.broker.clone();
@@ -796,8 +829,8 @@ impl TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        if self.id.is_empty() {
-            return; // disarmed
+        if !self.armed {
+            return;
         }
         self.client.pending().remove(&self.id);
         if let Some((key, lease)) = self.lease.take() {
@@ -813,24 +846,39 @@ impl Drop for TaskGuard {
     }
 }
 
+/// What a submit leaves for its handle.
+struct Submitted {
+    guard: TaskGuard,
+    slot: Arc<Slot>,
+    /// The task's one timer, armed for its deadline.
+    sleep: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl Submitted {
+    /// Wait for the slot to change or the deadline. Returns false at the deadline.
+    async fn wait(&mut self) -> bool {
+        tokio::select! {
+            _ = self.slot.changed.notified() => true,
+            _ = &mut self.sleep => false,
+        }
+    }
+}
+
 /// A submitted task: its id, its progress, and its reply.
 ///
 /// Dropping the handle abandons the task: a later reply is dropped and the key lease released.
 pub struct TaskHandle {
     id: String,
-    deadline: Instant,
-    timeout: Duration,
-    updates: mpsc::Receiver<Update>,
-    done: oneshot::Receiver<Result<Reply>>,
     outcome: Option<Result<Reply>>,
-    guard: TaskGuard,
+    submitted: Submitted,
 }
 
 impl std::fmt::Debug for TaskHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskHandle")
             .field("id", &self.id)
-            .field("task", &self.guard.task)
+            .field("task", &self.submitted.guard.task)
             .finish_non_exhaustive()
     }
 }
@@ -843,7 +891,7 @@ impl TaskHandle {
 
     /// When the task times out.
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        self.submitted.guard.deadline
     }
 
     /// The next progress value, in the order the worker sent them; `None` once the task has
@@ -859,15 +907,24 @@ impl TaskHandle {
         if self.outcome.is_some() {
             return None;
         }
-        let outcome = tokio::select! {
-            biased;
-            Some(Update::Progress(p)) = self.updates.recv() => return Some(p),
-            done = &mut self.done => done.unwrap_or_else(|_| Err(Error::closed("the client was shut down"))),
-            _ = tokio::time::sleep_until(self.deadline) => {
+        let outcome = loop {
+            {
+                let mut state = self.submitted.slot.lock();
+                if let Some(progress) = state.progress.pop_front() {
+                    return Some(progress);
+                }
+                if let Some(reply) = state.replies.pop_front() {
+                    break reply;
+                }
+                if state.closed {
+                    break Err(Error::closed("the client was shut down"));
+                }
+            }
+            if !self.submitted.wait().await {
                 // Stop any worker still on it, without making this call wait on the broker.
-                let (client, id) = (self.guard.client.clone(), self.id.clone());
-                tokio::spawn(async move { client.abandon(&id, Err(Error::closed("timed out"))).await });
-                Err(self.timed_out())
+                let (client, id) = (self.submitted.guard.client.clone(), self.submitted.guard.id);
+                tokio::spawn(async move { client.abandon(id).await });
+                break Err(self.timed_out());
             }
         };
         self.end(outcome).await;
@@ -887,51 +944,61 @@ impl TaskHandle {
     }
 
     /// Cancel the task: no worker accepts it from now on, a worker running it is told (see
-    /// [`RunningTask::cancelled`](crate::RunningTask::cancelled)), and the reply is
+    /// [`TaskContext::cancelled`](crate::TaskContext::cancelled)), and the reply is
     /// [`ErrorKind::Cancelled`]. Returns `false` if the task had already ended.
     pub async fn cancel(&mut self) -> bool {
         if self.outcome.is_some() {
             return false;
         }
-        let cancelled = || Err(Error::new(ErrorKind::Cancelled, "the task was cancelled"));
-        let was_pending = self.guard.client.abandon(&self.id, cancelled()).await;
+        let was_pending = self
+            .submitted
+            .guard
+            .client
+            .abandon(self.submitted.guard.id)
+            .await;
         if was_pending {
-            self.end(cancelled()).await;
+            self.end(Err(Error::new(
+                ErrorKind::Cancelled,
+                "the task was cancelled",
+            )))
+            .await;
         }
         was_pending
     }
 
     fn timed_out(&self) -> Error {
         let id = self.id.clone();
-        self.guard.client.emit(|| ClientEvent::TimedOut { id });
+        self.submitted
+            .guard
+            .client
+            .emit(|| ClientEvent::TimedOut { id });
         Error::new(
             ErrorKind::TimedOut,
             format!(
                 "task {} ({:?}) got no reply within {} ms",
                 self.id,
-                self.guard.task,
-                self.timeout.as_millis()
+                self.submitted.guard.task,
+                self.submitted.timeout.as_millis()
             ),
         )
     }
 
     async fn end(&mut self, outcome: Result<Reply>) {
-        self.guard.finish().await;
+        self.submitted.guard.finish().await;
         self.outcome = Some(outcome);
     }
 }
 
 /// The replies of a broadcast task, one per worker that ran it, until the task's timeout.
 pub struct BroadcastHandle {
-    deadline: Instant,
-    updates: mpsc::Receiver<Update>,
-    guard: TaskGuard,
+    id: String,
+    submitted: Submitted,
 }
 
 impl std::fmt::Debug for BroadcastHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BroadcastHandle")
-            .field("id", &self.guard.id)
+            .field("id", &self.id)
             .finish_non_exhaustive()
     }
 }
@@ -939,24 +1006,28 @@ impl std::fmt::Debug for BroadcastHandle {
 impl BroadcastHandle {
     /// The task's id.
     pub fn id(&self) -> &str {
-        &self.guard.id
+        &self.id
     }
 
     /// The next worker's reply (an error for `Error`/`Failed`), or `None` at the deadline.
     /// Progress of broadcast tasks is not forwarded.
     pub async fn next_reply(&mut self) -> Option<Result<Reply>> {
         loop {
-            tokio::select! {
-                biased;
-                update = self.updates.recv() => match update {
-                    Some(Update::Reply(reply)) => return Some(reply),
-                    Some(Update::Progress(_)) => continue,
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(self.deadline) => break,
+            {
+                let mut state = self.submitted.slot.lock();
+                state.progress.clear();
+                if let Some(reply) = state.replies.pop_front() {
+                    return Some(reply);
+                }
+                if state.closed {
+                    break;
+                }
+            }
+            if !self.submitted.wait().await {
+                break;
             }
         }
-        self.guard.finish().await;
+        self.submitted.guard.finish().await;
         None
     }
 

@@ -2,6 +2,9 @@
 //!
 //! `docs/protocol.md` is the prose version of this file.
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -57,53 +60,64 @@ pub(crate) enum Kind {
 }
 
 /// One wire message. Fields a kind does not use are absent on the wire.
+///
+/// Decoding borrows from the received bytes wherever JSON allows (strings without escapes, raw
+/// bodies), so a message costs no copies until its receiver keeps something.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Message {
+pub(crate) struct Message<'a> {
     pub(crate) v: u32,
     pub(crate) kind: Kind,
-    pub(crate) id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) task: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) reply_to: Option<String>,
+    #[serde(borrow)]
+    pub(crate) id: Cow<'a, str>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) task: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reply_to: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) broadcast: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) meta: Option<Box<RawValue>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) worker: Option<String>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) meta: Option<&'a RawValue>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub(crate) worker: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) status: Option<Status>,
     /// The task's payload, a progress value or a reply. JSON `null` is a value here, not an
-    /// absent field.
+    /// absent field. Always the last field, so [`Message::encode_with_body`] can append it.
     #[serde(
+        borrow,
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "present_raw"
     )]
-    pub(crate) body: Option<Box<RawValue>>,
+    pub(crate) body: Option<&'a RawValue>,
 }
 
 /// Deserialize a present field as `Some`, even when it is `null`.
 fn present_raw<'de, D: serde::Deserializer<'de>>(
     d: D,
-) -> std::result::Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
+) -> std::result::Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
 }
 
-impl Message {
+/// An encoded message whose body was serialized in place, with where the body lies.
+pub(crate) struct Encoded {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) body: Range<usize>,
+}
+
+impl<'a> Message<'a> {
     /// A message of `kind` about task `id` with every optional field empty.
-    pub(crate) fn new(kind: Kind, id: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: Kind, id: impl Into<Cow<'a, str>>) -> Self {
         Message {
             v: WIRE_VERSION,
             kind,
@@ -123,14 +137,36 @@ impl Message {
 
     /// Encode as JSON bytes.
     pub(crate) fn encode(&self) -> Bytes {
+        let mut bytes = Vec::with_capacity(192 + self.body.map_or(0, |b| b.get().len()));
         // Serializing this struct cannot fail: every field is a string, number, bool or raw JSON.
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        let _ = serde_json::to_writer(&mut bytes, self);
+        Bytes::from(bytes)
+    }
+
+    /// Encode with `body` (this message's own `body` must be `None`) serialized straight into
+    /// the message: one pass, no intermediate copy of the payload.
+    pub(crate) fn encode_with_body<T: Serialize + ?Sized>(&self, body: &T) -> Result<Encoded> {
+        debug_assert!(self.body.is_none());
+        let mut bytes = Vec::with_capacity(256);
+        let _ = serde_json::to_writer(&mut bytes, self);
+        bytes.pop(); // the closing brace; the body is the last field
+        bytes.extend_from_slice(b",\"body\":");
+        let start = bytes.len();
+        serde_json::to_writer(&mut bytes, body).map_err(|e| {
+            Error::invalid_input("value is not serializable as JSON").with_source(e)
+        })?;
+        let end = bytes.len();
+        bytes.push(b'}');
+        Ok(Encoded {
+            bytes,
+            body: start..end,
+        })
     }
 
     /// Decode and check a message: valid JSON, the supported version, and the fields its kind
     /// needs. Never panics, whatever the input.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Message> {
-        let msg: Message = serde_json::from_slice(bytes)
+    pub(crate) fn decode(bytes: &'a [u8]) -> Result<Message<'a>> {
+        let msg: Message<'a> = serde_json::from_slice(bytes)
             .map_err(|e| Error::protocol("malformed message").with_source(e))?;
         if msg.v != WIRE_VERSION {
             return Err(Error::protocol(format!(
@@ -177,12 +213,6 @@ impl Message {
     }
 }
 
-/// Serialize any value as raw JSON.
-pub(crate) fn to_raw<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>> {
-    serde_json::value::to_raw_value(value)
-        .map_err(|e| Error::invalid_input("value is not serializable as JSON").with_source(e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,13 +220,20 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut m = Message::new(Kind::Task, "abc");
-        m.task = Some("echo".into());
+        m.task = Some("echo \"quoted\"".into());
         m.reply_to = Some("r".into());
         m.timeout_ms = Some(5);
-        m.body = Some(to_raw(&serde_json::json!({"a": [1, 2]})).unwrap());
-        let back = Message::decode(&m.encode()).unwrap();
+        let encoded = m
+            .encode_with_body(&serde_json::json!({"a": [1, 2]}))
+            .unwrap();
+        assert_eq!(&encoded.bytes[encoded.body.clone()], br#"{"a":[1,2]}"#);
+        let back = Message::decode(&encoded.bytes).unwrap();
         assert_eq!(back.kind, Kind::Task);
+        assert_eq!(back.task.as_deref(), Some("echo \"quoted\""));
         assert_eq!(back.body.unwrap().get(), r#"{"a":[1,2]}"#);
+        let reencoded = back.encode();
+        let again = Message::decode(&reencoded).unwrap();
+        assert_eq!(again.body.unwrap().get(), r#"{"a":[1,2]}"#);
     }
 
     #[test]

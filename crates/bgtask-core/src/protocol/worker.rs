@@ -1,5 +1,6 @@
 //! The worker side: [`Worker`] is told of available tasks, accepts some, and completes them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Deref;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::blacklist::{Blacklist, BlacklistConfig};
 use super::client::check_payload_size;
-use super::envelope::{to_raw, Kind, Message, Status};
+use super::envelope::{Kind, Message, Status};
 use super::{decode_raw, duration_ms, Counter};
 use crate::broker::{DynBroker, Incoming, LeaseRequest, Subscription};
 use crate::error::{Error, ErrorKind, Result};
@@ -165,8 +166,18 @@ impl Inner {
         });
     }
 
-    async fn publish_reply(&self, reply_to: &str, message: Message) -> Result<()> {
-        self.broker.publish(reply_to, message.encode()).await?;
+    /// Publish a progress or done message with `body` to `reply_to`, unless the body is over
+    /// the payload limit.
+    async fn publish_reply<T: Serialize + ?Sized>(
+        &self,
+        reply_to: &str,
+        message: Message<'_>,
+        what: &str,
+        body: &T,
+    ) -> Result<()> {
+        let encoded = message.encode_with_body(body)?;
+        check_payload_size(what, encoded.body.len(), self.config.max_payload)?;
+        self.broker.publish(reply_to, encoded.bytes.into()).await?;
         Ok(())
     }
 }
@@ -339,14 +350,14 @@ impl Worker {
             context: TaskContext {
                 shared: Arc::new(Shared {
                     worker: self.inner.clone(),
-                    id: message.id,
-                    task,
-                    reply_to,
+                    id: message.id.into_owned(),
+                    task: task.into_owned(),
+                    reply_to: reply_to.into_owned(),
                     deadline: received + timeout,
                     broadcast: message.broadcast,
-                    key: message.key,
-                    meta: message.meta,
-                    body,
+                    key: message.key.map(Cow::into_owned),
+                    meta: message.meta.map(ToOwned::to_owned),
+                    body: body.to_owned(),
                     cancel: CancellationToken::new(),
                 }),
             },
@@ -473,11 +484,12 @@ async fn control_loop(
         };
         match Message::decode(&bytes) {
             Ok(message) if message.kind == Kind::Cancel => {
-                let token = inner.running().get(&message.id).cloned();
+                let token = inner.running().get(message.id.as_ref()).cloned();
                 if let Some(token) = token {
                     token.cancel();
-                    let id = message.id;
-                    inner.emit(|| WorkerEvent::Cancelled { id });
+                    inner.emit(|| WorkerEvent::Cancelled {
+                        id: message.id.into_owned(),
+                    });
                 }
             }
             Ok(message) => inner.malformed(
@@ -583,18 +595,12 @@ impl TaskContext {
 
     /// Send a progress value to the creator.
     pub async fn progress<T: Serialize + ?Sized>(&self, progress: &T) -> Result<()> {
-        let body = to_raw(progress)?;
-        check_payload_size(
-            "progress value",
-            body.get().len(),
-            self.shared.worker.config.max_payload,
-        )?;
-        let mut message = Message::new(Kind::Progress, self.shared.id.clone());
-        message.worker = Some(self.shared.worker.worker_id.clone());
-        message.body = Some(body);
-        self.shared
+        let shared = &self.shared;
+        let mut message = Message::new(Kind::Progress, shared.id.as_str());
+        message.worker = Some(Cow::Borrowed(shared.worker.worker_id.as_str()));
+        shared
             .worker
-            .publish_reply(&self.shared.reply_to, message)
+            .publish_reply(&shared.reply_to, message, "progress value", progress)
             .await
     }
 
@@ -744,24 +750,29 @@ impl RunningTask {
         let worker = &shared.worker;
         worker.running().remove(&shared.id);
         worker.counters.completed.incr();
-        let body = to_raw(reply)?;
-        let limit = worker.config.max_payload;
-        if let Err(error) = check_payload_size("reply", body.get().len(), limit) {
-            let notice =
-                json!({"error": "reply too large", "size": body.get().len(), "limit": limit});
-            send_done(shared, Status::Failed, to_raw(&notice)?).await?;
-            return Err(error);
+        match send_done(shared, status, reply).await {
+            Err(error) if error.kind() == ErrorKind::TooLarge => {
+                let notice = json!({
+                    "error": "reply too large",
+                    "detail": error.message(),
+                    "limit": worker.config.max_payload,
+                });
+                send_done(shared, Status::Failed, &notice).await?;
+                Err(error)
+            }
+            other => other,
         }
-        send_done(shared, status, body).await
     }
 }
 
-async fn send_done(shared: &Shared, status: Status, body: Box<RawValue>) -> Result<()> {
-    let mut message = Message::new(Kind::Done, shared.id.clone());
-    message.worker = Some(shared.worker.worker_id.clone());
+async fn send_done<T: Serialize + ?Sized>(shared: &Shared, status: Status, body: &T) -> Result<()> {
+    let mut message = Message::new(Kind::Done, shared.id.as_str());
+    message.worker = Some(Cow::Borrowed(shared.worker.worker_id.as_str()));
     message.status = Some(status);
-    message.body = Some(body);
-    shared.worker.publish_reply(&shared.reply_to, message).await
+    shared
+        .worker
+        .publish_reply(&shared.reply_to, message, "reply", body)
+        .await
 }
 
 impl Drop for RunningTask {
@@ -775,10 +786,8 @@ impl Drop for RunningTask {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let notice = json!({"error": "the worker dropped the task without completing it"});
-                if let Ok(body) = to_raw(&notice) {
-                    if let Err(error) = send_done(&shared, Status::Failed, body).await {
-                        tracing::warn!(%error, "could not report a dropped task");
-                    }
+                if let Err(error) = send_done(&shared, Status::Failed, &notice).await {
+                    tracing::warn!(%error, "could not report a dropped task");
                 }
             });
         }
