@@ -19,3 +19,9 @@ pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
 pub use memory::MemoryBroker;
 pub use names::Namespace;
 pub use protocol::*;
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::protocol::fuzz::*;
+}

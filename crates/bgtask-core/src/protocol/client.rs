@@ -629,7 +629,7 @@ pub(crate) fn check_payload_size(what: &str, size: usize, max: usize) -> Result<
 }
 
 /// The task key's value in a task payload: a string as is, anything else as its JSON text.
-fn extract_key_value(body: &RawValue, key: &str) -> Result<String> {
+pub(crate) fn extract_key_value(body: &RawValue, key: &str) -> Result<String> {
     let object: BTreeMap<Cow<'_, str>, &RawValue> =
         serde_json::from_str(body.get()).map_err(|_| {
             Error::invalid_input(format!(

@@ -26,6 +26,33 @@ pub use worker::{
 
 use crate::error::{Error, Result};
 
+/// What the fuzz targets drive: the decoders that see untrusted bytes.
+pub(crate) mod fuzz {
+    use super::envelope::Message;
+
+    /// Decode a wire message; if it decodes, encode it again and check the result decodes to
+    /// the same message. Panics only on a real bug.
+    pub fn decode_message(bytes: &[u8]) {
+        let Ok(message) = Message::decode(bytes) else {
+            return;
+        };
+        let encoded = message.encode();
+        let again = Message::decode(&encoded).expect("a decoded message re-encodes validly");
+        assert_eq!(format!("{message:?}"), format!("{again:?}"));
+    }
+
+    /// Extract a task key's value from a payload, as a creator does.
+    pub fn key_value(payload: &[u8], key: &str) {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let Ok(raw) = serde_json::from_str::<&serde_json::value::RawValue>(text) else {
+            return;
+        };
+        let _ = super::client::extract_key_value(raw, key);
+    }
+}
+
 /// How many tasks of one key value may be in flight at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyLimit {
