@@ -139,6 +139,9 @@ macro_rules! for_each_scenario {
             faults::subscription_resumes_after_outage,
             faults::subscription_resumes_after_20s_outage,
             faults::task_completes_after_outage,
+            faults::outage_under_load_5s,
+            faults::outage_under_load_30s,
+            faults::black_hole_under_load,
         );
     };
 }

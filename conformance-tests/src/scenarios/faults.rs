@@ -216,3 +216,190 @@ pub async fn task_completes_after_outage(h: Harness) {
         restored.elapsed()
     );
 }
+
+/// How an outage under load is caused.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// Connections reset and new ones refused.
+    Cut,
+    /// Connections stay open and nothing flows.
+    BlackHole,
+}
+
+/// 10,000 tasks at a steady rate (500/s) while the broker goes away for `length`, 5 s into the
+/// run. Every task ends exactly once (a reply or a clear error), none after its deadline, none
+/// runs twice, workers serve new tasks within 2 s of the broker coming back, and no lease is
+/// left once the leases' TTL has passed.
+async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use bgtask_core::{ClientConfig, KeyLimit};
+
+    let Some((proxy, worker_broker)) = h.proxied_broker().await else {
+        return;
+    };
+    let proxy = Arc::new(proxy);
+    const TASKS: u64 = 10_000;
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const GRACE: Duration = Duration::from_millis(500);
+    let executions: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let mut guards = Vec::new();
+    for broker in [worker_broker, h.broker_via(&proxy).await.unwrap()] {
+        let worker = Worker::new(broker, h.worker_config(&["load"]))
+            .await
+            .unwrap();
+        let executions = executions.clone();
+        guards.push(WorkerGuard::spawn(worker, 256, move |task| {
+            let executions = executions.clone();
+            async move {
+                let n = task.json()["n"].as_u64().unwrap_or(u64::MAX);
+                *executions.lock().unwrap().entry(n).or_default() += 1;
+                Ok(json!({ "n": n }))
+            }
+        }));
+    }
+    let config = ClientConfig {
+        task_key: Some("user".into()),
+        per_key_limit: KeyLimit::Max(10_000),
+        lease_margin: Duration::from_millis(500),
+        ..h.client_config()
+    };
+    let client = Client::new(h.broker_via(&proxy).await.unwrap(), config)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let outage_at = started + Duration::from_secs(5);
+    let restore_at = outage_at + length;
+    let faults = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(outage_at).await;
+            match outage {
+                Outage::Cut => proxy.cut(),
+                Outage::BlackHole => proxy.black_hole(),
+            }
+            tokio::time::sleep_until(restore_at).await;
+            proxy.pass();
+        })
+    };
+    let mut ticker = tokio::time::interval(Duration::from_millis(2));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..TASKS {
+        ticker.tick().await;
+        let client = client.clone();
+        tasks.spawn(async move {
+            let submitted = Instant::now();
+            let payload = json!({ "n": n, "user": format!("u{}", n % 50) });
+            let options = SubmitOptions::new().timeout(TIMEOUT);
+            let result = match client.submit_with("load", &payload, options).await {
+                Ok(handle) => handle.reply().await.map(|r| r.json()),
+                Err(e) => Err(e),
+            };
+            (n, submitted, submitted.elapsed(), result)
+        });
+    }
+    let mut ended = HashMap::new();
+    let (mut replies, mut errors, mut late) = (0u64, HashMap::new(), 0u64);
+    // The first reply to a task submitted after the broker came back.
+    let mut first_after_restore: Option<Duration> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (n, submitted, took, result) = joined.expect("a task future panicked");
+        assert!(ended.insert(n, ()).is_none(), "task {n} ended twice");
+        if took > TIMEOUT + GRACE {
+            late += 1;
+        }
+        match result {
+            Ok(reply) => {
+                assert_eq!(reply["n"], json!(n), "a reply for another task");
+                replies += 1;
+                if submitted >= restore_at {
+                    let after = (submitted + took) - restore_at;
+                    first_after_restore = Some(first_after_restore.map_or(after, |f| f.min(after)));
+                }
+            }
+            Err(e) => *errors.entry(e.kind()).or_insert(0u64) += 1,
+        }
+    }
+    faults.await.unwrap();
+    assert_eq!(ended.len() as u64, TASKS);
+    assert_eq!(late, 0, "tasks ended after their deadline");
+    let twice = executions
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|&&c| c > 1)
+        .count();
+    assert_eq!(twice, 0, "tasks executed twice");
+    for kind in errors.keys() {
+        assert!(
+            // NoWorker: the creator's connection came back before the workers' subscriptions.
+            matches!(
+                kind,
+                ErrorKind::Unavailable | ErrorKind::TimedOut | ErrorKind::NoWorker
+            ),
+            "unexpected error kind {kind:?}: {errors:?}"
+        );
+    }
+
+    // Recovery: new tasks are served within 2 s of the broker coming back: the first reply to a
+    // task submitted after the restore, or (when the load ended before it) a probe.
+    let probe_from = Instant::now().max(restore_at);
+    tokio::time::sleep_until(probe_from).await;
+    let recovered = if let Some(first) = first_after_restore {
+        first
+    } else {
+        loop {
+            let options = SubmitOptions::new().timeout(Duration::from_millis(500));
+            let payload = json!({ "n": u64::MAX, "user": "probe" });
+            let ok = match client.submit_with("load", &payload, options).await {
+                Ok(handle) => handle.reply().await.is_ok(),
+                Err(_) => false,
+            };
+            if ok {
+                break probe_from.elapsed() + (probe_from - restore_at);
+            }
+            assert!(
+                probe_from.elapsed() < Duration::from_secs(15),
+                "workers never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // Leases: none left once the longest lease (timeout + margin) has passed.
+    tokio::time::sleep(TIMEOUT + Duration::from_millis(600)).await;
+    let direct = Client::new(h.broker().await, h.client_config())
+        .await
+        .unwrap();
+    let mut leases_left = 0;
+    for user in 0..50 {
+        leases_left += direct.in_flight("load", &format!("u{user}")).await.unwrap();
+    }
+    eprintln!(
+        "outage under load ({outage:?}, {length:?}): {TASKS} tasks ended once each: {replies} replies, errors {errors:?}; \
+         0 after deadline, 0 executed twice; served again {recovered:?} after the broker came back; {leases_left} leases left"
+    );
+    assert!(
+        recovered <= Duration::from_secs(2),
+        "workers served again only {recovered:?} after the broker came back"
+    );
+    assert_eq!(leases_left, 0, "leases left after their TTL");
+    assert!(replies > 0, "no task succeeded at all");
+}
+
+/// Outage under load: a 5 s cut.
+pub async fn outage_under_load_5s(h: Harness) {
+    outage_under_load(h, Outage::Cut, Duration::from_secs(5)).await;
+}
+
+/// Outage under load: a 30 s cut.
+pub async fn outage_under_load_30s(h: Harness) {
+    outage_under_load(h, Outage::Cut, Duration::from_secs(30)).await;
+}
+
+/// Outage under load: a 5 s black hole (connections open, nothing flows).
+pub async fn black_hole_under_load(h: Harness) {
+    outage_under_load(h, Outage::BlackHole, Duration::from_secs(5)).await;
+}
