@@ -1,0 +1,434 @@
+//! [`NatsConfig`]: where the server is, how to authenticate, and how long to wait for it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bgtask_core::{Error, ErrorKind, Result};
+
+/// The default bound on every operation: [`NatsConfig::op_timeout`].
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default bound on one connection attempt: [`NatsConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default interval of the client's pings: [`NatsConfig::ping_interval`].
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// The default longest wait between reconnection attempts: [`NatsConfig::max_backoff`].
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The default number of messages one subscription buffers:
+/// [`NatsConfig::subscription_buffer`].
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+/// The default first token of every subject the backend uses: [`NatsConfig::subject_prefix`].
+pub const DEFAULT_SUBJECT_PREFIX: &str = "bgtask";
+/// The default name of the JetStream stream that holds the leases: [`NatsConfig::lease_stream`].
+pub const DEFAULT_LEASE_STREAM: &str = "BGTASK_LEASES";
+/// The default longest lease, and the lease stream's `max_age`: [`NatsConfig::lease_max_ttl`].
+/// 32 days: the protocol's longest task timeout (30 days) with room for its margins.
+pub const DEFAULT_LEASE_MAX_TTL: Duration = Duration::from_secs(32 * 24 * 60 * 60);
+/// The default largest payload [`publish`](bgtask_core::Broker::publish) carries, split into
+/// chunks where the server's `max_payload` is smaller: [`NatsConfig::max_message_size`].
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
+
+/// The port of a URL that names none.
+pub const DEFAULT_PORT: u16 = 4222;
+
+/// How to reach NATS and how long to wait for it.
+///
+/// Build one with [`NatsConfig::new`] and adjust it with the `with_*` methods (or set the public
+/// fields), then pass it to [`NatsBroker::connect_with`](crate::NatsBroker::connect_with).
+///
+/// Its `Debug` output never shows a password or token.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// The server's URL: `nats://[user:password@|token@]host[:port]`, or `tls://...` for TLS
+    /// (port 4222 when none is given). Several servers of one cluster may be given, separated by
+    /// commas (`nats://a:4222,nats://b:4222`); credentials may then appear in any of them but
+    /// must be the same wherever they do. User, password and token are percent-decoded.
+    pub url: String,
+    /// The longest any single operation (publish, subscribe, each lease call) waits. An
+    /// operation that cannot finish within it fails with `Unavailable`. Default 5 s.
+    pub op_timeout: Duration,
+    /// The longest one connection attempt (TCP, TLS, `INFO`/`CONNECT`, authentication) waits;
+    /// [`connect`](crate::NatsBroker::connect) also sets up the lease stream within it.
+    /// Default 5 s.
+    pub connect_timeout: Duration,
+    /// How often the client pings the server; a connection that leaves three pings unanswered
+    /// is dropped and re-established, so a half-open connection is noticed within about three
+    /// intervals. (The NATS clients' own default is two minutes.) Default 2 s.
+    pub ping_interval: Duration,
+    /// The longest wait between two reconnection attempts: the first attempt after a lost
+    /// connection is immediate, the next waits 50 ms, doubling up to this. Reconnection never
+    /// gives up. Default 2 s.
+    pub max_backoff: Duration,
+    /// How many messages one subscription buffers for a slow reader; past that the client drops
+    /// messages and the subscription yields [`Incoming::Gap`](bgtask_core::Incoming::Gap).
+    /// Default 65536.
+    pub subscription_buffer: usize,
+    /// The first token of every subject: channels are `<prefix>.ch.<name>`, lease keys
+    /// `<prefix>.lease.<key>`, and the lease clock `<prefix>.clock`. One to 64 ASCII letters,
+    /// digits, `_` or `-`. Default `bgtask`.
+    pub subject_prefix: String,
+    /// The JetStream stream that holds the leases, created when missing. One to 64 ASCII
+    /// letters, digits, `_` or `-`. Default `BGTASK_LEASES`.
+    pub lease_stream: String,
+    /// The longest lease [`acquire`](bgtask_core::Broker::acquire) accepts, and the `max_age`
+    /// of the lease stream when the backend creates it: nothing the backend stores survives
+    /// longer. When the stream already exists with a shorter `max_age`, that is the limit.
+    /// Default 32 days (the protocol's longest task timeout, 30 days, with room for margins).
+    pub lease_max_ttl: Duration,
+    /// The largest payload [`publish`](bgtask_core::Broker::publish) carries; a larger one
+    /// fails with [`ErrorKind::TooLarge`]. Payloads larger than the server's `max_payload`
+    /// travel in chunks, which subscribers reassemble, so this may exceed it. Default 64 MiB.
+    pub max_message_size: usize,
+    /// PEM files of certificate authorities to trust for `tls://` instead of the platform's
+    /// root certificates (which honour `SSL_CERT_FILE`). Default none.
+    pub tls_root_certificates: Vec<PathBuf>,
+    /// A client certificate and its private key (PEM files), for servers that verify clients.
+    /// Default none.
+    pub tls_client_certificate: Option<(PathBuf, PathBuf)>,
+}
+
+impl NatsConfig {
+    /// A configuration for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
+            subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
+            lease_stream: DEFAULT_LEASE_STREAM.to_owned(),
+            lease_max_ttl: DEFAULT_LEASE_MAX_TTL,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            tls_root_certificates: Vec::new(),
+            tls_client_certificate: None,
+        }
+    }
+
+    /// Set [`op_timeout`](Self::op_timeout).
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Set [`connect_timeout`](Self::connect_timeout).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Set [`ping_interval`](Self::ping_interval).
+    pub fn with_ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// Set [`max_backoff`](Self::max_backoff).
+    pub fn with_max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// Set [`subscription_buffer`](Self::subscription_buffer).
+    pub fn with_subscription_buffer(mut self, messages: usize) -> Self {
+        self.subscription_buffer = messages;
+        self
+    }
+
+    /// Set [`subject_prefix`](Self::subject_prefix).
+    pub fn with_subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.subject_prefix = prefix.into();
+        self
+    }
+
+    /// Set [`lease_stream`](Self::lease_stream).
+    pub fn with_lease_stream(mut self, stream: impl Into<String>) -> Self {
+        self.lease_stream = stream.into();
+        self
+    }
+
+    /// Set [`lease_max_ttl`](Self::lease_max_ttl).
+    pub fn with_lease_max_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_max_ttl = ttl;
+        self
+    }
+
+    /// Set [`max_message_size`](Self::max_message_size).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Add a PEM file of certificate authorities to
+    /// [`tls_root_certificates`](Self::tls_root_certificates).
+    pub fn with_tls_root_certificate(mut self, pem: impl Into<PathBuf>) -> Self {
+        self.tls_root_certificates.push(pem.into());
+        self
+    }
+
+    /// Set [`tls_client_certificate`](Self::tls_client_certificate).
+    pub fn with_tls_client_certificate(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The URL with every password and token replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Check that every value is usable.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let positive = [
+            ("op_timeout", self.op_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("ping_interval", self.ping_interval),
+            ("max_backoff", self.max_backoff),
+            ("lease_max_ttl", self.lease_max_ttl),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(config_error(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.lease_max_ttl < Duration::from_secs(1) {
+            return Err(config_error("lease_max_ttl must be at least 1 s"));
+        }
+        if self.subscription_buffer == 0 {
+            return Err(config_error("subscription_buffer must be at least 1"));
+        }
+        if self.max_message_size == 0 {
+            return Err(config_error("max_message_size must be at least 1"));
+        }
+        for (name, value) in [
+            ("subject_prefix", &self.subject_prefix),
+            ("lease_stream", &self.lease_stream),
+        ] {
+            let ok = !value.is_empty()
+                && value.len() <= 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(config_error(format!(
+                    "{name} {value:?} must be 1 to 64 ASCII letters, digits, '_' or '-'"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The servers to connect to and the credentials, from [`url`](Self::url).
+    pub(crate) fn target(&self) -> Result<Target> {
+        parse_urls(&self.url)
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.redacted_url())
+            .field("op_timeout", &self.op_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("max_backoff", &self.max_backoff)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("lease_stream", &self.lease_stream)
+            .field("lease_max_ttl", &self.lease_max_ttl)
+            .field("max_message_size", &self.max_message_size)
+            .field("tls_root_certificates", &self.tls_root_certificates)
+            .field("tls_client_certificate", &self.tls_client_certificate)
+            .finish()
+    }
+}
+
+fn config_error(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Config, format!("nats: {}", message.into()))
+}
+
+/// Credentials found in a URL.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Credentials {
+    None,
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// What [`NatsConfig::url`] names: servers without credentials, the credentials, and whether
+/// TLS is required.
+pub(crate) struct Target {
+    /// `nats://host:port` or `tls://host:port`, credentials removed.
+    pub(crate) servers: Vec<String>,
+    pub(crate) credentials: Credentials,
+    pub(crate) tls: bool,
+}
+
+fn parse_urls(urls: &str) -> Result<Target> {
+    let mut servers = Vec::new();
+    let mut credentials = Credentials::None;
+    let mut tls = false;
+    for one in urls.split(',').map(str::trim) {
+        let shown = redact(one);
+        let bad = |why: &str| config_error(format!("{shown:?} is not a usable NATS URL: {why}"));
+        let parsed = url::Url::parse(one).map_err(|_| bad("expected nats://host[:port]"))?;
+        let scheme = parsed.scheme().to_ascii_lowercase();
+        match scheme.as_str() {
+            "nats" => {}
+            "tls" => tls = true,
+            other => {
+                return Err(bad(&format!(
+                    "the scheme {other:?} is not nats:// or tls://"
+                )))
+            }
+        }
+        let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
+        if parsed.path() != "" && parsed.path() != "/" {
+            return Err(bad("a path is not allowed"));
+        }
+        let port = parsed.port().unwrap_or(DEFAULT_PORT);
+        let user = percent_decode(parsed.username()).ok_or_else(|| bad("bad user"))?;
+        let found = match parsed.password() {
+            Some(password) => Credentials::UserPassword(
+                user,
+                percent_decode(password).ok_or_else(|| bad("bad password"))?,
+            ),
+            None if !user.is_empty() => Credentials::Token(user),
+            None => Credentials::None,
+        };
+        if found != Credentials::None {
+            if credentials != Credentials::None && credentials != found {
+                return Err(bad("the servers name different credentials"));
+            }
+            credentials = found;
+        }
+        servers.push(format!("{scheme}://{host}:{port}"));
+    }
+    Ok(Target {
+        servers,
+        credentials,
+        tls,
+    })
+}
+
+/// `%XX` escapes decoded, as UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `url` (one or several, comma-separated) without secrets: a password and a token (a user
+/// without a password) become `***`. A URL that does not parse is not shown at all, since its
+/// secret cannot be located reliably.
+pub(crate) fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let one = one.trim();
+            let Ok(mut parsed) = url::Url::parse(one) else {
+                return "<unparsable url>".to_owned();
+            };
+            let hidden = if parsed.password().is_some() {
+                parsed.set_password(Some("***")).is_ok()
+            } else if !parsed.username().is_empty() {
+                parsed.set_username("***").is_ok()
+            } else {
+                true
+            };
+            if !hidden {
+                return "<unparsable url>".to_owned();
+            }
+            parsed.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_and_tokens() {
+        assert_eq!(
+            redact("nats://user:s3cret@host:4222"),
+            "nats://user:***@host:4222"
+        );
+        assert_eq!(redact("nats://s3cret@host:4222"), "nats://***@host:4222");
+        assert_eq!(redact("tls://host"), "tls://host");
+        let two = redact("nats://a:1,nats://u:s3cret@b:2");
+        assert!(!two.contains("s3cret"), "{two}");
+        assert!(two.contains("nats://a:1"), "{two}");
+        assert_eq!(redact("nats://s3cret@[bad"), "<unparsable url>");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        for url in ["nats://u:hunter2@localhost", "nats://hunter2@localhost"] {
+            let shown = format!("{:?}", NatsConfig::new(url));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn parses_credentials_and_servers() {
+        let t = parse_urls("nats://us%40r:p%3Ass@h").unwrap();
+        assert_eq!(t.servers, ["nats://h:4222"]);
+        assert!(t.credentials == Credentials::UserPassword("us@r".into(), "p:ss".into()));
+        assert!(!t.tls);
+        let t = parse_urls("tls://tok@h:1").unwrap();
+        assert_eq!(t.servers, ["tls://h:1"]);
+        assert!(t.credentials == Credentials::Token("tok".into()));
+        assert!(t.tls);
+        let t = parse_urls("nats://a:1, nats://u:p@b:2").unwrap();
+        assert_eq!(t.servers, ["nats://a:1", "nats://b:2"]);
+        assert!(t.credentials == Credentials::UserPassword("u".into(), "p".into()));
+        for bad in [
+            "redis://h",
+            "nats://",
+            "h:4222",
+            "nats://h/path",
+            "nats://a:b@h,nats://c:d@h",
+        ] {
+            let err = parse_urls(bad).err().unwrap_or_else(|| panic!("{bad}"));
+            assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
+        }
+        let err = parse_urls("redis://u:s3cret@h").err().unwrap();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unusable_values() {
+        let ok = NatsConfig::new("nats://localhost");
+        assert!(ok.validate().is_ok());
+        for bad in [
+            ok.clone().with_op_timeout(Duration::ZERO),
+            ok.clone().with_subscription_buffer(0),
+            ok.clone().with_subject_prefix("a.b"),
+            ok.clone().with_subject_prefix("$SYS"),
+            ok.clone().with_lease_stream("a b"),
+            ok.clone().with_lease_max_ttl(Duration::from_millis(10)),
+            ok.clone().with_max_message_size(0),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().kind(), ErrorKind::Config);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The connection: `async-nats` options, connection events, and the round-trip barrier.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, Event};
+use bgtask_core::Result;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{watch, Mutex};
+
+use crate::config::{Credentials, NatsConfig};
+use crate::error::{closed, disconnected, from_connect, from_publish, from_subscribe, timed_out};
+
+/// The wait before reconnection attempt `attempt` (1 for the first): none for the first, then
+/// 50 ms doubling up to `max`.
+pub(crate) fn backoff(attempt: usize, max: Duration) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let exponent = u32::try_from(attempt - 2).unwrap_or(u32::MAX).min(20);
+    Duration::from_millis(50u64 << exponent).min(max)
+}
+
+/// State shared by a broker, its subscriptions and the client's event callback.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Bumped whenever the client dropped messages for a slow subscription. The client names
+    /// the subscription only by an id it does not expose, so every subscription of the
+    /// connection yields a `Gap`.
+    slow_consumer: AtomicU64,
+    /// [`NatsBroker::close`](crate::NatsBroker::close) was called.
+    closed: AtomicBool,
+    /// Wakes the subscriptions: after a reconnect, a slow-consumer event or `close`.
+    wake: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            slow_consumer: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wake: watch::channel(0).0,
+        })
+    }
+
+    fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn slow_consumer_events(&self) -> u64 {
+        self.slow_consumer.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    fn on_event(&self, event: &Event) {
+        match event {
+            Event::Connected => {
+                tracing::info!("nats: connected");
+                self.wake();
+            }
+            Event::Disconnected => tracing::warn!("nats: connection lost; reconnecting"),
+            Event::SlowConsumer(_) => {
+                self.slow_consumer.fetch_add(1, Ordering::SeqCst);
+                self.wake();
+            }
+            Event::LameDuckMode => tracing::info!("nats: the server is entering lame duck mode"),
+            Event::ServerError(e) => tracing::warn!(error = %e, "nats: server error"),
+            Event::ClientError(e) => tracing::debug!(error = %e, "nats: client error"),
+            Event::Draining | Event::Closed => {}
+        }
+    }
+}
+
+/// Connect as `config` says, with the client's events reported to `shared`.
+///
+/// Bounded by `connect_timeout` per server named in the URL.
+pub(crate) async fn connect(config: &NatsConfig, shared: &Arc<Shared>) -> Result<Client> {
+    let target = config.target()?;
+    let shown = config.redacted_url();
+    let max_backoff = config.max_backoff;
+    let events = Arc::downgrade(shared);
+    let mut options = ConnectOptions::new()
+        .name("bgtask")
+        .connection_timeout(config.connect_timeout)
+        .ping_interval(config.ping_interval)
+        .request_timeout(Some(config.op_timeout))
+        .subscription_capacity(config.subscription_buffer)
+        .reconnect_delay_callback(move |attempt| backoff(attempt, max_backoff))
+        .event_callback(move |event| {
+            if let Some(shared) = events.upgrade() {
+                shared.on_event(&event);
+            }
+            async {}
+        });
+    // async-nats parses credentials in a server URL but never sends them: they must be set
+    // as options.
+    match target.credentials {
+        Credentials::UserPassword(user, password) => {
+            options = options.user_and_password(user, password);
+        }
+        Credentials::Token(token) => options = options.token(token),
+        Credentials::None => {}
+    }
+    if target.tls {
+        options = options.require_tls(true);
+    }
+    for pem in &config.tls_root_certificates {
+        options = options.add_root_certificates(pem.clone());
+    }
+    if let Some((cert, key)) = &config.tls_client_certificate {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let servers = u32::try_from(target.servers.len()).unwrap_or(u32::MAX);
+    let bound = config.connect_timeout.saturating_mul(servers.max(1));
+    match tokio::time::timeout(bound, options.connect(target.servers)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(from_connect(&shown, e)),
+        Err(_) => Err(timed_out(&format!("connect to {shown}"), bound)),
+    }
+}
+
+/// Fail with `Unavailable` at once when the client is not connected, rather than queueing a
+/// command that would be sent, or dropped, at some later time.
+pub(crate) fn ensure_connected(client: &Client, what: &str) -> Result<()> {
+    match client.connection_state() {
+        State::Connected => Ok(()),
+        State::Pending | State::Disconnected => Err(disconnected(what)),
+    }
+}
+
+/// A round trip through the server on the client's one connection.
+///
+/// `flush` only writes the client's buffer to the socket, so it proves nothing about what the
+/// server has processed. The server processes a connection's commands in order, so when a probe
+/// published to an inbox this client subscribes to comes back, every command the client sent
+/// before the probe (a `SUB`, a `PUB`) has been processed: the subscription is in the server's
+/// interest graph, the message has been routed.
+pub(crate) struct Barrier {
+    client: Client,
+    subject: String,
+    /// Held while publishing a probe, so that probes are queued in the order of their numbers.
+    next: Mutex<u64>,
+    /// The highest probe number received back.
+    echoed: watch::Receiver<u64>,
+}
+
+impl Barrier {
+    /// Subscribe to a new inbox and prove it with a first round trip within `bound`.
+    pub(crate) async fn start(client: &Client, bound: Duration) -> Result<Barrier> {
+        let subject = client.new_inbox();
+        let mut probes = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(from_subscribe)?;
+        let (tx, echoed) = watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // The broker is gone: unsubscribe.
+                    _ = tx.closed() => break,
+                    probe = probes.next() => match probe {
+                        Some(probe) => {
+                            let number = std::str::from_utf8(&probe.payload)
+                                .ok()
+                                .and_then(|s| s.parse::<u64>().ok());
+                            if let Some(number) = number {
+                                tx.send_if_modified(|seen| {
+                                    let newer = number > *seen;
+                                    if newer {
+                                        *seen = number;
+                                    }
+                                    newer
+                                });
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        });
+        let barrier = Barrier {
+            client: client.clone(),
+            subject,
+            next: Mutex::new(0),
+            echoed,
+        };
+        match tokio::time::timeout(bound, barrier.wait()).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("the first round trip", bound)),
+        }
+        Ok(barrier)
+    }
+
+    /// Return once the server has processed every command this client queued before the call.
+    /// Unbounded: callers bound it with their operation's timeout.
+    pub(crate) async fn wait(&self) -> Result<()> {
+        let number = {
+            let mut next = self.next.lock().await;
+            *next += 1;
+            self.client
+                .publish(self.subject.clone(), Bytes::from(next.to_string()))
+                .await
+                .map_err(|e| from_publish("round trip", e))?;
+            *next
+        };
+        let mut echoed = self.echoed.clone();
+        echoed
+            .wait_for(|seen| *seen >= number)
+            .await
+            .map_err(|_| closed("wait for the server"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_once_and_doubles_up_to_the_cap() {
+        let max = Duration::from_secs(2);
+        assert_eq!(backoff(0, max), Duration::ZERO);
+        assert_eq!(backoff(1, max), Duration::ZERO);
+        assert_eq!(backoff(2, max), Duration::from_millis(50));
+        assert_eq!(backoff(3, max), Duration::from_millis(100));
+        assert_eq!(backoff(10, max), max);
+        assert_eq!(backoff(usize::MAX, max), max);
+    }
+}

@@ -1,0 +1,520 @@
+//! The few JetStream API calls the leases need, as plain requests with hand-written JSON.
+//!
+//! async-nats' typed JetStream API is not used: its replies are parsed into structs that follow
+//! the newest server, and a reply from an older server that does not fit surfaces as "data did
+//! not match any variant of untagged enum Response" (its key-value buckets cannot be created on
+//! nats-server 2.9 that way). The requests below are the documented JetStream wire API
+//! (`$JS.API.STREAM.CREATE`, `.INFO`, `.MSG.GET`, `.MSG.DELETE`, and publishing with
+//! `Nats-Expected-*` headers), and the replies are read leniently: only the fields used here.
+
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use async_nats::{Client, HeaderMap};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bgtask_core::{Error, ErrorKind, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::from_request;
+use crate::time::parse_rfc3339_nanos;
+
+/// `wrong last sequence`: a compare-and-set publish lost the race.
+const ERR_WRONG_LAST_SEQUENCE: u32 = 10071;
+/// `no message found` (get and delete).
+const ERR_NO_MESSAGE: u32 = 10037;
+/// `no message found` as the delete API words it.
+const ERR_NO_MESSAGE_DELETE: u32 = 10057;
+/// `stream not found`.
+const ERR_STREAM_NOT_FOUND: u32 = 10059;
+/// `stream name already in use with a different configuration`.
+const ERR_STREAM_EXISTS: u32 = 10058;
+/// `invalid per-message TTL` (server 2.11+).
+const ERR_TTL_INVALID: u32 = 10165;
+/// `per-message TTL is disabled` (server 2.11+, a stream without `allow_msg_ttl`).
+const ERR_TTL_DISABLED: u32 = 10166;
+
+/// An error reply of the JetStream API.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ApiError {
+    #[serde(default)]
+    pub(crate) code: u16,
+    #[serde(default)]
+    pub(crate) err_code: u32,
+    #[serde(default)]
+    pub(crate) description: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (code {}, err_code {})",
+            self.description, self.code, self.err_code
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The stream configuration the backend creates, in the API's JSON.
+#[derive(Debug, Serialize)]
+struct StreamConfigOut<'a> {
+    name: &'a str,
+    subjects: Vec<String>,
+    retention: &'static str,
+    max_consumers: i64,
+    max_msgs: i64,
+    max_bytes: i64,
+    max_age: u64,
+    max_msgs_per_subject: i64,
+    max_msg_size: i64,
+    storage: &'static str,
+    discard: &'static str,
+    num_replicas: u32,
+    duplicate_window: u64,
+    deny_delete: bool,
+    deny_purge: bool,
+    allow_rollup_hdrs: bool,
+    /// Per-message TTLs (server 2.11+); older servers ignore the field and do not echo it.
+    allow_msg_ttl: bool,
+}
+
+/// The fields of a stream configuration the backend checks.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct StreamConfigIn {
+    #[serde(default)]
+    pub(crate) subjects: Vec<String>,
+    #[serde(default)]
+    pub(crate) max_age: u64,
+    #[serde(default)]
+    pub(crate) max_msgs_per_subject: i64,
+    #[serde(default)]
+    pub(crate) retention: String,
+    #[serde(default)]
+    pub(crate) deny_delete: bool,
+    #[serde(default)]
+    pub(crate) allow_msg_ttl: bool,
+    #[serde(default)]
+    pub(crate) sealed: bool,
+    #[serde(default)]
+    pub(crate) mirror: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamReply {
+    error: Option<ApiError>,
+    config: Option<StreamConfigIn>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MsgGetReply {
+    error: Option<ApiError>,
+    message: Option<StoredMessageJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StoredMessageJson {
+    seq: u64,
+    #[serde(default)]
+    data: Option<String>,
+    time: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteReply {
+    error: Option<ApiError>,
+    #[serde(default)]
+    success: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct PubAck {
+    error: Option<ApiError>,
+    #[serde(default)]
+    seq: u64,
+}
+
+/// A message read back from the stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    /// When the server stored it: nanoseconds since the Unix epoch, by the server's clock.
+    pub(crate) time_nanos: u64,
+    pub(crate) data: Vec<u8>,
+}
+
+/// The outcome of reading a subject's last message.
+#[derive(Debug)]
+pub(crate) enum Got {
+    Message(Stored),
+    /// The subject has no message.
+    Empty,
+    /// The stream does not exist (it was deleted): create it and try again.
+    NoStream,
+}
+
+/// The outcome of a compare-and-set publish.
+#[derive(Debug)]
+pub(crate) enum Cas {
+    /// Stored.
+    Stored,
+    /// The subject's last sequence was not the expected one.
+    Conflict,
+    /// No stream captures the subject (it was deleted): create it and try again.
+    NoStream,
+    /// The server refused the per-message TTL: the stream does not keep them after all.
+    TtlRefused,
+}
+
+/// The outcome of a delete by sequence.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Deleted {
+    Yes,
+    /// The message was already gone (replaced by a newer one, or deleted).
+    Gone,
+    NoStream,
+}
+
+/// The lease stream, reached over a client.
+#[derive(Debug, Clone)]
+pub(crate) struct Js {
+    client: Client,
+    stream: String,
+}
+
+/// What [`Js::ensure_stream`] found.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamFacts {
+    /// The stream's `max_age`: the longest anything lives in it.
+    pub(crate) max_age: Duration,
+    /// The server keeps per-message TTLs on this stream (2.11+, `allow_msg_ttl`).
+    pub(crate) message_ttl: bool,
+}
+
+impl Js {
+    pub(crate) fn new(client: Client, stream: &str) -> Js {
+        Js {
+            client,
+            stream: stream.to_owned(),
+        }
+    }
+
+    pub(crate) fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The largest message the server accepts, from its `INFO`.
+    pub(crate) fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    /// One request to the JetStream API, with the reply's JSON.
+    async fn api<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        subject: String,
+        body: Vec<u8>,
+    ) -> Result<T> {
+        let reply = match self.client.request(subject, Bytes::from(body)).await {
+            Ok(reply) => reply,
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "nats: the JetStream API does not answer {what} (JetStream is disabled \
+                         or not ready; start nats-server with -js)"
+                    ),
+                ))
+            }
+            Err(e) => return Err(from_request(what, e)),
+        };
+        serde_json::from_slice(&reply.payload).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                format!("nats: unexpected JetStream reply to {what}"),
+            )
+            .with_source(e)
+        })
+    }
+
+    /// Create the lease stream, or find the one that exists, and check that it is usable:
+    /// it captures `subjects`, keeps one message per subject, and allows deletes.
+    pub(crate) async fn ensure_stream(
+        &self,
+        subjects: Vec<String>,
+        max_age: Duration,
+    ) -> Result<StreamFacts> {
+        let config = StreamConfigOut {
+            name: &self.stream,
+            subjects: subjects.clone(),
+            retention: "limits",
+            max_consumers: -1,
+            max_msgs: -1,
+            max_bytes: -1,
+            max_age: u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX),
+            max_msgs_per_subject: 1,
+            max_msg_size: -1,
+            storage: "file",
+            discard: "old",
+            num_replicas: 1,
+            duplicate_window: Duration::from_secs(1).as_nanos() as u64,
+            deny_delete: false,
+            deny_purge: false,
+            allow_rollup_hdrs: false,
+            allow_msg_ttl: true,
+        };
+        let body = serde_json::to_vec(&config).expect("a stream config serializes");
+        let created: StreamReply = self
+            .api(
+                "create the lease stream",
+                format!("$JS.API.STREAM.CREATE.{}", self.stream),
+                body,
+            )
+            .await?;
+        let found = match created {
+            StreamReply {
+                config: Some(config),
+                error: None,
+            } => config,
+            StreamReply { error: Some(e), .. } if e.err_code == ERR_STREAM_EXISTS => {
+                let info: StreamReply = self
+                    .api(
+                        "read the lease stream",
+                        format!("$JS.API.STREAM.INFO.{}", self.stream),
+                        Vec::new(),
+                    )
+                    .await?;
+                match info {
+                    StreamReply {
+                        config: Some(config),
+                        error: None,
+                    } => config,
+                    StreamReply { error, .. } => {
+                        return Err(api_error("read the lease stream", error, ErrorKind::Config))
+                    }
+                }
+            }
+            StreamReply { error, .. } => {
+                return Err(api_error(
+                    "create the lease stream",
+                    error,
+                    ErrorKind::Config,
+                ))
+            }
+        };
+        self.check(&found, &subjects)?;
+        Ok(StreamFacts {
+            max_age: if found.max_age == 0 {
+                Duration::MAX
+            } else {
+                Duration::from_nanos(found.max_age)
+            },
+            message_ttl: found.allow_msg_ttl,
+        })
+    }
+
+    fn check(&self, found: &StreamConfigIn, subjects: &[String]) -> Result<()> {
+        let problem = if let Some(missing) = subjects.iter().find(|s| !found.subjects.contains(s)) {
+            Some(format!("it does not capture {missing:?}"))
+        } else if found.max_msgs_per_subject != 1 {
+            Some(format!(
+                "it keeps {} messages per subject instead of 1",
+                found.max_msgs_per_subject
+            ))
+        } else if found.retention != "limits" {
+            Some(format!(
+                "its retention is {:?}, not limits",
+                found.retention
+            ))
+        } else if found.deny_delete || found.sealed || found.mirror.is_some() {
+            Some("it does not allow deleting messages".to_owned())
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "nats: the existing stream {:?} cannot hold leases: {problem}; delete it or \
+                     choose another lease_stream",
+                    self.stream
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The last message of `subject`.
+    pub(crate) async fn last(&self, subject: &str) -> Result<Got> {
+        let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": subject }))
+            .expect("a request serializes");
+        let reply: MsgGetReply = self
+            .api(
+                "read a lease record",
+                format!("$JS.API.STREAM.MSG.GET.{}", self.stream),
+                body,
+            )
+            .await?;
+        match reply {
+            MsgGetReply {
+                message: Some(m),
+                error: None,
+            } => {
+                let time_nanos = parse_rfc3339_nanos(&m.time).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Protocol,
+                        format!("nats: JetStream sent an unreadable timestamp {:?}", m.time),
+                    )
+                })?;
+                let data = match m.data {
+                    Some(data) => STANDARD.decode(data).map_err(|e| {
+                        Error::new(ErrorKind::Protocol, "nats: JetStream sent unreadable data")
+                            .with_source(e)
+                    })?,
+                    None => Vec::new(),
+                };
+                Ok(Got::Message(Stored {
+                    seq: m.seq,
+                    time_nanos,
+                    data,
+                }))
+            }
+            MsgGetReply { error: Some(e), .. } if e.err_code == ERR_NO_MESSAGE => Ok(Got::Empty),
+            MsgGetReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
+                Ok(Got::NoStream)
+            }
+            MsgGetReply { error, .. } => {
+                Err(api_error("read a lease record", error, ErrorKind::Protocol))
+            }
+        }
+    }
+
+    /// Publish `data` to `subject` in the stream, only if the subject's last sequence is
+    /// `expected` (0: it has no message).
+    pub(crate) async fn publish_if(
+        &self,
+        subject: &str,
+        expected: u64,
+        ttl: Option<Duration>,
+        data: Vec<u8>,
+    ) -> Result<Cas> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Stream", self.stream.as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        if let Some(ttl) = ttl {
+            // Whole seconds, at least 1, as the server's per-message TTL wants.
+            let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+            headers.insert("Nats-TTL", seconds.max(1).to_string().as_str());
+        }
+        self.publish(subject, headers, data).await
+    }
+
+    /// Publish an empty message to `subject` in the stream (the clock).
+    pub(crate) async fn touch(&self, subject: &str) -> Result<Cas> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Stream", self.stream.as_str());
+        self.publish(subject, headers, Vec::new()).await
+    }
+
+    async fn publish(&self, subject: &str, headers: HeaderMap, data: Vec<u8>) -> Result<Cas> {
+        let what = "write a lease record";
+        let reply = match self
+            .client
+            .request_with_headers(subject.to_owned(), headers, Bytes::from(data))
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => return Ok(Cas::NoStream),
+            Err(e) => return Err(from_request(what, e)),
+        };
+        let ack: PubAck = serde_json::from_slice(&reply.payload).map_err(|e| {
+            Error::new(
+                ErrorKind::Protocol,
+                "nats: unexpected JetStream reply to a lease write",
+            )
+            .with_source(e)
+        })?;
+        match ack {
+            PubAck {
+                error: None, seq, ..
+            } if seq > 0 => Ok(Cas::Stored),
+            PubAck { error: Some(e), .. } if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
+                Ok(Cas::Conflict)
+            }
+            PubAck { error: Some(e), .. }
+                if e.err_code == ERR_TTL_DISABLED || e.err_code == ERR_TTL_INVALID =>
+            {
+                tracing::warn!(error = %e, "nats: the lease stream refuses per-message TTLs");
+                Ok(Cas::TtlRefused)
+            }
+            PubAck { error, .. } => Err(api_error(what, error, ErrorKind::Protocol)),
+        }
+    }
+
+    /// Delete message `seq`; deleting a message that a newer one replaced is `Gone`, which makes
+    /// this a compare-and-delete.
+    pub(crate) async fn delete(&self, seq: u64) -> Result<Deleted> {
+        let body = serde_json::to_vec(&serde_json::json!({ "seq": seq, "no_erase": true }))
+            .expect("a request serializes");
+        let reply: DeleteReply = self
+            .api(
+                "delete a lease record",
+                format!("$JS.API.STREAM.MSG.DELETE.{}", self.stream),
+                body,
+            )
+            .await?;
+        match reply {
+            DeleteReply {
+                error: None,
+                success: true,
+            } => Ok(Deleted::Yes),
+            DeleteReply { error: Some(e), .. }
+                if e.err_code == ERR_NO_MESSAGE_DELETE || e.err_code == ERR_NO_MESSAGE =>
+            {
+                Ok(Deleted::Gone)
+            }
+            DeleteReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
+                Ok(Deleted::NoStream)
+            }
+            DeleteReply { error, .. } => Err(api_error(
+                "delete a lease record",
+                error,
+                ErrorKind::Protocol,
+            )),
+        }
+    }
+}
+
+/// The error for a JetStream error reply (or a reply with neither result nor error): `other`
+/// for a request the server refused as such.
+fn api_error(what: &str, error: Option<ApiError>, other: ErrorKind) -> Error {
+    match error {
+        Some(e) => {
+            let kind = match e.code {
+                // Permissions and accounts.
+                401 | 403 => ErrorKind::Auth,
+                // Cluster without a leader, server shutting down, resources exhausted.
+                500 | 503 => ErrorKind::Unavailable,
+                _ => other,
+            };
+            Error::new(kind, format!("nats: JetStream refused to {what}")).with_source(e)
+        }
+        None => Error::new(
+            ErrorKind::Protocol,
+            format!("nats: JetStream answered {what} with neither a result nor an error"),
+        ),
+    }
+}
+
+/// The error for a lease stream that disappeared and could not be created again.
+pub(crate) fn stream_missing(stream: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("nats: the lease stream {stream:?} keeps disappearing"),
+    )
+}

@@ -1,0 +1,695 @@
+//! Leases: one JetStream message per lease key holds the key's whole lease set, and every
+//! change replaces it by compare-and-set, judged by the server's clock.
+//!
+//! See the [crate docs](crate#leases) for the design and the clock argument.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bgtask_core::{Acquired, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::timed_out;
+use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored, StreamFacts};
+use crate::subject::Subjects;
+
+/// Bytes of a lease write kept free for its headers (`Nats-Expected-*`, `Nats-TTL`).
+const HEADER_RESERVE: usize = 512;
+
+/// The longest wait between two attempts of a contended compare-and-set; each wait is random
+/// (full jitter) up to 1 ms doubling up to this.
+const MAX_CONFLICT_BACKOFF: Duration = Duration::from_millis(32);
+
+/// A lease key's record, as stored (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    /// Format version.
+    v: u32,
+    /// The leases, oldest first.
+    l: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    /// Lease id.
+    i: String,
+    /// Note.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    n: String,
+    /// Expiry: nanoseconds since the Unix epoch by the server's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e: Option<u64>,
+    /// Expiry relative to the record's own timestamp (the server's clock when it stored the
+    /// record), in nanoseconds: how a new lease is written, since the time the server will
+    /// stamp is not known before the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<u64>,
+}
+
+/// One lease, with its expiry resolved to server time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lease {
+    id: String,
+    note: String,
+    /// Nanoseconds since the Unix epoch, by the server's clock.
+    expires: u64,
+}
+
+/// A key's lease set as read: the record's sequence (0: no record) and its leases.
+#[derive(Debug, Default)]
+struct State {
+    seq: u64,
+    leases: Vec<Lease>,
+}
+
+impl State {
+    fn live(&self, now: u64) -> Vec<Lease> {
+        self.leases
+            .iter()
+            .filter(|l| l.expires > now)
+            .cloned()
+            .collect()
+    }
+}
+
+/// What one attempt of an operation came to.
+enum Outcome<T> {
+    Done(T),
+    /// Somebody else changed the key first: read again and retry.
+    Conflict,
+    /// The lease stream is gone: create it and retry.
+    NoStream,
+}
+
+/// The stream's reads, shared by the lease operations and the sweeper.
+#[derive(Debug)]
+struct Store {
+    js: Js,
+    /// The clock subject.
+    clock: String,
+}
+
+impl Store {
+    /// The key's lease set and the server's current time.
+    ///
+    /// A key without a record has no lease to judge, so the clock is read only when there is a
+    /// record: the common cases (a fresh claim, a key value that is not blacklisted) cost one
+    /// request.
+    async fn snapshot(&self, subject: &str) -> Result<Outcome<(State, u64)>> {
+        let state = match self.read(subject).await? {
+            Outcome::Done(state) => state,
+            Outcome::Conflict => return Ok(Outcome::Conflict),
+            Outcome::NoStream => return Ok(Outcome::NoStream),
+        };
+        if state.seq == 0 {
+            return Ok(Outcome::Done((state, 0)));
+        }
+        Ok(self.now().await?.map(|now| (state, now)))
+    }
+
+    /// The key's lease set.
+    async fn read(&self, subject: &str) -> Result<Outcome<State>> {
+        Ok(match self.js.last(subject).await? {
+            Got::Message(stored) => Outcome::Done(State {
+                seq: stored.seq,
+                leases: decode(&stored)?,
+            }),
+            Got::Empty => Outcome::Done(State::default()),
+            Got::NoStream => Outcome::NoStream,
+        })
+    }
+
+    /// The server's current time: the timestamp the lease stream gives a message written now.
+    ///
+    /// The clock subject's last message is read after our own write was acknowledged, so it was
+    /// stored after this call started and before it returns, whoever wrote it.
+    async fn now(&self) -> Result<Outcome<u64>> {
+        let clock = &self.clock;
+        match self.js.touch(clock).await? {
+            Cas::Stored => {}
+            Cas::NoStream => return Ok(Outcome::NoStream),
+            Cas::Conflict | Cas::TtlRefused => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    "nats: JetStream refused a write to the lease clock",
+                ))
+            }
+        }
+        Ok(match self.js.last(clock).await? {
+            Got::Message(stored) => Outcome::Done(stored.time_nanos),
+            // Purged in between: try again.
+            Got::Empty => Outcome::Conflict,
+            Got::NoStream => Outcome::NoStream,
+        })
+    }
+
+    /// Delete the record of `subject` if its leases have all expired; else the time its
+    /// longest lease has left.
+    async fn sweep(&self, subject: &str) -> Result<Option<Duration>> {
+        let (state, now) = match self.snapshot(subject).await? {
+            Outcome::Done(found) => found,
+            Outcome::Conflict | Outcome::NoStream => return Ok(None),
+        };
+        if state.seq == 0 {
+            return Ok(None);
+        }
+        match state.live(now).iter().map(|l| l.expires - now).max() {
+            Some(left) => Ok(Some(Duration::from_nanos(left))),
+            None => {
+                // Conditional on the record being unchanged: a newer one is never deleted.
+                self.js.delete(state.seq).await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// How long after its longest lease should have ended a record is checked: covers the time
+/// between reading the server's clock and the write.
+const SWEEP_MARGIN: Duration = Duration::from_millis(500);
+
+/// At most this many records are watched per broker; beyond, the stream's `max_age` removes
+/// them.
+const MAX_SWEEP: usize = 100_000;
+
+/// Deletes the records this broker wrote once their leases are over, on servers that do not
+/// expire messages by themselves (no per-message TTLs before 2.11). A record whose broker is
+/// gone before that stays until the next operation on its key, or the stream's `max_age`.
+#[derive(Debug)]
+struct Sweeper {
+    requests: mpsc::UnboundedSender<(Instant, String)>,
+}
+
+impl Sweeper {
+    fn start(store: Arc<Store>, op_timeout: Duration) -> Sweeper {
+        let (requests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(sweep(store, op_timeout, rx));
+        Sweeper { requests }
+    }
+
+    /// Check `subject` once `left` (and a margin) has passed.
+    fn schedule(&self, subject: &str, left: Duration) {
+        let at = Instant::now() + left.min(Duration::from_secs(400 * 24 * 3600)) + SWEEP_MARGIN;
+        let _ = self.requests.send((at, subject.to_owned()));
+    }
+}
+
+/// The sweeper's loop: one timer for the earliest record due; ends with the broker.
+async fn sweep(
+    store: Arc<Store>,
+    op_timeout: Duration,
+    mut requests: mpsc::UnboundedReceiver<(Instant, String)>,
+) {
+    // The latest time each watched record is due, and one queue entry per record (moved
+    // later, lazily, when a newer request came in meanwhile).
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut queue: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+    loop {
+        let next = queue.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            request = requests.recv() => match request {
+                Some((at, subject)) => {
+                    if let Some(known) = due.get_mut(&subject) {
+                        *known = (*known).max(at);
+                    } else if due.len() < MAX_SWEEP {
+                        due.insert(subject.clone(), at);
+                        queue.push(Reverse((at, subject)));
+                    }
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let Some(Reverse((at, subject))) = queue.pop() else { continue };
+                match due.get(&subject) {
+                    Some(&wanted) if wanted > at => {
+                        queue.push(Reverse((wanted, subject)));
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => continue,
+                }
+                due.remove(&subject);
+                match tokio::time::timeout(op_timeout, store.sweep(&subject)).await {
+                    Ok(Ok(None)) => {}
+                    Ok(Ok(Some(left))) => {
+                        let at = Instant::now() + left + SWEEP_MARGIN;
+                        due.insert(subject.clone(), at);
+                        queue.push(Reverse((at, subject)));
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "nats: lease record sweep failed"),
+                    Err(_) => tracing::debug!("nats: lease record sweep timed out"),
+                }
+            }
+        }
+    }
+}
+
+/// The lease operations of one broker.
+#[derive(Debug)]
+pub(crate) struct Leases {
+    store: Arc<Store>,
+    subjects: Subjects,
+    stream_subjects: Vec<String>,
+    op_timeout: Duration,
+    /// The longest TTL accepted.
+    max_ttl: Duration,
+    /// The `max_age` the backend creates the stream with.
+    configured_max_age: Duration,
+    /// The stream keeps per-message TTLs (server 2.11+): records carry one.
+    message_ttl: AtomicBool,
+    /// Held while (re)creating the stream.
+    creating: tokio::sync::Mutex<()>,
+    /// Deletes expired records where the server does not (no per-message TTLs).
+    sweeper: Sweeper,
+}
+
+impl Leases {
+    /// Set up the lease stream and the lease operations on it.
+    pub(crate) async fn start(
+        js: Js,
+        subjects: Subjects,
+        op_timeout: Duration,
+        max_ttl: Duration,
+    ) -> Result<Leases> {
+        let stream_subjects = vec![subjects.lease_filter(), subjects.clock()];
+        let facts = js.ensure_stream(stream_subjects.clone(), max_ttl).await?;
+        tracing::debug!(stream = js.stream(), ?facts, "nats: lease stream ready");
+        let store = Arc::new(Store {
+            js,
+            clock: subjects.clock(),
+        });
+        let sweeper = Sweeper::start(store.clone(), op_timeout);
+        Ok(Leases {
+            store,
+            sweeper,
+            subjects,
+            stream_subjects,
+            op_timeout,
+            max_ttl: max_ttl.min(facts.max_age),
+            configured_max_age: max_ttl,
+            message_ttl: AtomicBool::new(facts.message_ttl),
+            creating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The longest TTL [`acquire`](Self::acquire) accepts.
+    pub(crate) fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    /// Whether records carry a per-message TTL (the server keeps them: 2.11+).
+    pub(crate) fn message_ttl(&self) -> bool {
+        self.message_ttl.load(Ordering::Relaxed)
+    }
+
+    pub(crate) async fn acquire(&self, key: &str, request: &LeaseRequest) -> Result<Acquired> {
+        let subject = self.subjects.lease(key)?;
+        let ttl = Duration::from_millis(request.ttl_millis());
+        if ttl > self.max_ttl {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "nats: a lease of {ttl:?} is longer than the {:?} this backend keeps \
+                     anything (NatsConfig::lease_max_ttl, or the lease stream's max_age)",
+                    self.max_ttl
+                ),
+            ));
+        }
+        let id = LeaseId::random();
+        self.run("acquire a lease", || {
+            self.try_acquire(&subject, &id, request, ttl)
+        })
+        .await
+    }
+
+    async fn try_acquire(
+        &self,
+        subject: &str,
+        id: &LeaseId,
+        request: &LeaseRequest,
+        ttl: Duration,
+    ) -> Result<Outcome<Acquired>> {
+        let (state, now) = match self.store.snapshot(subject).await? {
+            Outcome::Done(found) => found,
+            Outcome::Conflict => return Ok(Outcome::Conflict),
+            Outcome::NoStream => return Ok(Outcome::NoStream),
+        };
+        let live = state.live(now);
+        let count = live.len() as u64;
+        if request.cap.is_some_and(|cap| count >= cap) {
+            return Ok(Outcome::Done(Acquired {
+                lease: None,
+                live: count,
+            }));
+        }
+        let ttl_nanos = nanos(ttl);
+        let longest = live
+            .iter()
+            .map(|l| l.expires.saturating_sub(now))
+            .max()
+            .unwrap_or(0)
+            .max(ttl_nanos);
+        let data = encode(&live, Some((id.as_str(), &request.note, ttl_nanos)));
+        self.check_size(&data, live.len() + 1)?;
+        let outcome = self
+            .write(subject, state.seq, Duration::from_nanos(longest), data)
+            .await?;
+        Ok(outcome.map(|_| Acquired {
+            lease: Some(id.clone()),
+            live: count + 1,
+        }))
+    }
+
+    pub(crate) async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+        let subject = self.subjects.lease(key)?;
+        self.run("release a lease", || self.try_release(&subject, lease))
+            .await
+    }
+
+    async fn try_release(&self, subject: &str, lease: &LeaseId) -> Result<Outcome<bool>> {
+        let (state, now) = match self.store.snapshot(subject).await? {
+            Outcome::Done(found) => found,
+            Outcome::Conflict => return Ok(Outcome::Conflict),
+            Outcome::NoStream => return Ok(Outcome::NoStream),
+        };
+        let Some(found) = state.leases.iter().find(|l| l.id == lease.as_str()) else {
+            self.collect_garbage(&state, now).await;
+            return Ok(Outcome::Done(false));
+        };
+        let was_live = found.expires > now;
+        let rest: Vec<Lease> = state
+            .live(now)
+            .into_iter()
+            .filter(|l| l.id != lease.as_str())
+            .collect();
+        if rest.is_empty() {
+            return Ok(match self.store.js.delete(state.seq).await? {
+                Deleted::Yes => Outcome::Done(was_live),
+                Deleted::Gone => Outcome::Conflict,
+                Deleted::NoStream => Outcome::NoStream,
+            });
+        }
+        let longest = rest
+            .iter()
+            .map(|l| l.expires.saturating_sub(now))
+            .max()
+            .unwrap_or(0);
+        let data = encode(&rest, None);
+        let outcome = self
+            .write(subject, state.seq, Duration::from_nanos(longest), data)
+            .await?;
+        Ok(outcome.map(|_| was_live))
+    }
+
+    pub(crate) async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        let subject = self.subjects.lease(key)?;
+        self.run("list leases", || async {
+            let (state, now) = match self.store.snapshot(&subject).await? {
+                Outcome::Done(found) => found,
+                Outcome::Conflict => return Ok(Outcome::Conflict),
+                Outcome::NoStream => return Ok(Outcome::NoStream),
+            };
+            self.collect_garbage(&state, now).await;
+            let leases = state
+                .live(now)
+                .into_iter()
+                .map(|l| LeaseInfo {
+                    id: LeaseId::new(l.id),
+                    note: l.note,
+                    remaining: Duration::from_nanos(l.expires - now),
+                })
+                .collect();
+            Ok(Outcome::Done(leases))
+        })
+        .await
+    }
+
+    pub(crate) async fn count(&self, key: &str) -> Result<u64> {
+        let subject = self.subjects.lease(key)?;
+        self.run("count leases", || async {
+            let (state, now) = match self.store.snapshot(&subject).await? {
+                Outcome::Done(found) => found,
+                Outcome::Conflict => return Ok(Outcome::Conflict),
+                Outcome::NoStream => return Ok(Outcome::NoStream),
+            };
+            self.collect_garbage(&state, now).await;
+            Ok(Outcome::Done(state.live(now).len() as u64))
+        })
+        .await
+    }
+
+    /// Run `attempt` until it is done, within `op_timeout`: after a conflict, again after a
+    /// random wait; after finding the stream gone, again once it is created.
+    async fn run<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Outcome<T>>>,
+    {
+        let deadline = Instant::now() + self.op_timeout;
+        let work = async {
+            let mut conflicts = 0u32;
+            let mut recreated = false;
+            loop {
+                match attempt().await? {
+                    Outcome::Done(value) => return Ok(value),
+                    Outcome::Conflict => {
+                        conflicts += 1;
+                        tokio::time::sleep(conflict_backoff(conflicts)).await;
+                    }
+                    Outcome::NoStream if recreated => {
+                        return Err(stream_missing(self.store.js.stream()))
+                    }
+                    Outcome::NoStream => {
+                        self.recreate().await?;
+                        recreated = true;
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(what, self.op_timeout)),
+        }
+    }
+
+    /// Create the lease stream again (somebody deleted it).
+    async fn recreate(&self) -> Result<StreamFacts> {
+        let _creating = self.creating.lock().await;
+        tracing::warn!(
+            stream = self.store.js.stream(),
+            "nats: lease stream missing; creating it"
+        );
+        let facts = self
+            .store
+            .js
+            .ensure_stream(self.stream_subjects.clone(), self.configured_max_age)
+            .await?;
+        self.message_ttl.store(facts.message_ttl, Ordering::Relaxed);
+        Ok(facts)
+    }
+
+    /// Replace record `expected` of `subject` with `data`, whose longest lease has `longest`
+    /// left.
+    async fn write(
+        &self,
+        subject: &str,
+        expected: u64,
+        longest: Duration,
+        data: Vec<u8>,
+    ) -> Result<Outcome<()>> {
+        // A second more than the longest lease, so that rounding never cuts one short.
+        let ttl = self.message_ttl().then(|| longest + Duration::from_secs(1));
+        Ok(
+            match self
+                .store
+                .js
+                .publish_if(subject, expected, ttl, data)
+                .await?
+            {
+                Cas::Stored => {
+                    if !self.message_ttl() {
+                        self.sweeper.schedule(subject, longest);
+                    }
+                    Outcome::Done(())
+                }
+                Cas::Conflict => Outcome::Conflict,
+                Cas::NoStream => Outcome::NoStream,
+                Cas::TtlRefused => {
+                    self.message_ttl.store(false, Ordering::Relaxed);
+                    Outcome::Conflict
+                }
+            },
+        )
+    }
+
+    /// Delete a record whose leases have all expired (best effort: it is conditional on the
+    /// record being unchanged, and a failure only leaves it to the stream's `max_age`).
+    async fn collect_garbage(&self, state: &State, now: u64) {
+        if state.seq != 0 && state.live(now).is_empty() {
+            if let Err(e) = self.store.js.delete(state.seq).await {
+                tracing::debug!(error = %e, "nats: could not delete an expired lease record");
+            }
+        }
+    }
+
+    fn check_size(&self, data: &[u8], leases: usize) -> Result<()> {
+        let limit = self.store.js.max_payload().saturating_sub(HEADER_RESERVE);
+        if data.len() > limit {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "nats: {leases} leases with their notes ({} bytes) do not fit in one NATS \
+                     message of at most {limit} bytes (the server's max_payload); release some \
+                     or use shorter notes",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<T> Outcome<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Done(value) => Outcome::Done(f(value)),
+            Outcome::Conflict => Outcome::Conflict,
+            Outcome::NoStream => Outcome::NoStream,
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A random wait before retry `n` (from 1) of a contended write.
+fn conflict_backoff(n: u32) -> Duration {
+    let cap = Duration::from_millis(1)
+        .saturating_mul(1 << n.saturating_sub(1).min(10))
+        .min(MAX_CONFLICT_BACKOFF);
+    let micros = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+    Duration::from_micros(rand::random::<u64>() % micros)
+}
+
+/// The leases of a stored record, with expiries resolved against its timestamp.
+fn decode(stored: &Stored) -> Result<Vec<Lease>> {
+    if stored.data.is_empty() {
+        return Ok(Vec::new());
+    }
+    let record: Record = serde_json::from_slice(&stored.data).map_err(|e| {
+        Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "nats: lease record #{} is not one this backend wrote",
+                stored.seq
+            ),
+        )
+        .with_source(e)
+    })?;
+    if record.v != 1 {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "nats: lease record #{} has format version {}, newer than this backend's 1",
+                stored.seq, record.v
+            ),
+        ));
+    }
+    Ok(record
+        .l
+        .into_iter()
+        .map(|entry| Lease {
+            expires: match (entry.e, entry.t) {
+                (Some(at), _) => at,
+                (None, Some(ttl)) => stored.time_nanos.saturating_add(ttl),
+                (None, None) => 0,
+            },
+            id: entry.i,
+            note: entry.n,
+        })
+        .collect())
+}
+
+/// A record of `leases` (absolute expiries) and, optionally, a new lease `(id, note, ttl)`
+/// that expires `ttl` nanoseconds after the server stores the record.
+fn encode(leases: &[Lease], new: Option<(&str, &str, u64)>) -> Vec<u8> {
+    let mut entries: Vec<Entry> = leases
+        .iter()
+        .map(|l| Entry {
+            i: l.id.clone(),
+            n: l.note.clone(),
+            e: Some(l.expires),
+            t: None,
+        })
+        .collect();
+    if let Some((id, note, ttl)) = new {
+        entries.push(Entry {
+            i: id.to_owned(),
+            n: note.to_owned(),
+            e: None,
+            t: Some(ttl),
+        });
+    }
+    serde_json::to_vec(&Record { v: 1, l: entries }).expect("a lease record serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(time_nanos: u64, data: Vec<u8>) -> Stored {
+        Stored {
+            seq: 7,
+            time_nanos,
+            data,
+        }
+    }
+
+    #[test]
+    fn relative_expiries_resolve_against_the_record_timestamp() {
+        let old = Lease {
+            id: "a".into(),
+            note: "n \"q\" ✓".into(),
+            expires: 5_000,
+        };
+        let data = encode(std::slice::from_ref(&old), Some(("b", "", 300)));
+        let leases = decode(&stored(1_000, data)).unwrap();
+        assert_eq!(leases[0], old);
+        assert_eq!(
+            leases[1],
+            Lease {
+                id: "b".into(),
+                note: String::new(),
+                expires: 1_300
+            }
+        );
+        let state = State { seq: 7, leases };
+        assert_eq!(state.live(1_299).len(), 2);
+        assert_eq!(state.live(1_300).len(), 1);
+        assert_eq!(state.live(5_000).len(), 0);
+    }
+
+    #[test]
+    fn foreign_records_are_protocol_errors() {
+        let err = decode(&stored(1, b"not json".to_vec())).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        let err = decode(&stored(1, br#"{"v":2,"l":[]}"#.to_vec())).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        assert!(decode(&stored(1, Vec::new())).unwrap().is_empty());
+    }
+
+    #[test]
+    fn conflict_backoff_is_bounded() {
+        for n in [1, 2, 5, 40, u32::MAX] {
+            assert!(conflict_backoff(n) <= MAX_CONFLICT_BACKOFF);
+        }
+        assert!(conflict_backoff(1) <= Duration::from_millis(1));
+    }
+}

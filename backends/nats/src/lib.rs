@@ -1,0 +1,475 @@
+//! The NATS backend of bgtask: [`NatsBroker`], a [`Broker`] on a NATS server with JetStream.
+//!
+//! ```no_run
+//! # async fn example() -> bgtask_core::Result<()> {
+//! use std::time::Duration;
+//! use bgtask_nats::{NatsBroker, NatsConfig};
+//!
+//! let broker = NatsBroker::connect("nats://127.0.0.1:4222").await?;
+//! let tuned = NatsBroker::connect_with(
+//!     NatsConfig::new("tls://app:secret@nats.internal:4222")
+//!         .with_tls_root_certificate("/etc/nats/ca.pem")
+//!         .with_op_timeout(Duration::from_secs(2)),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! It needs JetStream (`nats-server -js`) for the leases, and works with nats-server 2.9 and
+//! later (tested on 2.9.10).
+//!
+//! # URLs
+//!
+//! - `nats://host[:port]` (port 4222 by default);
+//! - `nats://user:password@host` and `nats://token@host`, percent-encoded where needed;
+//! - `tls://...` for TLS, with the platform's root certificates (`SSL_CERT_FILE` is honoured)
+//!   or the ones in [`tls_root_certificates`](NatsConfig::tls_root_certificates), and an
+//!   optional [client certificate](NatsConfig::tls_client_certificate);
+//! - several servers of a cluster, comma-separated: `nats://a:4222,nats://b:4222`.
+//!
+//! Passwords and tokens never appear in `Debug` output or in error messages. Wrong credentials
+//! fail [`connect`](NatsBroker::connect) at once with [`ErrorKind::Auth`]; a server that
+//! refuses the connection or does not answer fails it with [`ErrorKind::Unavailable`].
+//!
+//! # Connection
+//!
+//! A broker holds one NATS connection (`async-nats`), shared by its clones and its
+//! subscriptions. The client pings the server every [`ping_interval`](NatsConfig::ping_interval)
+//! (2 s; the NATS default is 2 minutes) and drops a connection that leaves three pings
+//! unanswered, so a half-open connection is found within seconds. It reconnects forever: at
+//! once, then after 50 ms doubling up to [`max_backoff`](NatsConfig::max_backoff), and
+//! resubscribes every live subscription by itself. The connection closes when the last clone
+//! and the last subscription are dropped, or at once with [`NatsBroker::close`].
+//!
+//! # Subjects
+//!
+//! Channel and lease key names are arbitrary UTF-8 (up to [`subject::MAX_NAME_BYTES`], 2 KiB).
+//! Each becomes a single subject token: the unpadded base64url encoding of its bytes (`_` for
+//! the empty name) under a fixed prefix ([`subject_prefix`](NatsConfig::subject_prefix),
+//! default `bgtask`):
+//!
+//! | what | subject |
+//! |------|---------|
+//! | channel `name` | `bgtask.ch.<base64url(name)>` |
+//! | lease key `key` | `bgtask.lease.<base64url(key)>` (in the lease stream) |
+//! | the lease clock | `bgtask.clock` (in the lease stream) |
+//!
+//! The token alphabet (`A-Z a-z 0-9 - _`) has no `.`, `*`, `>`, whitespace or `$`: a name
+//! never acts as a wildcard, never splits into tokens, never reaches a `$SYS` or `$JS`
+//! subject, and, the encoding being injective, two names never share a subject. A 2 KiB name
+//! gives a 2731-byte token, well below the server's default `max_control_line` of 4 KiB.
+//!
+//! # Publish and subscribe
+//!
+//! [`publish`](Broker::publish) first checks that the client is connected (while it is not, a
+//! message would sit in the client's queue, be sent late or be dropped) and fails with
+//! [`ErrorKind::Unavailable`] when it is not. It then publishes and waits for a round trip
+//! through the server ([`flush`](async_nats::Client::flush) only writes the socket): a probe
+//! sent on the same connection to an inbox the broker subscribes to. The server handles a
+//! connection's commands in order, so the probe's return proves the message was routed. NATS
+//! cannot say how many subscribers received it: [`Published::Unknown`].
+//!
+//! [`subscribe`](Broker::subscribe) sends `SUB` and returns after the same round trip, so the
+//! subscription is active on the server when it returns. (In a cluster, other servers learn of
+//! it asynchronously, usually within a millisecond.) Dropping the subscription unsubscribes.
+//!
+//! The subscription yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) before the first item
+//! after a reconnect (the client's connection count is read with every message, and the
+//! connection event wakes an idle subscription), and when the client dropped messages because
+//! a subscription of this connection fell more than
+//! [`subscription_buffer`](NatsConfig::subscription_buffer) messages behind (the client reports
+//! that without saying which subscription, so every subscription of the connection yields a
+//! gap).
+//!
+//! # Large payloads
+//!
+//! A NATS message carries at most the server's `max_payload` (1 MiB by default), read from the
+//! server's `INFO` on every connection. A larger payload is split into chunks that fit, sent
+//! back to back with a `Bgt-Chunk: <id> <index> <count> <total>` header (a random message id,
+//! so chunks of concurrent publishers never mix), and reassembled by every subscription; a
+//! subscription that misses a chunk drops the payload and yields a gap. Payloads up to
+//! [`max_message_size`](NatsConfig::max_message_size) (64 MiB) are accepted; a larger one fails
+//! with [`ErrorKind::TooLarge`] before anything is sent.
+//!
+//! # Leases
+//!
+//! The leases live in one JetStream stream, [`lease_stream`](NatsConfig::lease_stream) (default
+//! `BGTASK_LEASES`), which the backend creates when it is missing, with its own JSON through
+//! the JetStream API (async-nats' typed API cannot create streams or key-value buckets on
+//! nats-server 2.9): file storage, one replica, subjects `<prefix>.lease.*` and `<prefix>.clock`,
+//! **one message per subject** (`max_msgs_per_subject: 1`), and `max_age` =
+//! [`lease_max_ttl`](NatsConfig::lease_max_ttl). An existing stream is used as it is if it
+//! captures those subjects and keeps one message per subject (so it can be created beforehand
+//! with more replicas).
+//!
+//! Each lease key has one subject, whose one message (the *record*) holds the key's whole lease
+//! set as JSON: for each lease, its id, its note and its expiry. Every operation:
+//!
+//! 1. reads the record (`$JS.API.STREAM.MSG.GET`, `last_by_subj`), and, at the same time, the
+//!    server's current time (below);
+//! 2. drops the leases whose expiry is not after that time;
+//! 3. for `acquire`, refuses if `cap` live leases remain, else writes the new record with the
+//!    new lease; for `release`, writes the record without the lease, or deletes it
+//!    (`$JS.API.STREAM.MSG.DELETE` of exactly the sequence read) when none is left;
+//! 4. writes only if nobody changed the record since it was read: the write carries
+//!    `Nats-Expected-Last-Subject-Sequence: <sequence read>` (0 when there was none), and the
+//!    server refuses it otherwise. A refused write starts again from 1 after a random wait
+//!    (1 ms doubling up to 32 ms), within [`op_timeout`](NatsConfig::op_timeout).
+//!
+//! So a key's lease set changes only through compare-and-set on its record: 100 concurrent
+//! acquires with cap 5 yield exactly 5 leases, from any number of brokers.
+//!
+//! **The clock.** Expiry is judged by one clock, the JetStream server's, never by the
+//! clients'. The server stamps every message it stores with its own time, and the backend
+//! reads time only from those stamps:
+//!
+//! - *now* is the stamp of the message on `<prefix>.clock`, read right after the broker wrote
+//!   one there (its own or a later one): the server's time at some instant during the call;
+//! - a new lease is written as "expires `ttl` after this record's own stamp", since the stamp
+//!   the server will give the write is not known before the write; later writes of the record
+//!   store that expiry as an absolute server time.
+//!
+//! Clients' clocks are never compared with anything, so any skew between clients, or between a
+//! client and the server, is tolerated. What does matter is the server's own clock: a step
+//! backwards lengthens every lease by the step, a step forwards shortens them; in a cluster,
+//! when the stream's leader moves to another server, leases shift by the skew between the two
+//! servers' clocks. "now" is read slightly before the write, so a lease that expires during
+//! the call may still count as live (never the other way round): a cap is never exceeded.
+//!
+//! **What is stored, and for how long.** A record holds only its key's leases, and a release
+//! that leaves none deletes it. A lease is only ever dropped by a read that finds it expired,
+//! so a key whose leases all expire without a release keeps its record until the next
+//! operation on the key deletes it, or until the stream's `max_age` removes it: nothing
+//! outlives `max_age` (24 h by default; a longer lease fails with
+//! [`ErrorKind::InvalidInput`]). On servers with per-message TTLs (2.11 and later, where
+//! the stream is created with `allow_msg_ttl`), every record also carries a `Nats-TTL` of its
+//! longest lease plus one second, so the server deletes it when its leases are over. Per-key
+//! TTLs are silently ignored by 2.9 and 2.10, so expiry never relies on them: they only free
+//! space.
+//!
+//! A record holds as many leases as fit in one message (about 10,000 with short notes at the
+//! default 1 MiB `max_payload`); an acquire past that fails with [`ErrorKind::TooLarge`].
+//!
+//! # Time bounds
+//!
+//! Every operation finishes within [`op_timeout`](NatsConfig::op_timeout): publish (including
+//! its round trip), subscribe (including its round trip), and each lease call (including every
+//! retry). An operation while the client is disconnected fails at once; one that exceeds its
+//! bound fails with [`ErrorKind::Unavailable`], never as a hang and never as a success. A
+//! publish or lease write reported as failed may still have reached the server (it is never
+//! retried, so it is delivered at most once; an acquire that timed out after its write leaves
+//! a lease nobody holds, which expires with its TTL). [`NatsBroker::connect`] waits at most
+//! [`connect_timeout`](NatsConfig::connect_timeout) per server named in the URL, plus
+//! `connect_timeout` to set up the lease stream.
+//!
+//! # Configuration
+//!
+//! | field | default | meaning |
+//! |-------|---------|---------|
+//! | [`url`](NatsConfig::url) | — | where the server is (see above) |
+//! | [`op_timeout`](NatsConfig::op_timeout) | 5 s | bound on every operation |
+//! | [`connect_timeout`](NatsConfig::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`ping_interval`](NatsConfig::ping_interval) | 2 s | how often the client pings the server |
+//! | [`max_backoff`](NatsConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`subscription_buffer`](NatsConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
+//! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases |
+//! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 24 h | longest lease; the stream's `max_age` |
+//! | [`max_message_size`](NatsConfig::max_message_size) | 64 MiB | largest payload `publish` carries |
+//! | [`tls_root_certificates`](NatsConfig::tls_root_certificates) | none | CA files for `tls://` |
+//! | [`tls_client_certificate`](NatsConfig::tls_client_certificate) | none | client certificate and key |
+//!
+//! # Tests
+//!
+//! The integration tests need NATS with JetStream at `BGTASK_NATS_URL` (default
+//! `nats://127.0.0.1:4222`; `docker compose up -d nats`, or `nats-server -js`) and fail when
+//! there is none. They use random names and never purge or reconfigure the server; they create
+//! the default lease stream if it is missing. Tests of authentication, TLS and server restarts
+//! start private `nats-server`s (the binary must be on `PATH`) on free ports.
+#![deny(missing_docs)]
+
+mod chunk;
+mod config;
+mod conn;
+mod error;
+mod js;
+mod lease;
+mod sub;
+pub mod subject;
+mod time;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bgtask_core::{
+    Acquired, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Published,
+    Result, Subscription,
+};
+use bytes::Bytes;
+
+pub use config::{
+    NatsConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_MAX_TTL, DEFAULT_LEASE_STREAM,
+    DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_OP_TIMEOUT, DEFAULT_PING_INTERVAL,
+    DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
+};
+
+use conn::{ensure_connected, Barrier, Shared};
+use error::{closed, from_publish, from_subscribe, timed_out};
+use js::Js;
+use lease::Leases;
+use subject::Subjects;
+
+/// A [`Broker`] on a NATS server with JetStream. Cheap to clone; clones share the connection.
+///
+/// See the [crate docs](crate) for subjects, chunking, leases and time bounds.
+#[derive(Clone)]
+pub struct NatsBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NatsConfig,
+    client: async_nats::Client,
+    shared: Arc<Shared>,
+    barrier: Barrier,
+    subjects: Subjects,
+    leases: Leases,
+    server_version: String,
+}
+
+impl NatsBroker {
+    /// Connect to the server at `url` with default settings.
+    ///
+    /// Fails with [`ErrorKind::Config`] for a URL that is not a NATS URL or a server without
+    /// JetStream, [`ErrorKind::Unavailable`] when the server cannot be reached within the
+    /// connect timeout, and [`ErrorKind::Auth`] when it refuses the credentials.
+    pub async fn connect(url: &str) -> Result<NatsBroker> {
+        Self::connect_with(NatsConfig::new(url)).await
+    }
+
+    /// Connect with the given settings; fails like [`connect`](Self::connect).
+    pub async fn connect_with(config: NatsConfig) -> Result<NatsBroker> {
+        config.validate()?;
+        let shared = Shared::new();
+        let client = conn::connect(&config, &shared).await?;
+        let info = client.server_info();
+        let shown = config.redacted_url();
+        if !info.jetstream {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "nats server {} at {shown} has no JetStream, which bgtask-nats needs for \
+                     leases: start it with -js",
+                    info.version
+                ),
+            ));
+        }
+        let subjects = Subjects::new(&config.subject_prefix);
+        let setup = async {
+            let barrier = Barrier::start(&client, config.op_timeout).await?;
+            let leases = Leases::start(
+                Js::new(client.clone(), &config.lease_stream),
+                subjects.clone(),
+                config.op_timeout,
+                config.lease_max_ttl,
+            )
+            .await?;
+            Ok::<_, Error>((barrier, leases))
+        };
+        let (barrier, leases) = match tokio::time::timeout(config.connect_timeout, setup).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("the connection setup", config.connect_timeout)),
+        };
+        tracing::debug!(
+            url = %shown,
+            server = %info.version,
+            max_payload = info.max_payload,
+            "nats: broker connected"
+        );
+        Ok(NatsBroker {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                shared,
+                barrier,
+                subjects,
+                leases,
+                server_version: info.version,
+            }),
+        })
+    }
+
+    /// The settings this broker was built with.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+
+    /// The largest message the server accepts (`max_payload` from its `INFO`); larger payloads
+    /// are sent in chunks.
+    pub fn server_max_payload(&self) -> usize {
+        self.inner.client.max_payload()
+    }
+
+    /// The server's version, from its `INFO` when the broker connected.
+    pub fn server_version(&self) -> &str {
+        &self.inner.server_version
+    }
+
+    /// The longest lease [`acquire`](Broker::acquire) accepts: the smaller of
+    /// [`lease_max_ttl`](NatsConfig::lease_max_ttl) and the lease stream's `max_age`.
+    pub fn lease_max_ttl(&self) -> Duration {
+        self.inner.leases.max_ttl()
+    }
+
+    /// Whether lease records carry a per-message TTL, so the server deletes them when their
+    /// leases are over (servers 2.11 and later).
+    pub fn lease_records_expire(&self) -> bool {
+        self.inner.leases.message_ttl()
+    }
+
+    /// Close the broker and every clone of it now: every subscription stream ends, later calls
+    /// fail with [`ErrorKind::Closed`], and the connection is drained and closed.
+    pub fn close(&self) {
+        self.inner.shared.close();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.inner.client.clone();
+            runtime.spawn(async move {
+                let _ = client.drain().await;
+            });
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.is_closed()
+    }
+
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.is_closed() {
+            return Err(closed(what));
+        }
+        Ok(())
+    }
+
+    /// Run `work` within `op_timeout`.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let bound = self.inner.config.op_timeout;
+        match tokio::time::timeout(bound, work).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(what, bound)),
+        }
+    }
+}
+
+impl fmt::Debug for NatsBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBroker")
+            .field("url", &self.inner.config.redacted_url())
+            .field("server_version", &self.inner.server_version)
+            .field("server_max_payload", &self.server_max_payload())
+            .field("connection", &self.inner.client.connection_state())
+            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("lease_stream", &self.inner.config.lease_stream)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
+        self.check_open("publish")?;
+        let subject = self.inner.subjects.channel(channel)?;
+        let limit = self.inner.config.max_message_size;
+        if payload.len() > limit {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "nats: a payload of {} bytes is larger than the {limit} bytes this broker \
+                     carries (NatsConfig::max_message_size)",
+                    payload.len()
+                ),
+            ));
+        }
+        let client = &self.inner.client;
+        ensure_connected(client, "publish")?;
+        self.bounded("publish", async {
+            match chunk::split(&payload, client.max_payload()) {
+                None => client
+                    .publish(subject, payload)
+                    .await
+                    .map_err(|e| from_publish("publish", e))?,
+                Some(chunks) => {
+                    for (headers, body) in chunks {
+                        client
+                            .publish_with_headers(subject.clone(), headers, body)
+                            .await
+                            .map_err(|e| from_publish("publish a chunk", e))?;
+                    }
+                }
+            }
+            self.inner.barrier.wait().await
+        })
+        .await?;
+        Ok(Published::Unknown)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
+        self.check_open("subscribe")?;
+        let subject = self.inner.subjects.channel(channel)?;
+        let client = &self.inner.client;
+        ensure_connected(client, "subscribe")?;
+        let baseline = sub::Baseline::now(client, &self.inner.shared);
+        let subscriber = self
+            .bounded("subscribe", async {
+                let subscriber = client.subscribe(subject).await.map_err(from_subscribe)?;
+                // Dropped (and so unsubscribed) if the round trip fails.
+                self.inner.barrier.wait().await?;
+                Ok(subscriber)
+            })
+            .await?;
+        Ok(sub::subscription(
+            channel,
+            subscriber,
+            client.clone(),
+            self.inner.shared.clone(),
+            baseline,
+            self.inner.config.max_message_size,
+        ))
+    }
+
+    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+        self.check_open("acquire a lease")?;
+        ensure_connected(&self.inner.client, "acquire a lease")?;
+        self.inner.leases.acquire(key, &request).await
+    }
+
+    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+        self.check_open("release a lease")?;
+        ensure_connected(&self.inner.client, "release a lease")?;
+        self.inner.leases.release(key, lease).await
+    }
+
+    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        self.check_open("list leases")?;
+        ensure_connected(&self.inner.client, "list leases")?;
+        self.inner.leases.leases(key).await
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        self.check_open("count leases")?;
+        ensure_connected(&self.inner.client, "count leases")?;
+        self.inner.leases.count(key).await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(false, true)
+    }
+}
