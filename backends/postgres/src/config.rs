@@ -1,0 +1,419 @@
+//! [`PostgresConfig`]: where the server is, which schema to use and how long to wait.
+
+use std::fmt;
+use std::time::Duration;
+
+use bgtask_core::{Error, ErrorKind, Result};
+
+/// The default schema of bgtask's tables: [`PostgresConfig::schema`].
+pub const DEFAULT_SCHEMA: &str = "bgtask";
+/// The default `application_name` of the broker's connections:
+/// [`PostgresConfig::application_name`].
+pub const DEFAULT_APPLICATION_NAME: &str = "bgtask";
+/// The default bound on every operation: [`PostgresConfig::op_timeout`].
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default bound on one connection attempt: [`PostgresConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default interval of the listener connection's round trip:
+/// [`PostgresConfig::liveness_interval`].
+pub const DEFAULT_LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+/// The default longest wait between reconnection attempts: [`PostgresConfig::max_backoff`].
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The default number of pooled connections for publish and leases:
+/// [`PostgresConfig::pool_size`].
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// The default number of messages one subscription buffers:
+/// [`PostgresConfig::subscription_buffer`].
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+/// The default lifetime of a payload row: [`PostgresConfig::payload_ttl`].
+pub const DEFAULT_PAYLOAD_TTL: Duration = Duration::from_secs(30);
+/// The default interval of the cleanup of expired rows: [`PostgresConfig::cleanup_interval`].
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(5);
+/// The default largest payload [`publish`](bgtask_core::Broker::publish) accepts:
+/// [`PostgresConfig::max_payload`].
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+
+/// The URL query parameter that names the schema (removed before the URL reaches the driver).
+pub const SCHEMA_PARAM: &str = "schema";
+
+/// How to reach PostgreSQL, where bgtask keeps its tables and how long to wait.
+///
+/// Build one with [`PostgresConfig::new`] and adjust it with the `with_*` methods (or set the
+/// public fields), then pass it to
+/// [`PostgresBroker::connect_with`](crate::PostgresBroker::connect_with).
+///
+/// Its `Debug` output never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresConfig {
+    /// The server's URL: `postgres://[user[:password]@]host[:port][/database][?param=value&...]`
+    /// (`postgresql://` as well), with the driver's parameters (`sslmode`, `host` for a Unix
+    /// socket directory, `application_name`, `options`, ...) and bgtask's own `schema`.
+    pub url: String,
+    /// The schema that holds bgtask's tables, created when missing: 1 to 63 of
+    /// `[A-Za-z0-9_]`, not starting with a digit, case-sensitive. Brokers on different schemas
+    /// of one database never meet (the schema is part of every channel's identifier). Default
+    /// `bgtask`, or the URL's `schema` parameter.
+    pub schema: String,
+    /// `application_name` of the broker's connections, as `pg_stat_activity` shows it; the
+    /// listener connection adds `" listener <broker id>"`. Printable ASCII, at most 40 bytes.
+    /// Default `bgtask`, or the URL's `application_name` parameter.
+    pub application_name: String,
+    /// The longest any single operation (publish, subscribe, each lease call, fetching a
+    /// payload row) waits, including getting a connection; also the server-side
+    /// `statement_timeout` of the broker's connections. Default 5 s.
+    pub op_timeout: Duration,
+    /// The longest one connection attempt (TCP, TLS, authentication) waits. Default 5 s.
+    pub connect_timeout: Duration,
+    /// How often the listener connection makes a round trip (`SELECT 1`) to prove it is
+    /// alive; one that gets no answer within `op_timeout` makes the broker reconnect it.
+    /// Default 2 s.
+    pub liveness_interval: Duration,
+    /// The longest wait between two reconnection attempts of the listener; the wait starts at
+    /// 50 ms and doubles up to this. Default 2 s.
+    pub max_backoff: Duration,
+    /// Pooled connections for publish, leases and payload fetches (opened on demand; the
+    /// listener has one more of its own). Default 8.
+    pub pool_size: u32,
+    /// How many messages one subscription holds for a slow reader before it drops messages and
+    /// yields [`Incoming::Gap`](bgtask_core::Incoming::Gap). Default 65536.
+    pub subscription_buffer: usize,
+    /// How long a payload row (a message too large for one notification) stays readable.
+    /// A subscriber that reads the message later gets a `Gap` instead. Default 30 s.
+    pub payload_ttl: Duration,
+    /// How often the broker deletes expired lease and payload rows (the only periodic query
+    /// besides the listener's round trip). Default 5 s.
+    pub cleanup_interval: Duration,
+    /// The largest payload `publish` accepts; larger ones fail with
+    /// [`ErrorKind::TooLarge`]. Default 64 MiB.
+    pub max_payload: usize,
+}
+
+impl PostgresConfig {
+    /// A configuration for `url` with every other setting at its default, except the schema and
+    /// `application_name` when the URL names them (`?schema=...&application_name=...`).
+    pub fn new(url: impl Into<String>) -> Self {
+        let url = url.into();
+        let mut config = PostgresConfig {
+            schema: DEFAULT_SCHEMA.to_owned(),
+            application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            url,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            liveness_interval: DEFAULT_LIVENESS_INTERVAL,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            pool_size: DEFAULT_POOL_SIZE,
+            subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
+            payload_ttl: DEFAULT_PAYLOAD_TTL,
+            cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        };
+        if let Ok(parsed) = url::Url::parse(&config.url) {
+            for (key, value) in parsed.query_pairs() {
+                match &*key {
+                    SCHEMA_PARAM => config.schema = value.into_owned(),
+                    "application_name" => config.application_name = value.into_owned(),
+                    _ => {}
+                }
+            }
+        }
+        config
+    }
+
+    /// Set [`schema`](Self::schema).
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Set [`application_name`](Self::application_name).
+    pub fn with_application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// Set [`op_timeout`](Self::op_timeout).
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Set [`connect_timeout`](Self::connect_timeout).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Set [`liveness_interval`](Self::liveness_interval).
+    pub fn with_liveness_interval(mut self, interval: Duration) -> Self {
+        self.liveness_interval = interval;
+        self
+    }
+
+    /// Set [`max_backoff`](Self::max_backoff).
+    pub fn with_max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// Set [`pool_size`](Self::pool_size).
+    pub fn with_pool_size(mut self, connections: u32) -> Self {
+        self.pool_size = connections;
+        self
+    }
+
+    /// Set [`subscription_buffer`](Self::subscription_buffer).
+    pub fn with_subscription_buffer(mut self, messages: usize) -> Self {
+        self.subscription_buffer = messages;
+        self
+    }
+
+    /// Set [`payload_ttl`](Self::payload_ttl).
+    pub fn with_payload_ttl(mut self, ttl: Duration) -> Self {
+        self.payload_ttl = ttl;
+        self
+    }
+
+    /// Set [`cleanup_interval`](Self::cleanup_interval).
+    pub fn with_cleanup_interval(mut self, interval: Duration) -> Self {
+        self.cleanup_interval = interval;
+        self
+    }
+
+    /// Set [`max_payload`](Self::max_payload).
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// The URL with its password (in the user info or a `password` parameter) replaced by
+    /// `***`.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Check that every value is usable.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let positive = [
+            ("op_timeout", self.op_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("liveness_interval", self.liveness_interval),
+            ("max_backoff", self.max_backoff),
+            ("payload_ttl", self.payload_ttl),
+            ("cleanup_interval", self.cleanup_interval),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(config_error(format!(
+                    "postgres: {name} must be greater than zero"
+                )));
+            }
+        }
+        if self.pool_size == 0 {
+            return Err(config_error("postgres: pool_size must be at least 1"));
+        }
+        if self.subscription_buffer == 0 {
+            return Err(config_error(
+                "postgres: subscription_buffer must be at least 1",
+            ));
+        }
+        validate_schema(&self.schema)?;
+        let app = &self.application_name;
+        if app.len() > 40 || !app.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(config_error(
+                "postgres: application_name must be at most 40 bytes of printable ASCII",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.redacted_url())
+            .field("schema", &self.schema)
+            .field("application_name", &self.application_name)
+            .field("op_timeout", &self.op_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("liveness_interval", &self.liveness_interval)
+            .field("max_backoff", &self.max_backoff)
+            .field("pool_size", &self.pool_size)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .field("payload_ttl", &self.payload_ttl)
+            .field("cleanup_interval", &self.cleanup_interval)
+            .field("max_payload", &self.max_payload)
+            .finish()
+    }
+}
+
+fn config_error(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+/// A schema name bgtask accepts: 1 to 63 bytes of `[A-Za-z0-9_]`, not starting with a digit.
+/// (It is still quoted wherever it appears in SQL, so its case is kept.)
+pub(crate) fn validate_schema(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && !schema.as_bytes()[0].is_ascii_digit()
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !schema.starts_with("pg_");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "postgres: schema {schema:?} must be 1 to 63 of [A-Za-z0-9_], not starting with a \
+                 digit or pg_"
+            ),
+        ))
+    }
+}
+
+/// `url` without secrets: the password and any `password` query value become `***`. A URL
+/// that does not parse is not shown at all, since its secret cannot be located reliably.
+pub(crate) fn redact(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<unparsable url>".to_owned();
+    };
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return "<unparsable url>".to_owned();
+    }
+    if parsed.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// The password of `url` (user info or `password` parameter), percent-decoded, so that error
+/// texts can be scrubbed of it.
+pub(crate) fn password_of(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    if let Some(p) = parsed.password() {
+        let decoded = percent_decode(p);
+        return Some(decoded);
+    }
+    parsed
+        .query_pairs()
+        .find(|(k, _)| k == "password")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://user:s3cret@host:5432/db"),
+            "postgres://user:***@host:5432/db"
+        );
+        assert_eq!(
+            redact("postgresql://u:s3cret@host/db?sslmode=require"),
+            "postgresql://u:***@host/db?sslmode=require"
+        );
+        assert_eq!(redact("postgres://host/db"), "postgres://host/db");
+        let query = redact("postgres://host/db?user=u&password=s3cret&schema=x");
+        assert!(!query.contains("s3cret"), "{query}");
+        assert!(query.contains("schema=x"), "{query}");
+        assert_eq!(redact("postgres://:s3cret@[bad"), "<unparsable url>");
+    }
+
+    #[test]
+    fn finds_the_password_to_scrub() {
+        assert_eq!(
+            password_of("postgres://u:p%40ss@h/db").as_deref(),
+            Some("p@ss")
+        );
+        assert_eq!(
+            password_of("postgres://h/db?password=x%20y").as_deref(),
+            Some("x y")
+        );
+        assert_eq!(password_of("postgres://u@h/db"), None);
+        assert_eq!(
+            password_of("postgres://u:abc%@h/db").as_deref(),
+            Some("abc%")
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let config = PostgresConfig::new("postgres://u:hunter2@localhost/db");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn url_parameters_set_schema_and_application_name() {
+        let config = PostgresConfig::new("postgres://h/db?schema=jobs&application_name=svc");
+        assert_eq!(config.schema, "jobs");
+        assert_eq!(config.application_name, "svc");
+        let config = PostgresConfig::new("postgres://h/db");
+        assert_eq!(config.schema, DEFAULT_SCHEMA);
+        assert_eq!(config.application_name, DEFAULT_APPLICATION_NAME);
+        let config = PostgresConfig::new("postgres://h/db?schema=jobs").with_schema("other");
+        assert_eq!(config.schema, "other");
+    }
+
+    #[test]
+    fn rejects_unusable_values() {
+        let ok = PostgresConfig::new("postgres://localhost/db");
+        assert!(ok.validate().is_ok());
+        let zero = ok.clone().with_op_timeout(Duration::ZERO);
+        assert_eq!(zero.validate().unwrap_err().kind(), ErrorKind::Config);
+        let zero = ok.clone().with_pool_size(0);
+        assert_eq!(zero.validate().unwrap_err().kind(), ErrorKind::Config);
+        for schema in ["", "1abc", "a-b", "a\"b", "pg_x", &"s".repeat(64), "é"] {
+            let bad = ok.clone().with_schema(schema);
+            assert_eq!(
+                bad.validate().unwrap_err().kind(),
+                ErrorKind::Config,
+                "{schema}"
+            );
+        }
+        for schema in ["bgtask", "Jobs_2", "_x", &"s".repeat(63)] {
+            assert!(
+                ok.clone().with_schema(schema).validate().is_ok(),
+                "{schema}"
+            );
+        }
+        let bad = ok.with_application_name("tab\there");
+        assert_eq!(bad.validate().unwrap_err().kind(), ErrorKind::Config);
+    }
+}

@@ -1,0 +1,122 @@
+//! The pooled connections: every bounded operation except the listener's.
+
+use std::time::Duration;
+
+use bgtask_core::{Error, Result};
+use bytes::Bytes;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+use tokio::time::{error::Elapsed, timeout_at, Instant};
+
+use crate::error::{from_sqlx, poisons_connection, timed_out};
+use crate::schema::Statements;
+
+/// The broker's pool and statements, shared by the broker handles, the cleanup task and the
+/// subscriptions (which read payload rows through it).
+pub(crate) struct Db {
+    pub(crate) pool: PgPool,
+    pub(crate) op_timeout: Duration,
+    /// The connection's password, scrubbed from error texts.
+    pub(crate) secret: Option<String>,
+    pub(crate) statements: Statements,
+    pub(crate) payload_ttl_ms: i64,
+}
+
+/// What reading a payload row found.
+#[derive(Debug, Clone)]
+pub(crate) enum Fetched {
+    /// The message.
+    Message(Bytes),
+    /// The row belongs to another channel whose identifier is the same (a hash collision):
+    /// not for this subscription.
+    NotMine,
+    /// The row is gone (expired) or could not be read: the message is lost.
+    Missing,
+}
+
+impl Db {
+    /// A connection from the pool, waiting no later than `deadline`.
+    pub(crate) async fn conn(
+        &self,
+        what: &str,
+        deadline: Instant,
+    ) -> Result<PoolConnection<Postgres>> {
+        match timeout_at(deadline, self.pool.acquire()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(self.error(what, e)),
+            Err(_) => Err(timed_out(what, self.op_timeout)),
+        }
+    }
+
+    /// The outcome of a statement run on `conn` under a deadline. A connection that timed out
+    /// or broke is closed at once instead of going back to the pool: sqlx would test it there
+    /// with a round trip that has no time bound (sqlx-core `pool/connection.rs`,
+    /// `return_to_pool`), which on a half-open connection waits until the OS gives up and
+    /// holds a pool slot all the while.
+    pub(crate) fn settle<T>(
+        &self,
+        what: &str,
+        conn: PoolConnection<Postgres>,
+        result: std::result::Result<sqlx::Result<T>, Elapsed>,
+    ) -> Result<T> {
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if poisons_connection(&e) {
+                    drop(conn.detach());
+                }
+                Err(self.error(what, e))
+            }
+            Err(_) => {
+                drop(conn.detach());
+                Err(timed_out(what, self.op_timeout))
+            }
+        }
+    }
+
+    pub(crate) fn error(&self, what: &str, e: sqlx::Error) -> Error {
+        from_sqlx(what, e, self.secret.as_deref())
+    }
+
+    /// Read payload row `id` for a subscription of `channel`.
+    pub(crate) async fn fetch(&self, id: &str, channel: &str) -> Fetched {
+        let deadline = Instant::now() + self.op_timeout;
+        let result = async {
+            let mut conn = self.conn("fetch a payload", deadline).await?;
+            let result = timeout_at(
+                deadline,
+                sqlx::query_scalar::<_, Option<Vec<u8>>>(&self.statements.fetch_payload)
+                    .bind(id)
+                    .bind(channel.as_bytes())
+                    .fetch_optional(&mut *conn),
+            )
+            .await;
+            self.settle("fetch a payload", conn, result)
+        }
+        .await;
+        match result {
+            Ok(Some(Some(data))) => Fetched::Message(Bytes::from(data)),
+            Ok(Some(None)) => Fetched::NotMine,
+            Ok(None) => {
+                tracing::warn!(id, "postgres: payload row expired before it was read");
+                Fetched::Missing
+            }
+            Err(e) => {
+                tracing::warn!(id, error = %e, "postgres: cannot read a payload row");
+                Fetched::Missing
+            }
+        }
+    }
+
+    /// Delete expired lease and payload rows; returns how many of each.
+    pub(crate) async fn cleanup(&self) -> Result<(i64, i64)> {
+        let deadline = Instant::now() + self.op_timeout;
+        let mut conn = self.conn("cleanup", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_as::<_, (i64, i64)>(&self.statements.cleanup).fetch_one(&mut *conn),
+        )
+        .await;
+        self.settle("cleanup", conn, result)
+    }
+}

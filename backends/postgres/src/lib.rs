@@ -1,0 +1,578 @@
+//! The PostgreSQL backend of bgtask: [`PostgresBroker`], a [`Broker`] on LISTEN/NOTIFY and two
+//! tables, for teams that already run PostgreSQL and want no second server.
+//!
+//! ```no_run
+//! # async fn example() -> bgtask_core::Result<()> {
+//! use std::time::Duration;
+//! use bgtask_postgres::{PostgresBroker, PostgresConfig};
+//!
+//! let broker = PostgresBroker::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+//! let tuned = PostgresBroker::connect_with(
+//!     PostgresConfig::new("postgresql://app:secret@db.internal/app?sslmode=require")
+//!         .with_schema("jobs")
+//!         .with_op_timeout(Duration::from_secs(2)),
+//! )
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Requires PostgreSQL 12 or later (generated columns, `sha256()`, `hashtextextended()`).
+//!
+//! # URLs
+//!
+//! `postgres://[user[:password]@]host[:port][/database][?param=value&...]`, or `postgresql://`.
+//! The driver's parameters work as usual: `sslmode` (`disable`, `prefer`, `require`,
+//! `verify-ca`, `verify-full`; TLS needs the `tls` cargo feature, on by default: rustls with
+//! `ring` and the webpki roots, `sslrootcert` for your own CA), `host=/run/postgresql` for a
+//! Unix socket, `application_name`, `options`, `password`. bgtask adds `schema=<name>` (see
+//! below), which is removed before the URL reaches the driver. The password never appears in
+//! `Debug` output or in error messages.
+//!
+//! # Schema
+//!
+//! Everything lives in one schema, [`schema`](PostgresConfig::schema) (default `bgtask`),
+//! created on [`connect`](PostgresBroker::connect) by embedded, versioned migrations: run in
+//! one transaction under a transaction-scoped advisory lock (so brokers starting together
+//! migrate once), recorded in `<schema>.migrations`, and skipped with a single read when the
+//! schema is current (so a role without `CREATE` works once an administrator migrated). The
+//! tables:
+//!
+//! - `leases (key bytea, key_hash bytea = sha256(key), id text, note bytea, seq bigint,
+//!   expires_at timestamptz)`, primary key `(key_hash, id)`: one row per live lease. Keys and
+//!   notes are stored as their UTF-8 bytes, so any name works, NUL included (PostgreSQL text
+//!   cannot hold NUL), and the index holds a fixed-size hash whatever the key's length;
+//! - `payloads (id text, channel bytea, data bytea, expires_at timestamptz)`: messages too
+//!   large for one notification (below);
+//! - the function `acquire_lease(key, id, note, ttl_ms, cap)`, see *Leases*.
+//!
+//! Brokers on different schemas of one database never meet: the schema is part of every
+//! channel identifier.
+//!
+//! # Publish and subscribe
+//!
+//! [`publish`](Broker::publish) is one statement, `SELECT pg_notify($1, $2)`, with the channel
+//! identifier and the text as bind parameters; nothing is ever pasted into SQL. See [`wire`]
+//! for the exact formats.
+//!
+//! - **Channel names.** LISTEN truncates identifiers at 63 bytes, a NUL ends them and unquoted
+//!   ones fold to lower case, so no Broker name is used as is: each maps to
+//!   `bgt_<56 hex digits of SHA-256(schema, NUL, name)>`. Every notification also carries the
+//!   full name, and subscribers deliver only messages whose name is exactly theirs, so two
+//!   names never share traffic, even on a hash collision.
+//! - **Unique notifications.** PostgreSQL merges identical notifications of one transaction;
+//!   every notification starts with a fresh 128-bit message id, so none is ever identical.
+//! - **Binary payloads and the 7999-byte limit.** Notifications are text, so payloads travel as
+//!   base64 (4 characters per 3 bytes). When the whole notification (id, base64 name, base64
+//!   payload) would exceed 7999 bytes, the message goes **by reference**: the same statement
+//!   inserts it into `payloads` and notifies `1r<id>`; each subscribing broker reads the row
+//!   once, when its reader gets to that message, so messages stay in order. Rows expire after
+//!   [`payload_ttl`](PostgresConfig::payload_ttl) (default 30 s) and are deleted by the
+//!   cleanup; a reader that comes later gets [`Incoming::Gap`](bgtask_core::Incoming::Gap) instead. Payloads up to
+//!   [`max_payload`](PostgresConfig::max_payload) (64 MiB) are accepted.
+//! - **One listener connection per broker** carries every subscription: the first subscriber of
+//!   a channel sends `LISTEN` and [`subscribe`](Broker::subscribe) returns once the server
+//!   answered it; dropping the last one sends `UNLISTEN`. Each subscription buffers
+//!   [`subscription_buffer`](PostgresConfig::subscription_buffer) messages; a reader that falls
+//!   further behind loses messages and reads a `Gap`.
+//! - **Receivers are not counted**: PostgreSQL cannot tell who received a notification, so
+//!   publish returns [`Published::Unknown`] and [`Capabilities::receiver_counts`] is false.
+//!
+//! # The listener, its liveness and reconnection
+//!
+//! A supervisor task owns the listener connection (a `sqlx` `PgListener`). It replaces the
+//! connection when `try_recv` reports it lost, when receiving fails with any error (sqlx
+//! returns some, like a connection reset, as errors without reconnecting), and when the
+//! periodic liveness round trip (`SELECT 1` every
+//! [`liveness_interval`](PostgresConfig::liveness_interval), answered within
+//! [`op_timeout`](PostgresConfig::op_timeout)) fails: sqlx sets no TCP keepalive, so without it
+//! a half-open connection would wait forever. It reconnects forever, with backoff from 50 ms
+//! doubling up to [`max_backoff`](PostgresConfig::max_backoff), LISTENs every channel that has
+//! subscribers again, and only then yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) on each subscription that existed
+//! during the outage. sqlx's own `recv()` would reconnect silently; it is not used. While
+//! disconnected, `subscribe` waits at most `op_timeout` for the connection to come back.
+//!
+//! The listener connection's `application_name` is `"<application_name> listener <broker
+//! id>"` ([`PostgresBroker::listener_application_name`]), so it can be found in
+//! `pg_stat_activity`; the pooled connections use
+//! [`application_name`](PostgresConfig::application_name).
+//!
+//! # Leases
+//!
+//! [`acquire`](Broker::acquire) is one statement calling `acquire_lease`, a PL/pgSQL function
+//! that takes a transaction-scoped advisory lock on the key (a hash of schema and key), reads
+//! the database clock (`clock_timestamp()`) after it holds the lock, deletes the key's expired
+//! leases, counts the live ones, inserts the new one if under the cap, and returns whether it
+//! did and the live count. The lock ends with the statement's transaction; session-level
+//! advisory locks, which misbehave with pooled connections, are never used. Every expiry is
+//! judged by the database's clock (`clock_timestamp()`, `statement_timestamp()`), never the
+//! client's. `release`, `leases` and `count` are single statements. TTLs are capped at about
+//! 100 years.
+//!
+//! # Cleanup
+//!
+//! Nothing polls for messages: notifications wake the subscribers. The only periodic work is
+//! the listener's round trip and one `DELETE` of the expired rows of both tables every
+//! [`cleanup_interval`](PostgresConfig::cleanup_interval) (default 5 s) by every broker, so no
+//! row outlives its expiry by more than that, even when every creator crashed. Acquiring a
+//! lease also deletes its key's expired rows.
+//!
+//! # Time bounds
+//!
+//! Every operation (publish, subscribe, each lease call, reading a payload row) finishes
+//! within [`op_timeout`](PostgresConfig::op_timeout), getting a pooled connection included
+//! (the pool's `acquire_timeout` is `op_timeout` as well); the server aborts statements that
+//! run longer (`statement_timeout` = `op_timeout`). A connection whose operation timed out or
+//! broke is closed, not returned to the pool. [`PostgresBroker::connect`] opens its first
+//! connection directly, within [`connect_timeout`](PostgresConfig::connect_timeout), so a
+//! refused connection fails with [`ErrorKind::Unavailable`] at once (sqlx's pool would retry
+//! it until its timeout) and rejected credentials with [`ErrorKind::Auth`]. Lost, refused and
+//! silent connections are [`ErrorKind::Unavailable`]; a missing database or an unusable URL is
+//! [`ErrorKind::Config`].
+//!
+//! # Configuration
+//!
+//! | field | default | meaning |
+//! |-------|---------|---------|
+//! | [`url`](PostgresConfig::url) | — | where the server is (see above) |
+//! | [`schema`](PostgresConfig::schema) | `bgtask` (or `?schema=`) | schema of bgtask's tables |
+//! | [`application_name`](PostgresConfig::application_name) | `bgtask` | shown in `pg_stat_activity` |
+//! | [`op_timeout`](PostgresConfig::op_timeout) | 5 s | bound on every operation and on the liveness round trip |
+//! | [`connect_timeout`](PostgresConfig::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`liveness_interval`](PostgresConfig::liveness_interval) | 2 s | how often the listener connection makes a round trip |
+//! | [`max_backoff`](PostgresConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`pool_size`](PostgresConfig::pool_size) | 8 | pooled connections (plus one listener connection) |
+//! | [`subscription_buffer`](PostgresConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
+//! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
+//! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
+//!
+//! # Lifetimes
+//!
+//! A broker's clones share its pool and listener. Subscriptions keep the listener alive: it
+//! closes when the last clone and the last subscription are dropped, or at once with
+//! [`PostgresBroker::close`], which also ends every subscription stream.
+//!
+//! # Tests
+//!
+//! The integration tests need a PostgreSQL at `BGTASK_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`; `docker compose up -d postgres`, or a local
+//! server) and fail when there is none. Each test uses a schema of its own (`bgtask_t<random>`)
+//! and drops only that schema. The wrong-password test starts a private server with `initdb`
+//! and `pg_ctl` from `BGTASK_POSTGRES_BIN` (default: the newest `/usr/lib/postgresql/*/bin`).
+#![deny(missing_docs)]
+
+mod config;
+mod db;
+mod error;
+mod listener;
+mod schema;
+pub mod wire;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bgtask_core::{
+    Acquired, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Published,
+    Result, Subscription,
+};
+use bytes::Bytes;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use tokio::time::{timeout, timeout_at, Instant};
+
+pub use config::{
+    PostgresConfig, DEFAULT_APPLICATION_NAME, DEFAULT_CLEANUP_INTERVAL, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_PAYLOAD, DEFAULT_OP_TIMEOUT,
+    DEFAULT_PAYLOAD_TTL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, DEFAULT_SUBSCRIPTION_BUFFER,
+    SCHEMA_PARAM,
+};
+
+use db::Db;
+use error::{closed, from_sqlx, timed_out};
+use listener::{ListenerHandle, ListenerSettings};
+
+/// The longest lease TTL: about 100 years (longer ones are shortened to this).
+pub const MAX_TTL_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// How long pooled connections stay open unused.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A [`Broker`] on PostgreSQL LISTEN/NOTIFY. Cheap to clone; clones share the connections.
+///
+/// See the [crate docs](crate) for the schema, the channel mapping, by-reference payloads,
+/// leases and time bounds.
+#[derive(Clone)]
+pub struct PostgresBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PostgresConfig,
+    listener_application_name: String,
+    closed: AtomicBool,
+    db: Arc<Db>,
+    listener: ListenerHandle,
+    cleanup: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cleanup.abort();
+    }
+}
+
+impl PostgresBroker {
+    /// Connect to the server at `url` with default settings (and the URL's `schema` parameter,
+    /// if any), creating or migrating the schema.
+    ///
+    /// Fails with [`ErrorKind::Config`] for a URL that is not a PostgreSQL URL or names a
+    /// missing database, [`ErrorKind::Unavailable`] when the server cannot be reached within
+    /// the connect timeout, and [`ErrorKind::Auth`] when it refuses the credentials.
+    pub async fn connect(url: &str) -> Result<PostgresBroker> {
+        Self::connect_with(PostgresConfig::new(url)).await
+    }
+
+    /// Connect with the given settings; fails like [`connect`](Self::connect).
+    pub async fn connect_with(config: PostgresConfig) -> Result<PostgresBroker> {
+        config.validate()?;
+        let secret = config::password_of(&config.url);
+        let options = connect_options(&config, secret.as_deref())?;
+
+        // The first connection is made directly, not through the pool: a refused connection
+        // fails at once (the pool would retry it until its timeout), and the schema is
+        // migrated on it.
+        let mut conn = match timeout(config.connect_timeout, options.connect()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(from_sqlx("connect", e, secret.as_deref())),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "postgres unavailable: no connection to {} within {:?}",
+                        config.redacted_url(),
+                        config.connect_timeout
+                    ),
+                ))
+            }
+        };
+        let migrated = timeout(
+            config.op_timeout.max(Duration::from_secs(1)) * 2,
+            schema::migrate(&mut conn, &config.schema),
+        )
+        .await;
+        let _ = timeout(Duration::from_millis(500), conn.close()).await;
+        match migrated {
+            Ok(Ok(applied)) if !applied.is_empty() => {
+                tracing::info!(schema = %config.schema, ?applied, "postgres: schema migrated");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(from_sqlx("migrate the schema", e, secret.as_deref())),
+            Err(_) => return Err(timed_out("migrate the schema", config.op_timeout * 2)),
+        }
+
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size)
+            .min_connections(0)
+            .acquire_timeout(config.op_timeout)
+            .idle_timeout(Some(POOL_IDLE_TIMEOUT))
+            .test_before_acquire(true)
+            .connect_lazy_with(options.clone());
+        let db = Arc::new(Db {
+            pool,
+            op_timeout: config.op_timeout,
+            secret: secret.clone(),
+            statements: schema::Statements::new(&config.schema),
+            payload_ttl_ms: i64::try_from(config.payload_ttl.as_millis()).unwrap_or(i64::MAX),
+        });
+
+        let broker_id = &bgtask_core::names::random_id()[..12];
+        let listener_application_name = format!("{} listener {broker_id}", config.application_name);
+        let listener = ListenerHandle::start(
+            ListenerSettings {
+                options: options.application_name(&listener_application_name),
+                schema: config.schema.clone(),
+                op_timeout: config.op_timeout,
+                connect_timeout: config.connect_timeout,
+                liveness_interval: config.liveness_interval,
+                max_backoff: config.max_backoff,
+                buffer: config.subscription_buffer,
+                secret,
+            },
+            db.clone(),
+        )
+        .await?;
+        let cleanup = tokio::spawn(cleanup_loop(db.clone(), config.cleanup_interval));
+        tracing::debug!(url = %config.redacted_url(), schema = %config.schema, "postgres: broker connected");
+        Ok(PostgresBroker {
+            inner: Arc::new(Inner {
+                config,
+                listener_application_name,
+                closed: AtomicBool::new(false),
+                db,
+                listener,
+                cleanup,
+            }),
+        })
+    }
+
+    /// The settings this broker was built with.
+    pub fn config(&self) -> &PostgresConfig {
+        &self.inner.config
+    }
+
+    /// The `application_name` of this broker's listener connection (unique per broker), to find
+    /// it in `pg_stat_activity`.
+    pub fn listener_application_name(&self) -> &str {
+        &self.inner.listener_application_name
+    }
+
+    /// The PostgreSQL channel identifier that `channel` is LISTENed to and notified on.
+    pub fn channel_identifier(&self, channel: &str) -> String {
+        wire::channel_identifier(&self.inner.config.schema, channel)
+    }
+
+    /// Close the broker and every clone of it now: every subscription stream ends, the pool
+    /// closes, and every later call fails with [`ErrorKind::Closed`].
+    ///
+    /// Without it the connections close when the last clone and the last subscription are
+    /// dropped.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.listener.close();
+        self.inner.cleanup.abort();
+        let pool = self.inner.db.pool.clone();
+        tokio::spawn(async move { pool.close().await });
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    fn check_open(&self, what: &str) -> Result<()> {
+        if self.is_closed() {
+            return Err(closed(what));
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.config.op_timeout
+    }
+}
+
+/// The driver's options for `config`: the URL without bgtask's own parameters, the
+/// application name, and the server-side statement timeout.
+fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgConnectOptions> {
+    let bad_url = |detail: String| {
+        let detail = match secret.filter(|s| !s.is_empty()) {
+            Some(secret) => detail.replace(secret, "***"),
+            None => detail,
+        };
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "not a usable PostgreSQL URL: {}: {detail}",
+                config.redacted_url()
+            ),
+        )
+    };
+    let mut url = url::Url::parse(&config.url).map_err(|e| bad_url(e.to_string()))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(bad_url(
+            "the scheme must be postgres:// or postgresql://".to_owned(),
+        ));
+    }
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != SCHEMA_PARAM)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    let statement_timeout = config.op_timeout.as_millis().max(1).to_string();
+    let options = PgConnectOptions::from_url(&url)
+        .map_err(|e| bad_url(e.to_string()))?
+        .application_name(&config.application_name)
+        .options([("statement_timeout", statement_timeout.as_str())]);
+    Ok(options)
+}
+
+/// Delete expired rows every `interval` (with a little jitter, so brokers started together
+/// spread out), for as long as the broker lives.
+async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
+    loop {
+        let jitter = interval.mul_f64(rand_fraction() * 0.2);
+        tokio::time::sleep(interval + jitter).await;
+        match db.cleanup().await {
+            Ok((0, 0)) => {}
+            Ok((leases, payloads)) => {
+                tracing::debug!(leases, payloads, "postgres: expired rows deleted");
+            }
+            Err(e) => tracing::debug!(error = %e, "postgres: cleanup failed; retrying later"),
+        }
+    }
+}
+
+fn rand_fraction() -> f64 {
+    let id = bgtask_core::names::random_id();
+    u32::from_str_radix(&id[..8], 16).unwrap_or(0) as f64 / u32::MAX as f64
+}
+
+impl fmt::Debug for PostgresBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBroker")
+            .field("url", &self.inner.config.redacted_url())
+            .field("schema", &self.inner.config.schema)
+            .field("listener", &self.inner.listener_application_name)
+            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("subscribed_channels", &self.inner.listener.channels())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Broker for PostgresBroker {
+    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
+        self.check_open("publish")?;
+        let max = self.inner.config.max_payload;
+        if payload.len() > max {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes is over the broker's limit of {max} bytes",
+                    payload.len()
+                ),
+            ));
+        }
+        let db = &self.inner.db;
+        let ident = self.channel_identifier(channel);
+        let id = wire::message_id();
+        let deadline = self.deadline();
+        let mut conn = db.conn("publish", deadline).await?;
+        let result = match wire::encode_inline(&id, channel, &payload) {
+            Some(text) => {
+                timeout_at(
+                    deadline,
+                    sqlx::query(&db.statements.notify)
+                        .bind(&ident)
+                        .bind(&text)
+                        .execute(&mut *conn),
+                )
+                .await
+            }
+            None => {
+                timeout_at(
+                    deadline,
+                    sqlx::query(&db.statements.notify_by_reference)
+                        .bind(&id)
+                        .bind(channel.as_bytes())
+                        .bind(payload.as_ref())
+                        .bind(db.payload_ttl_ms)
+                        .bind(&ident)
+                        .bind(wire::encode_reference(&id))
+                        .execute(&mut *conn),
+                )
+                .await
+            }
+        };
+        db.settle("publish", conn, result)?;
+        Ok(Published::Unknown)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
+        self.check_open("subscribe")?;
+        self.inner.listener.subscribe(channel).await
+    }
+
+    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+        self.check_open("acquire")?;
+        let db = &self.inner.db;
+        let id = LeaseId::random();
+        let ttl = i64::try_from(request.ttl_millis().min(MAX_TTL_MILLIS)).unwrap_or(i64::MAX);
+        let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        let deadline = self.deadline();
+        let mut conn = db.conn("acquire", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_as::<_, (bool, i64)>(&db.statements.acquire)
+                .bind(key.as_bytes())
+                .bind(id.as_str())
+                .bind(request.note.as_bytes())
+                .bind(ttl)
+                .bind(cap)
+                .fetch_one(&mut *conn),
+        )
+        .await;
+        let (granted, live) = db.settle("acquire", conn, result)?;
+        Ok(Acquired {
+            lease: granted.then_some(id),
+            live: u64::try_from(live).unwrap_or(0),
+        })
+    }
+
+    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+        self.check_open("release")?;
+        let db = &self.inner.db;
+        let deadline = self.deadline();
+        let mut conn = db.conn("release", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_scalar::<_, bool>(&db.statements.release)
+                .bind(key.as_bytes())
+                .bind(lease.as_str())
+                .fetch_optional(&mut *conn),
+        )
+        .await;
+        Ok(db.settle("release", conn, result)? == Some(true))
+    }
+
+    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        self.check_open("leases")?;
+        let db = &self.inner.db;
+        let deadline = self.deadline();
+        let mut conn = db.conn("leases", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_as::<_, (String, Vec<u8>, f64)>(&db.statements.leases)
+                .bind(key.as_bytes())
+                .fetch_all(&mut *conn),
+        )
+        .await;
+        let rows = db.settle("leases", conn, result)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, note, seconds)| LeaseInfo {
+                id: LeaseId::new(id),
+                note: String::from_utf8_lossy(&note).into_owned(),
+                remaining: Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX),
+            })
+            .collect())
+    }
+
+    async fn count(&self, key: &str) -> Result<u64> {
+        self.check_open("count")?;
+        let db = &self.inner.db;
+        let deadline = self.deadline();
+        let mut conn = db.conn("count", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_scalar::<_, i64>(&db.statements.count)
+                .bind(key.as_bytes())
+                .fetch_one(&mut *conn),
+        )
+        .await;
+        Ok(u64::try_from(db.settle("count", conn, result)?).unwrap_or(0))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(false, true)
+    }
+}

@@ -1,0 +1,233 @@
+//! The tables, the lease function and the migrations that create them, and every statement the
+//! broker runs. `{s}` in a template stands for the quoted schema name; everything else a
+//! statement needs is a bind parameter.
+
+use futures::future::BoxFuture;
+use sqlx::{Connection, Executor, PgConnection};
+
+use sha2::{Digest, Sha256};
+
+/// The migrations, in order: `(version, description, SQL)`. Applied once each, in one
+/// transaction under a transaction-scoped advisory lock, and recorded in `{s}.migrations`.
+/// Never edit one that was released; add a new one.
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "leases, payloads and the lease function",
+    r#"
+CREATE TABLE {s}.leases (
+    key_hash   bytea       GENERATED ALWAYS AS (sha256(key)) STORED,
+    key        bytea       NOT NULL,
+    id         text        NOT NULL,
+    note       bytea       NOT NULL,
+    seq        bigint      GENERATED ALWAYS AS IDENTITY,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (key_hash, id)
+);
+CREATE INDEX leases_expires_at ON {s}.leases (expires_at);
+COMMENT ON TABLE {s}.leases IS
+    'bgtask leases: one row per live lease of a key (UTF-8 bytes); expired rows are deleted by acquire_lease and the brokers'' periodic cleanup';
+
+CREATE TABLE {s}.payloads (
+    id         text        PRIMARY KEY,
+    channel    bytea       NOT NULL,
+    data       bytea       NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX payloads_expires_at ON {s}.payloads (expires_at);
+COMMENT ON TABLE {s}.payloads IS
+    'bgtask messages too large for one NOTIFY, read by subscribers by id; deleted by the brokers'' periodic cleanup after expires_at';
+
+CREATE FUNCTION {s}.acquire_lease(
+    p_key bytea, p_id text, p_note bytea, p_ttl_ms bigint, p_cap bigint,
+    OUT granted boolean, OUT live bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_hash bytea := sha256(p_key);
+    v_now  timestamptz;
+BEGIN
+    -- One acquirer per key at a time, until this transaction ends; being VOLATILE, every
+    -- statement below takes a fresh snapshot, so it sees what the previous holder committed.
+    PERFORM pg_advisory_xact_lock(hashtextextended({lit} || ':' || encode(v_hash, 'hex'), 0));
+    v_now := clock_timestamp();
+    DELETE FROM {s}.leases l WHERE l.key_hash = v_hash AND l.key = p_key AND l.expires_at <= v_now;
+    SELECT count(*) INTO live FROM {s}.leases l WHERE l.key_hash = v_hash AND l.key = p_key;
+    IF p_cap IS NULL OR live < p_cap THEN
+        INSERT INTO {s}.leases (key, id, note, expires_at)
+            VALUES (p_key, p_id, p_note, v_now + p_ttl_ms * interval '1 millisecond');
+        granted := true;
+        live := live + 1;
+    ELSE
+        granted := false;
+    END IF;
+END
+$fn$;
+"#,
+)];
+
+/// The latest migration version.
+pub(crate) fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// `name` as a quoted SQL identifier.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `text` as a SQL string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Fill in a template for `schema`.
+fn render(template: &str, schema: &str) -> String {
+    template
+        .replace("{s}", &quote_ident(schema))
+        .replace("{lit}", &quote_literal(schema))
+}
+
+/// The advisory lock key that serializes migrations of `schema`.
+fn migration_lock(schema: &str) -> i64 {
+    let digest = Sha256::digest(format!("bgtask-postgres migrations {schema}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// Bring `schema` up to date on `conn`. Returns the versions applied (empty when it was up to
+/// date already).
+///
+/// Boxed: the future borrows the connection through sqlx's `Executor` impls, which the
+/// compiler cannot prove `Send` for every lifetime when it is awaited inside another future.
+pub(crate) fn migrate<'a>(
+    conn: &'a mut PgConnection,
+    schema: &'a str,
+) -> BoxFuture<'a, sqlx::Result<Vec<i32>>> {
+    Box::pin(migrate_now(conn, schema))
+}
+
+async fn migrate_now(conn: &mut PgConnection, schema: &str) -> sqlx::Result<Vec<i32>> {
+    let versions = format!(
+        "SELECT max(version) FROM {}.migrations",
+        quote_ident(schema)
+    );
+    // Fast path without a lock or any privilege beyond reading: already up to date.
+    if let Ok(Some(current)) = sqlx::query_scalar::<_, Option<i32>>(&versions)
+        .fetch_one(&mut *conn)
+        .await
+    {
+        if current >= latest_version() {
+            return Ok(Vec::new());
+        }
+    }
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(migration_lock(schema))
+        .execute(&mut *tx)
+        .await?;
+    // Several statements without parameters: the simple query protocol.
+    let setup = render(
+        "CREATE SCHEMA IF NOT EXISTS {s}; \
+         CREATE TABLE IF NOT EXISTS {s}.migrations ( \
+             version integer PRIMARY KEY, \
+             description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        schema,
+    );
+    tx.execute(setup.as_str()).await?;
+    let current = sqlx::query_scalar::<_, Option<i32>>(&versions)
+        .fetch_one(&mut *tx)
+        .await?
+        .unwrap_or(0);
+    let mut applied = Vec::new();
+    for (version, description, sql) in MIGRATIONS {
+        if *version <= current {
+            continue;
+        }
+        let sql = render(sql, schema);
+        tx.execute(sql.as_str()).await?;
+        sqlx::query(&render(
+            "INSERT INTO {s}.migrations (version, description) VALUES ($1, $2)",
+            schema,
+        ))
+        .bind(version)
+        .bind(description)
+        .execute(&mut *tx)
+        .await?;
+        applied.push(*version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Every statement the broker runs, rendered for one schema.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// `$1` channel identifier, `$2` notification text.
+    pub(crate) notify: String,
+    /// `$1` id, `$2` channel bytes, `$3` data, `$4` ttl in ms, `$5` identifier, `$6` text.
+    pub(crate) notify_by_reference: String,
+    /// `$1` id, `$2` channel bytes → `data` when the row is that channel's, NULL otherwise.
+    pub(crate) fetch_payload: String,
+    /// `$1` key, `$2` id, `$3` note, `$4` ttl in ms, `$5` cap or NULL → (granted, live).
+    pub(crate) acquire: String,
+    /// `$1` key, `$2` id → one row (was it live?) if the lease existed.
+    pub(crate) release: String,
+    /// `$1` key → (id, note, seconds left) of the live leases, oldest first.
+    pub(crate) leases: String,
+    /// `$1` key → the number of live leases.
+    pub(crate) count: String,
+    /// → (lease rows deleted, payload rows deleted).
+    pub(crate) cleanup: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &str) -> Statements {
+        let r = |t: &str| render(t, schema);
+        Statements {
+            notify: "SELECT pg_notify($1, $2)".to_owned(),
+            notify_by_reference: r("WITH row AS ( \
+                   INSERT INTO {s}.payloads (id, channel, data, expires_at) \
+                   VALUES ($1, $2, $3, clock_timestamp() + $4 * interval '1 millisecond') \
+                   RETURNING id) \
+                 SELECT pg_notify($5, $6) FROM row"),
+            fetch_payload: r("SELECT CASE WHEN channel = $2 THEN data END \
+                 FROM {s}.payloads WHERE id = $1"),
+            acquire: r("SELECT granted, live FROM {s}.acquire_lease($1, $2, $3, $4, $5)"),
+            release: r("DELETE FROM {s}.leases \
+                 WHERE key_hash = sha256($1) AND key = $1 AND id = $2 \
+                 RETURNING expires_at > clock_timestamp()"),
+            leases: r("SELECT id, note, \
+                     extract(epoch FROM expires_at - statement_timestamp())::float8 \
+                 FROM {s}.leases \
+                 WHERE key_hash = sha256($1) AND key = $1 AND expires_at > statement_timestamp() \
+                 ORDER BY seq"),
+            count: r("SELECT count(*) FROM {s}.leases \
+                 WHERE key_hash = sha256($1) AND key = $1 AND expires_at > statement_timestamp()"),
+            cleanup: r("WITH leases AS ( \
+                     DELETE FROM {s}.leases WHERE expires_at <= statement_timestamp() RETURNING 1), \
+                 payloads AS ( \
+                     DELETE FROM {s}.payloads WHERE expires_at <= statement_timestamp() RETURNING 1) \
+                 SELECT (SELECT count(*) FROM leases), (SELECT count(*) FROM payloads)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_quote_the_schema() {
+        assert_eq!(quote_ident("bg"), "\"bg\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(render("{s}.t {lit}", "Jobs"), "\"Jobs\".t 'Jobs'");
+        let statements = Statements::new("x");
+        assert!(statements.acquire.contains("\"x\".acquire_lease"));
+        for (_, _, sql) in MIGRATIONS {
+            let sql = render(sql, "x");
+            assert!(!sql.contains("{s}") && !sql.contains("{lit}"));
+        }
+        assert_ne!(migration_lock("a"), migration_lock("b"));
+    }
+}

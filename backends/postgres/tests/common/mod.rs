@@ -1,0 +1,167 @@
+//! Helpers shared by the integration tests: the test server, schemas of their own, brokers,
+//! raw connections.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use bgtask_postgres::{PostgresBroker, PostgresConfig};
+use sqlx::{Connection, PgConnection};
+
+/// The environment variable naming the test server.
+pub const URL_VAR: &str = "BGTASK_POSTGRES_URL";
+/// The test server when the variable is not set.
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// How to get a server for the tests.
+pub const HOW_TO_START: &str = "start PostgreSQL with a database `test` that user `postgres` \
+     may use: `docker compose up -d postgres`, or `scripts/test` (which starts a local server), \
+     or point BGTASK_POSTGRES_URL at a server";
+
+/// The URL of the test server.
+pub fn url() -> String {
+    std::env::var(URL_VAR).unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// A schema of one test, dropped (with everything in it) when this is dropped. Brokers create
+/// it when they first connect.
+pub struct TestSchema {
+    pub name: String,
+}
+
+impl TestSchema {
+    pub fn new() -> TestSchema {
+        TestSchema {
+            name: format!("bgtask_t{}", &bgtask_core::names::random_id()[..16]),
+        }
+    }
+
+    /// The settings for a broker on this schema, with a small pool (tests open many brokers).
+    pub fn config(&self) -> PostgresConfig {
+        PostgresConfig::new(url())
+            .with_schema(&self.name)
+            .with_pool_size(4)
+    }
+
+    /// A broker on this schema; panics with instructions when the server is unreachable.
+    pub async fn broker(&self) -> PostgresBroker {
+        connect(self.config()).await
+    }
+
+    /// Settings for a broker on this schema behind a fault proxy: short bounds so outages are
+    /// noticed quickly.
+    pub fn fault_config(&self, addr: SocketAddr) -> PostgresConfig {
+        PostgresConfig::new(url_via(addr))
+            .with_schema(&self.name)
+            .with_pool_size(4)
+            .with_op_timeout(Duration::from_secs(1))
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_liveness_interval(Duration::from_secs(1))
+            .with_max_backoff(Duration::from_secs(1))
+    }
+
+    /// The number of rows in this schema's `payloads` table.
+    pub async fn payload_rows(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM \"{}\".payloads", self.name);
+        sqlx::query_scalar(&sql)
+            .fetch_one(&mut raw().await)
+            .await
+            .unwrap()
+    }
+
+    /// The number of rows in this schema's `leases` table, expired ones included.
+    pub async fn lease_rows(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM \"{}\".leases", self.name);
+        sqlx::query_scalar(&sql)
+            .fetch_one(&mut raw().await)
+            .await
+            .unwrap()
+    }
+}
+
+impl Default for TestSchema {
+    fn default() -> Self {
+        TestSchema::new()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // On a thread of its own: this may run inside (or while shutting down) a runtime.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime to drop the test schema");
+            runtime.block_on(async move {
+                let work = async {
+                    let mut conn = PgConnection::connect(&url()).await?;
+                    sqlx::query("SET lock_timeout = '10s'")
+                        .execute(&mut conn)
+                        .await?;
+                    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                        .execute(&mut conn)
+                        .await?;
+                    conn.close().await
+                };
+                match tokio::time::timeout(Duration::from_secs(20), work).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("could not drop test schema {name}: {e}"),
+                    Err(_) => eprintln!("dropping test schema {name} timed out"),
+                }
+            });
+        });
+        let _ = dropped.join();
+    }
+}
+
+/// A broker with `config`; panics with instructions when the server is unreachable.
+pub async fn connect(config: PostgresConfig) -> PostgresBroker {
+    let shown = config.redacted_url();
+    match PostgresBroker::connect_with(config).await {
+        Ok(broker) => broker,
+        Err(e) => panic!("cannot reach the test PostgreSQL at {shown}: {e}\n{HOW_TO_START}"),
+    }
+}
+
+/// The test server's TCP address.
+pub fn server_addr() -> SocketAddr {
+    let url = url::Url::parse(&url()).expect("BGTASK_POSTGRES_URL is not a URL");
+    let host = url.host_str().expect("BGTASK_POSTGRES_URL has no host");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, url.port().unwrap_or(5432))
+        .to_socket_addrs()
+        .expect("resolve the test PostgreSQL host")
+        .next()
+        .expect("the test PostgreSQL host has no address")
+}
+
+/// The test server's URL with its host and port replaced by `addr` (credentials and database
+/// kept): how a broker reaches the server through a fault proxy.
+pub fn url_via(addr: SocketAddr) -> String {
+    let mut url = url::Url::parse(&url()).expect("BGTASK_POSTGRES_URL is not a URL");
+    url.set_ip_host(addr.ip()).expect("set the proxy host");
+    url.set_port(Some(addr.port())).expect("set the proxy port");
+    url.to_string()
+}
+
+/// A plain connection for checking the server's side of things.
+pub async fn raw() -> PgConnection {
+    match tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&url())).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => panic!("cannot reach the test PostgreSQL: {e}\n{HOW_TO_START}"),
+        Err(_) => panic!("the test PostgreSQL does not answer\n{HOW_TO_START}"),
+    }
+}
+
+/// The backend pid of the listener connection of `broker`, from `pg_stat_activity`.
+pub async fn listener_pid(broker: &PostgresBroker) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname IS NOT NULL",
+    )
+    .bind(broker.listener_application_name())
+    .fetch_optional(&mut raw().await)
+    .await
+    .unwrap()
+}
