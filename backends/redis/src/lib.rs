@@ -183,6 +183,14 @@ impl RedisBroker {
         })?;
         let commands = Arc::new(Commands::new(client.clone(), &config));
         commands.connect_now().await?;
+        // Opening a connection sends no command when the URL has no credentials: ask the server
+        // once, so a server that wants a password (NOAUTH) is an `Auth` error here, at connect,
+        // and not on the first publish.
+        commands
+            .run("connect", |mut conn| async move {
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await?;
         // When the subscription connection is lost, the command connection most likely is too:
         // drop it, so that the first command after an outage does not fail on a dead socket.
         let weak = Arc::downgrade(&commands);

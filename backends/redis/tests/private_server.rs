@@ -1,12 +1,15 @@
-//! Tests that need a Redis of their own, because they change server state that the shared test
-//! server must keep: they start a throwaway `redis-server` (which must be on `PATH`) on a free
-//! port. Ignored by default; run with
-//! `cargo test -p bgtask-redis --test private_server -- --ignored`.
+//! Tests that need a Redis of their own, started by the test on a free loopback port from the
+//! local `redis-server` binary (which must be on `PATH`; `apt-get install redis-server`):
+//! scripts flushed, a server restart, passwords, ACL users and TLS with certificates generated
+//! here (by the `openssl` command). The shared test server is never touched.
 
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use bgtask_core::{Broker, Incoming, LeaseRequest, Published};
+use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published};
 use bgtask_redis::RedisBroker;
 use bgtask_redis::RedisConfig;
 use bytes::Bytes;
@@ -18,24 +21,41 @@ struct PrivateServer {
     port: u16,
 }
 
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 impl PrivateServer {
     fn start() -> PrivateServer {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        Self::start_on(port)
+        Self::start_on(free_port())
     }
 
     fn start_on(port: u16) -> PrivateServer {
+        Self::start_with(port, &["--port".into(), port.to_string()])
+    }
+
+    /// Start with `args` (which set the port); wait until `port` accepts connections.
+    fn start_with(port: u16, args: &[String]) -> PrivateServer {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server (is it on PATH?): {e}"));
-        PrivateServer { child, port }
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server (install it: apt-get install redis-server): {e}")
+            });
+        let server = PrivateServer { child, port };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
     }
 
     fn url(&self) -> String {
@@ -43,13 +63,9 @@ impl PrivateServer {
     }
 
     async fn broker(&self) -> RedisBroker {
-        for _ in 0..100 {
-            if let Ok(broker) = RedisBroker::connect(&self.url()).await {
-                return broker;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the private redis-server did not start");
+        RedisBroker::connect(&self.url())
+            .await
+            .expect("connect to the private server")
     }
 }
 
@@ -60,10 +76,240 @@ impl Drop for PrivateServer {
     }
 }
 
+/// Publish, subscribe and a lease work on `broker`.
+async fn round_trip(broker: &RedisBroker) {
+    let mut sub = broker.subscribe("ch").await.unwrap();
+    assert_eq!(
+        broker
+            .publish("ch", Bytes::from_static(b"hi"))
+            .await
+            .unwrap(),
+        Published::Receivers(1)
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap();
+    assert_eq!(got, Some(Incoming::Message(Bytes::from_static(b"hi"))));
+    let acquired = broker
+        .acquire("k", LeaseRequest::new(Duration::from_secs(5)).cap(1))
+        .await
+        .unwrap();
+    assert!(acquired.lease.is_some());
+}
+
+/// Connecting to `url` fails with `Auth`, quickly, and `secret` appears nowhere in the error.
+async fn refused(url: &str, secret: &str) {
+    let started = Instant::now();
+    let err = RedisBroker::connect(url).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!format!("{err} {err:?}").contains(secret), "{err:?}");
+}
+
+/// A password (`requirepass`): the right one works; a wrong or missing one is `Auth` at
+/// connect, and never shows in errors or `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_auth() {
+    let port = free_port();
+    let server = PrivateServer::start_with(
+        port,
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--requirepass".into(),
+            "s3cret-pw".into(),
+        ],
+    );
+    let base = format!("127.0.0.1:{}", server.port);
+    let broker = RedisBroker::connect(&format!("redis://:s3cret-pw@{base}"))
+        .await
+        .unwrap();
+    round_trip(&broker).await;
+    assert!(!format!("{broker:?}").contains("s3cret-pw"));
+    refused(&format!("redis://:wrong-pw-123@{base}"), "wrong-pw-123").await;
+    refused(&format!("redis://{base}"), "s3cret-pw").await;
+}
+
+/// An ACL user: its password works; a wrong one is `Auth`; a command the user may not run is
+/// `Auth` too, not a hang or a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_users() {
+    let port = free_port();
+    let server = PrivateServer::start_with(
+        port,
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--user".into(),
+            "default".into(),
+            "off".into(),
+            "--user".into(),
+            "alice".into(),
+            "on".into(),
+            ">wonderland-pw".into(),
+            "~*".into(),
+            "&*".into(),
+            "+@all".into(),
+            "--user".into(),
+            "bob".into(),
+            "on".into(),
+            ">builder-pw".into(),
+            "~*".into(),
+            "&*".into(),
+            "+@all".into(),
+            "-publish".into(),
+        ],
+    );
+    let base = format!("127.0.0.1:{}", server.port);
+    let alice = RedisBroker::connect(&format!("redis://alice:wonderland-pw@{base}"))
+        .await
+        .unwrap();
+    round_trip(&alice).await;
+    refused(&format!("redis://alice:not-her-pw@{base}"), "not-her-pw").await;
+    let bob = RedisBroker::connect(&format!("redis://bob:builder-pw@{base}"))
+        .await
+        .unwrap();
+    let err = bob
+        .publish("ch", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+}
+
+/// A CA and a server certificate for `localhost`/127.0.0.1, made once per test run with the
+/// `openssl` command; the process trusts the CA through `SSL_CERT_FILE`.
+fn certificates() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bgtask-redis-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run openssl (apt-get install openssl): {e}"));
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=bgtask test CA",
+                ][..],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ][..],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        std::env::set_var("SSL_CERT_FILE", dir.join("ca.crt"));
+        dir
+    })
+}
+
+/// `rediss://` with a password against a TLS-only server whose certificate was made here.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_password() {
+    let certs = certificates();
+    let port = free_port();
+    let file = |name: &str| certs.join(name).display().to_string();
+    let server = PrivateServer::start_with(
+        port,
+        &[
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.crt"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            "tls-pw".into(),
+        ],
+    );
+    let broker = RedisBroker::connect(&format!("rediss://:tls-pw@localhost:{}", server.port))
+        .await
+        .expect("connect over TLS");
+    round_trip(&broker).await;
+    refused(
+        &format!("rediss://:wrong-tls-pw@localhost:{}", server.port),
+        "wrong-tls-pw",
+    )
+    .await;
+    // Plain TCP to a TLS port is not a hang: it fails within the connect timeout.
+    let started = Instant::now();
+    let plain = RedisConfig::new(format!("redis://:tls-pw@127.0.0.1:{}", server.port))
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_op_timeout(Duration::from_secs(1));
+    assert!(RedisBroker::connect_with(plain).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
 /// After the server forgets its scripts (as after a restart), leases keep working:
 /// `redis::Script` reloads the script on `NOSCRIPT`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "starts a private redis-server, which must be on PATH"]
 async fn lease_script_survives_script_flush() {
     let server = PrivateServer::start();
     let broker = server.broker().await;
@@ -90,11 +336,9 @@ async fn lease_script_survives_script_flush() {
 /// A server restart (all state lost, scripts included) looks like an outage: subscriptions come
 /// back with a gap, and leases work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "starts a private redis-server, which must be on PATH"]
 async fn server_restart_is_survived() {
     let server = PrivateServer::start();
     let port = server.port;
-    drop(server.broker().await); // wait until it accepts connections
     let config = RedisConfig::new(server.url())
         .with_op_timeout(Duration::from_secs(1))
         .with_ping_interval(Duration::from_secs(1))

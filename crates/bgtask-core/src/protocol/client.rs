@@ -735,33 +735,39 @@ impl Inner {
 
     /// Stop waiting for a pending task: take its claim so no worker accepts it from now on,
     /// and tell the workers (one message on the namespace's cancel channel) so one that runs it
-    /// can stop. Returns false if the task was not pending.
-    async fn abandon(&self, id: u128) -> bool {
-        let Some(pending) = self.pending().remove(&id) else {
-            return false;
-        };
-        let id = id_to_hex(id);
-        if !pending.broadcast {
-            let ttl = pending.deadline.saturating_duration_since(Instant::now())
-                + self.config.lease_margin;
-            let request = LeaseRequest::new(ttl).cap(1).note("abandoned");
-            if let Err(error) = self
+    /// can stop. Returns the work to do on the broker, or `None` if the task was not pending.
+    ///
+    /// The pending entry goes at once (so later replies count as late); the broker work is a
+    /// future the caller may await or spawn.
+    fn abandon(
+        self: &Arc<Self>,
+        id: u128,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let pending = self.pending().remove(&id)?;
+        let inner = self.clone();
+        Some(async move {
+            let id = id_to_hex(id);
+            if !pending.broadcast {
+                let ttl = pending.deadline.saturating_duration_since(Instant::now())
+                    + inner.config.lease_margin;
+                let request = LeaseRequest::new(ttl).cap(1).note("abandoned");
+                if let Err(error) = inner
+                    .broker
+                    .acquire(&inner.namespace.claim_key(&id), request)
+                    .await
+                {
+                    tracing::debug!(%error, "could not take the claim of an abandoned task");
+                }
+            }
+            let cancel = Message::new(Kind::Cancel, id.as_str());
+            if let Err(error) = inner
                 .broker
-                .acquire(&self.namespace.claim_key(&id), request)
+                .publish(&inner.namespace.cancel_channel(), cancel.encode())
                 .await
             {
-                tracing::debug!(%error, "could not take the claim of an abandoned task");
+                tracing::debug!(%error, "could not publish a cancellation");
             }
-        }
-        let cancel = Message::new(Kind::Cancel, id.as_str());
-        if let Err(error) = self
-            .broker
-            .publish(&self.namespace.cancel_channel(), cancel.encode())
-            .await
-        {
-            tracing::debug!(%error, "could not publish a cancellation");
-        }
-        true
+        })
     }
 }
 
@@ -922,8 +928,10 @@ impl TaskHandle {
             }
             if !self.submitted.wait().await {
                 // Stop any worker still on it, without making this call wait on the broker.
-                let (client, id) = (self.submitted.guard.client.clone(), self.submitted.guard.id);
-                tokio::spawn(async move { client.abandon(id).await });
+                let guard = &self.submitted.guard;
+                if let Some(abandon) = guard.client.abandon(guard.id) {
+                    tokio::spawn(abandon);
+                }
                 break Err(self.timed_out());
             }
         };
@@ -950,20 +958,17 @@ impl TaskHandle {
         if self.outcome.is_some() {
             return false;
         }
-        let was_pending = self
-            .submitted
-            .guard
-            .client
-            .abandon(self.submitted.guard.id)
-            .await;
-        if was_pending {
-            self.end(Err(Error::new(
-                ErrorKind::Cancelled,
-                "the task was cancelled",
-            )))
-            .await;
-        }
-        was_pending
+        let guard = &self.submitted.guard;
+        let Some(abandon) = guard.client.abandon(guard.id) else {
+            return false;
+        };
+        abandon.await;
+        self.end(Err(Error::new(
+            ErrorKind::Cancelled,
+            "the task was cancelled",
+        )))
+        .await;
+        true
     }
 
     fn timed_out(&self) -> Error {
