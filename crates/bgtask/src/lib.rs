@@ -3,6 +3,9 @@
 
 pub use bgtask_core::*;
 
+mod config;
+pub use config::{Config, CONFIG_FILE, DEFAULT_BROKER_URL, ENV_VARS};
+
 /// The Redis backend (cargo feature `redis`, on by default).
 #[cfg(feature = "redis")]
 pub use bgtask_redis as redis;
