@@ -1,0 +1,209 @@
+//! `bgtask inspect` and `bgtask blacklist`.
+
+use std::process::ExitCode;
+
+use bgtask::{Blacklist, BlacklistConfig, BlacklistEntry, Namespace};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::exit::{CliError, CliResult};
+use crate::settings::{human, Settings};
+
+pub(crate) const LONG_ABOUT: &str = "\
+Show the state of a namespace: every blacklisted key value, with the reason the reporting worker
+gave and the time until the blacklisting ends on its own; and, for the key values given with
+--task NAME --key VALUE, the tasks in flight (live leases of the per-key limit), each with its
+task id and the time until its lease expires.
+
+The broker keeps no list of key values in use, so in-flight counts are shown only for the values
+you name.";
+
+pub(crate) const EXAMPLES: &str = "\
+Examples:
+  bgtask inspect
+  bgtask inspect --task resize --key ana --key bo
+  bgtask inspect --json | jq '.blacklisted[].value'";
+
+pub(crate) const BLACKLIST_EXAMPLES: &str = "\
+Examples:
+  bgtask blacklist list
+  bgtask blacklist lift --task resize mallory";
+
+/// `bgtask inspect` flags.
+#[derive(Args, Debug)]
+pub(crate) struct InspectArgs {
+    /// The task name whose key values to show (with --key).
+    #[arg(long, value_name = "NAME", requires = "keys")]
+    task: Option<String>,
+
+    /// A key value to show the tasks in flight of (repeat for several; needs --task).
+    #[arg(long = "key", value_name = "VALUE", requires = "task")]
+    keys: Vec<String>,
+
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `bgtask blacklist` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum BlacklistCommand {
+    /// List blacklisted key values with reason and time left.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift the blacklisting of a key value now (and forget its recent bad-key reports).
+    Lift {
+        /// The task name the value was blacklisted for.
+        #[arg(long, value_name = "NAME")]
+        task: String,
+        /// The key value.
+        #[arg(value_name = "VALUE")]
+        value: String,
+    },
+}
+
+async fn blacklist_of(settings: &Settings) -> CliResult<(bgtask::DynBroker, Namespace, Blacklist)> {
+    let broker = Settings::connect(settings.broker_url()).await?;
+    let namespace = Namespace::new(settings.config.namespace.clone())?;
+    let blacklist = Blacklist::new(
+        broker.clone(),
+        namespace.clone(),
+        BlacklistConfig::default(),
+    );
+    Ok((broker, namespace, blacklist))
+}
+
+fn entry_json(e: &BlacklistEntry) -> serde_json::Value {
+    json!({
+        "task": e.task,
+        "value": e.value,
+        "reason": e.reason,
+        "remaining_ms": e.remaining.as_millis() as u64,
+    })
+}
+
+fn print_blacklist(namespace: &Namespace, entries: &[BlacklistEntry]) {
+    out!(
+        "blacklisted key values in namespace {namespace}: {}",
+        entries.len()
+    );
+    if entries.is_empty() {
+        return;
+    }
+    let task_w = entries
+        .iter()
+        .map(|e| e.task.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let value_w = entries
+        .iter()
+        .map(|e| e.value.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    out!(
+        "  {:<task_w$}  {:<value_w$}  {:>12}  REASON",
+        "TASK",
+        "VALUE",
+        "TIME LEFT"
+    );
+    for e in entries {
+        out!(
+            "  {:<task_w$}  {:<value_w$}  {:>12}  {}",
+            e.task,
+            e.value,
+            human(e.remaining),
+            e.reason
+        );
+    }
+}
+
+pub(crate) async fn run(settings: Settings, args: InspectArgs) -> CliResult {
+    let (broker, namespace, blacklist) = blacklist_of(&settings).await?;
+    let entries = blacklist.list().await?;
+    let mut in_flight = Vec::new();
+    if let Some(task) = &args.task {
+        for value in &args.keys {
+            bgtask::names::validate_name("key value", value)?;
+            let leases = broker.leases(&namespace.limit_key(task, value)).await?;
+            in_flight.push((value.clone(), leases));
+        }
+    }
+    if args.json {
+        let out = json!({
+            "namespace": namespace.as_str(),
+            "blacklisted": entries.iter().map(entry_json).collect::<Vec<_>>(),
+            "in_flight": in_flight.iter().map(|(value, leases)| json!({
+                "task": args.task,
+                "value": value,
+                "count": leases.len(),
+                "tasks": leases.iter().map(|l| json!({
+                    "id": l.note,
+                    "lease_remaining_ms": l.remaining.as_millis() as u64,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        out!("{out:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_blacklist(&namespace, &entries);
+    if let Some(task) = &args.task {
+        out!("\ntasks in flight of {task:?} (live leases of the per-key limit):");
+        let value_w = args.keys.iter().map(|v| v.len()).max().unwrap_or(0).max(5);
+        out!(
+            "  {:<value_w$}  {:>9}  TASKS (id, lease time left)",
+            "VALUE",
+            "IN FLIGHT"
+        );
+        for (value, leases) in &in_flight {
+            let tasks: Vec<String> = leases
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} ({})",
+                        &l.note[..l.note.len().min(8)],
+                        human(l.remaining)
+                    )
+                })
+                .collect();
+            let line = format!(
+                "  {:<value_w$}  {:>9}  {}",
+                value,
+                leases.len(),
+                tasks.join(", ")
+            );
+            out!("{}", line.trim_end());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn blacklist(settings: Settings, command: BlacklistCommand) -> CliResult {
+    let (_broker, namespace, blacklist) = blacklist_of(&settings).await?;
+    match command {
+        BlacklistCommand::List { json } => {
+            let entries = blacklist.list().await?;
+            if json {
+                let out: Vec<_> = entries.iter().map(entry_json).collect();
+                out!("{:#}", serde_json::Value::Array(out));
+            } else {
+                print_blacklist(&namespace, &entries);
+            }
+        }
+        BlacklistCommand::Lift { task, value } => {
+            bgtask::names::validate_name("task name", &task)?;
+            bgtask::names::validate_name("key value", &value)
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            if blacklist.lift(&task, &value).await? {
+                out!("lifted: key value {value:?} of task {task:?} is no longer blacklisted");
+            } else {
+                out!("key value {value:?} of task {task:?} was not blacklisted");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

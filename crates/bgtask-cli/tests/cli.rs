@@ -1,0 +1,594 @@
+//! End-to-end tests of the `bgtask` binary: `bgtask worker -- sh script.sh` and `bgtask submit`
+//! on Redis (BGTASK_REDIS_URL, default redis://127.0.0.1:6379), and `bgtask demo` on the
+//! embedded broker.
+//!
+//! Every test runs in its own namespace. Timeouts are generous: the tests share a small,
+//! loaded machine.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bgtask");
+
+/// The longest any single `bgtask` call may take before the test fails.
+const CALL_LIMIT: Duration = Duration::from_secs(90);
+
+/// The program the workers run: behaves according to the task's "mode".
+const SCRIPT: &str = r#"
+input=$(cat)
+case "$input" in
+  *'"mode":"ok"'*)
+    echo 'progress: {"percent":50}' >&2
+    echo "a log line" >&2
+    printf '{"echo":%s,"task":"%s","name":"%s","big":12345678901234567890}\n' "$input" "$BGTASK_TASK_ID" "$BGTASK_TASK_NAME"
+    ;;
+  *'"mode":"error"'*) printf '{"reason":"nope"}'; exit 1 ;;
+  *'"mode":"fail"'*) echo "boom" >&2; exit 7 ;;
+  *'"mode":"notjson"'*) echo "this is not json" ;;
+  *'"mode":"bad"'*) echo "bad-key: uploads corrupt images" >&2; printf '{"error":"corrupt"}'; exit 1 ;;
+  *'"mode":"slow"'*) touch "$BGTASK_TEST_DIR/slow.started"; sleep 3; echo '{"slow":true}' ;;
+  *'"mode":"sleep"'*)
+    sleep 30 &
+    echo $! > "$BGTASK_TEST_DIR/child.pid"
+    wait
+    ;;
+  *) echo "unknown mode" >&2; exit 9 ;;
+esac
+"#;
+
+fn redis_url() -> String {
+    std::env::var("BGTASK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Fail (never skip) when Redis does not answer, saying how to start it.
+fn require_redis() -> String {
+    let url = redis_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = rest.split(['/', '?']).next().unwrap_or_default();
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:6379")
+    };
+    let reachable = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok());
+    assert!(
+        reachable,
+        "Redis is not reachable at {hostport} (BGTASK_REDIS_URL={url}). Start it with \
+         `docker compose up -d --wait redis` or `redis-server --daemonize yes`, or run \
+         `scripts/test`, which starts it; or point BGTASK_REDIS_URL at one."
+    );
+    url
+}
+
+/// A fresh directory with the worker script and a bgtask.toml for `namespace`.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(tag: &str, extra_config: &str) -> Scratch {
+        let url = require_redis();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let namespace = format!("cli-{tag}-{}-{:x}", std::process::id(), nanos % (1 << 40));
+        let dir = std::env::temp_dir().join(&namespace);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("task.sh"), SCRIPT).unwrap();
+        std::fs::write(
+            dir.join("bgtask.toml"),
+            format!("broker_url = {url:?}\nnamespace = {namespace:?}\n{extra_config}"),
+        )
+        .unwrap();
+        Scratch { dir }
+    }
+
+    fn config(&self) -> String {
+        self.dir.join("bgtask.toml").display().to_string()
+    }
+
+    /// Start `bgtask worker` serving "job" and wait until it is ready.
+    fn worker(&self, extra: &[&str]) -> WorkerProcess {
+        let config = self.config();
+        let script = self.dir.join("task.sh").display().to_string();
+        let mut args = vec!["--config", &config, "worker", "--task", "job"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", &script]);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env("BGTASK_TEST_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bgtask worker");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let worker = WorkerProcess { child, lines };
+        worker.wait_for_line("; ready", Duration::from_secs(60));
+        worker
+    }
+
+    /// Run `bgtask --config <this> ARGS...`.
+    fn bgtask(&self, args: &[&str]) -> Run {
+        let config = self.config();
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        bgtask(&all, None, &self.dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct WorkerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl WorkerProcess {
+    fn wait_for_line(&self, needle: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the worker did not print {needle:?} within {limit:?}; its stderr:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run the binary with a time limit; stdin from `input`.
+fn bgtask(args: &[&str], input: Option<&str>, dir: &Path) -> Run {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("BGTASK_BROKER_URL")
+        .env_remove("BGTASK_NAMESPACE")
+        .env_remove("BGTASK_CONFIG")
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bgtask");
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < CALL_LIMIT {
+            std::thread::sleep(Duration::from_millis(100));
+            if !Path::new(&format!("/proc/{pid}")).exists() || is_gone(pid) {
+                return false;
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        true
+    });
+    let output = child.wait_with_output().expect("wait for bgtask");
+    let killed = watchdog.join().unwrap_or(false);
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert!(
+        !killed,
+        "bgtask {args:?} took longer than {CALL_LIMIT:?}: {run:?}"
+    );
+    run
+}
+
+/// A process that does not exist, or is a zombie waiting for a parent that reaps it.
+fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn worker_runs_the_program_and_submit_maps_every_outcome_to_its_exit_code() {
+    let s = Scratch::new("outcomes", "");
+    let worker = s.worker(&["--concurrency", "4"]);
+
+    // Success: the reply on stdout exactly as the program wrote it, a progress line on stderr.
+    let run = s.bgtask(&["submit", "--task", "job", r#"{"mode":"ok","n":1}"#]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let reply: serde_json::Value = serde_json::from_str(&run.stdout).expect("the reply is JSON");
+    assert_eq!(
+        reply["echo"],
+        serde_json::json!({"mode": "ok", "n": 1}),
+        "{run:?}"
+    );
+    assert_eq!(reply["name"], "job");
+    assert_eq!(
+        reply["task"].as_str().unwrap().len(),
+        32,
+        "BGTASK_TASK_ID is set"
+    );
+    assert!(
+        run.stdout.contains("12345678901234567890"),
+        "big numbers pass through unrounded: {run:?}"
+    );
+    assert!(
+        run.stderr.contains(r#"progress: {"percent":50}"#),
+        "{run:?}"
+    );
+    worker.wait_for_line("a log line", Duration::from_secs(10));
+
+    // The payload from stdin (-) and from a file (@FILE).
+    let run = bgtask(
+        &["--config", &s.config(), "submit", "--task", "job", "-"],
+        Some(r#"{"mode":"ok","from":"stdin"}"#),
+        &s.dir,
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(r#""from":"stdin""#), "{run:?}");
+    std::fs::write(s.dir.join("task.json"), r#"{"mode":"ok","from":"file"}"#).unwrap();
+    let file_arg = format!("@{}", s.dir.join("task.json").display());
+    let run = s.bgtask(&["submit", "--task", "job", &file_arg]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(r#""from":"file""#), "{run:?}");
+
+    // Exit 1 → Error, with the program's reply on stdout.
+    let run = s.bgtask(&["submit", "--task", "job", r#"{"mode":"error"}"#]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stdout.trim(), r#"{"reason":"nope"}"#);
+
+    // Another exit status → Failed, with the status and the end of stderr.
+    let run = s.bgtask(&["submit", "--task", "job", r#"{"mode":"fail"}"#]);
+    assert_eq!(run.code, 2, "{run:?}");
+    let reply: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(reply["exit_code"], 7, "{run:?}");
+    assert_eq!(reply["stderr"], serde_json::json!(["boom"]), "{run:?}");
+
+    // Exit 0 with output that is not JSON → Failed.
+    let run = s.bgtask(&["submit", "--task", "job", r#"{"mode":"notjson"}"#]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stdout.contains("not JSON"), "{run:?}");
+
+    // Nobody serves the task → rejected at once.
+    let run = s.bgtask(&["submit", "--task", "nobody-serves-this", "{}"]);
+    assert_eq!(run.code, 6, "{run:?}");
+    assert!(run.stderr.contains("no worker"), "{run:?}");
+
+    // Usage errors.
+    let run = s.bgtask(&["submit", "--task", "job", "{not json"]);
+    assert_eq!(run.code, 64, "{run:?}");
+    let run = s.bgtask(&["submit", "--no-such-flag"]);
+    assert_eq!(run.code, 64, "{run:?}");
+    let run = s.bgtask(&["submit", "--task", "job", "--timeout", "soon", "{}"]);
+    assert_eq!(run.code, 64, "{run:?}");
+
+    assert!(
+        worker.stderr().contains("job → success"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+#[test]
+fn a_program_past_its_deadline_is_killed_with_its_children() {
+    let s = Scratch::new("deadline", "");
+    let worker = s.worker(&["--kill-grace", "500ms"]);
+    let run = s.bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--timeout",
+        "2s",
+        r#"{"mode":"sleep"}"#,
+    ]);
+    assert_eq!(run.code, 3, "timed out: {run:?}");
+    assert!(run.stderr.contains("timed out"), "{run:?}");
+
+    // The script wrote the pid of its `sleep 30`; the worker kills the whole process group.
+    let pid_file = s.dir.join("child.pid");
+    assert!(
+        wait_until(Duration::from_secs(10), || pid_file.exists()),
+        "the script never started its child"
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_gone(pid)),
+        "the program's child {pid} is still running after the deadline; worker:\n{}",
+        worker.stderr()
+    );
+    worker.wait_for_line("killed at the task's deadline", Duration::from_secs(20));
+}
+
+#[test]
+fn the_per_key_limit_and_the_blacklist_reject_at_once() {
+    let s = Scratch::new(
+        "admission",
+        "[worker.blacklist]\nthreshold = 1\ninterval = 60000\nduration = 60000\n",
+    );
+    let _worker = s.worker(&["--concurrency", "4"]);
+
+    // One slow task of user "ana" in flight, limit 1: the next one for "ana" is refused.
+    let config = s.config();
+    let dir = s.dir.clone();
+    let slow = std::thread::spawn(move || {
+        bgtask(
+            &[
+                "--config",
+                &config,
+                "submit",
+                "--task",
+                "job",
+                "--key",
+                "user",
+                "--limit",
+                "1",
+                "--timeout",
+                "60s",
+                r#"{"mode":"slow","user":"ana"}"#,
+            ],
+            None,
+            &dir,
+        )
+    });
+    let limit_key = ["--task", "job", "--key", "ana"];
+    let in_flight = wait_until(Duration::from_secs(30), || {
+        let mut args = vec!["inspect"];
+        args.extend_from_slice(&limit_key);
+        let run = s.bgtask(&args);
+        run.code == 0
+            && run
+                .stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("ana") && l.contains(" 1 "))
+    });
+    assert!(in_flight, "inspect never showed ana's task in flight");
+    let run = s.bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--key",
+        "user",
+        "--limit",
+        "1",
+        r#"{"mode":"ok","user":"ana"}"#,
+    ]);
+    assert_eq!(run.code, 4, "limit reached: {run:?}");
+    assert!(run.stderr.contains("limit"), "{run:?}");
+    let slow = slow.join().unwrap();
+    assert_eq!(slow.code, 0, "{slow:?}");
+
+    // Threshold 1: the second bad-key report blacklists "mallory"; the third submit is refused.
+    for attempt in 1..=2 {
+        let run = s.bgtask(&[
+            "submit",
+            "--task",
+            "job",
+            "--key",
+            "user",
+            r#"{"mode":"bad","user":"mallory"}"#,
+        ]);
+        assert_eq!(run.code, 1, "attempt {attempt} is a task error: {run:?}");
+    }
+    let run = s.bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--key",
+        "user",
+        r#"{"mode":"ok","user":"mallory"}"#,
+    ]);
+    assert_eq!(run.code, 5, "blacklisted: {run:?}");
+    assert!(run.stderr.contains("uploads corrupt images"), "{run:?}");
+
+    let run = s.bgtask(&["inspect"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("mallory"), "{run:?}");
+    assert!(run.stdout.contains("uploads corrupt images"), "{run:?}");
+    let run = s.bgtask(&["blacklist", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(list[0]["value"], "mallory", "{run:?}");
+    assert!(list[0]["remaining_ms"].as_u64().unwrap() > 1000);
+
+    let run = s.bgtask(&["blacklist", "lift", "--task", "job", "mallory"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("lifted"), "{run:?}");
+    let run = s.bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--key",
+        "user",
+        r#"{"mode":"ok","user":"mallory"}"#,
+    ]);
+    assert_eq!(run.code, 0, "accepted again after the lift: {run:?}");
+}
+
+#[test]
+fn an_unreachable_broker_exits_with_7_and_hides_the_password() {
+    let dir = std::env::temp_dir();
+    let run = bgtask(
+        &[
+            "--broker",
+            "redis://:hunter2@127.0.0.1:1",
+            "submit",
+            "--task",
+            "job",
+            "{}",
+        ],
+        None,
+        &dir,
+    );
+    assert_eq!(run.code, 7, "{run:?}");
+    assert!(run.stderr.contains("unavailable"), "{run:?}");
+    assert!(!run.stderr.contains("hunter2"), "{run:?}");
+}
+
+#[test]
+fn ctrl_c_drains_the_worker() {
+    let s = Scratch::new("drain", "");
+    let mut worker = s.worker(&[]);
+    let config = s.config();
+    let dir = s.dir.clone();
+    let slow = std::thread::spawn(move || {
+        bgtask(
+            &[
+                "--config",
+                &config,
+                "submit",
+                "--task",
+                "job",
+                "--timeout",
+                "60s",
+                r#"{"mode":"slow"}"#,
+            ],
+            None,
+            &dir,
+        )
+    });
+    // Wait until the program runs, then interrupt the worker once: it finishes the task.
+    let started = s.dir.join("slow.started");
+    assert!(
+        wait_until(Duration::from_secs(30), || started.exists()),
+        "the program never started"
+    );
+    let pid = worker.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let slow = slow.join().unwrap();
+    assert_eq!(
+        slow.code, 0,
+        "the running task completes during the drain: {slow:?}"
+    );
+    assert!(slow.stdout.contains(r#""slow":true"#), "{slow:?}");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0), "{}", worker.stderr());
+    assert!(worker.stderr().contains("draining"), "{}", worker.stderr());
+}
+
+#[test]
+fn the_demo_runs_without_a_server_and_prints_its_summary() {
+    let dir = std::env::temp_dir();
+    let run = bgtask(&["demo"], None, &dir);
+    assert_eq!(run.code, 0, "{run:?}");
+    for needle in [
+        "summary: 16 tasks",
+        "limit reached",
+        "timed out",
+        "failed: codec crashed",
+        "refused at once: blacklisted",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "{needle:?} missing: {}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    let dir = std::env::temp_dir();
+    for command in ["demo", "worker", "submit", "bench", "inspect", "blacklist"] {
+        let run = bgtask(&[command, "--help"], None, &dir);
+        assert_eq!(run.code, 0, "{command}: {run:?}");
+        assert!(
+            run.stdout.contains("Examples:"),
+            "{command}: {}",
+            run.stdout
+        );
+    }
+    let run = bgtask(&["submit", "--help"], None, &dir);
+    assert!(run.stdout.contains("Exit codes:"), "{}", run.stdout);
+    let run = bgtask(&["frobnicate"], None, &dir);
+    assert_eq!(run.code, 64, "{run:?}");
+}
