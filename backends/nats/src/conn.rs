@@ -31,18 +31,25 @@ pub(crate) struct Shared {
     /// the subscription only by an id it does not expose, so every subscription of the
     /// connection yields a `Gap`.
     slow_consumer: AtomicU64,
+    /// The latest connection (counted as the client's `Statistics::connects` counts) whose
+    /// resubscriptions the server is known to have processed.
+    confirmed: AtomicU64,
     /// [`NatsBroker::close`](crate::NatsBroker::close) was called.
     closed: AtomicBool,
-    /// Wakes the subscriptions: after a reconnect, a slow-consumer event or `close`.
+    /// Wakes the subscriptions: after a confirmed reconnect, a slow-consumer event or `close`.
     wake: watch::Sender<u64>,
+    /// Bumped by every `Connected` event, for the reconnect watcher.
+    connected: watch::Sender<u64>,
 }
 
 impl Shared {
     pub(crate) fn new() -> Arc<Shared> {
         Arc::new(Shared {
             slow_consumer: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             wake: watch::channel(0).0,
+            connected: watch::channel(0).0,
         })
     }
 
@@ -52,6 +59,18 @@ impl Shared {
 
     pub(crate) fn slow_consumer_events(&self) -> u64 {
         self.slow_consumer.load(Ordering::SeqCst)
+    }
+
+    /// The latest connection whose resubscriptions are confirmed.
+    pub(crate) fn confirmed_connection(&self) -> u64 {
+        self.confirmed.load(Ordering::SeqCst)
+    }
+
+    /// Connection `generation` has its subscriptions back: wake the subscriptions.
+    pub(crate) fn confirm(&self, generation: u64) {
+        if self.confirmed.fetch_max(generation, Ordering::SeqCst) < generation {
+            self.wake();
+        }
     }
 
     pub(crate) fn close(&self) {
@@ -71,7 +90,7 @@ impl Shared {
         match event {
             Event::Connected => {
                 tracing::info!("nats: connected");
-                self.wake();
+                self.connected.send_modify(|n| *n = n.wrapping_add(1));
             }
             Event::Disconnected => tracing::warn!("nats: connection lost; reconnecting"),
             Event::SlowConsumer(_) => {
@@ -84,6 +103,49 @@ impl Shared {
             Event::Draining | Event::Closed => {}
         }
     }
+}
+
+/// Kept by a broker and each of its subscriptions; when the last one is dropped, the reconnect
+/// watcher stops (and with it the last handle on the connection).
+#[derive(Debug)]
+pub(crate) struct Lifeline {
+    _alive: watch::Sender<()>,
+}
+
+/// After every (re)connection, wait for a round trip through the new connection: async-nats
+/// queues the resubscriptions before anything else, so once the round trip is back the server
+/// has them, and the subscriptions may say so (with a gap) without waiting for a message.
+pub(crate) fn watch_reconnects(
+    client: &Client,
+    barrier: Arc<Barrier>,
+    shared: Arc<Shared>,
+    bound: Duration,
+) -> Arc<Lifeline> {
+    let (alive, mut lifeline_gone) = watch::channel(());
+    let mut connected = shared.connected.subscribe();
+    let statistics = client.statistics();
+    let client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = lifeline_gone.changed() => return,
+                changed = connected.changed() => if changed.is_err() { return },
+            }
+            // Until the round trip succeeds on a connection, or the connection is lost again
+            // (the next `Connected` event starts over).
+            loop {
+                let generation = statistics.connects.load(Ordering::SeqCst);
+                if client.connection_state() != State::Connected {
+                    break;
+                }
+                if let Ok(Ok(())) = tokio::time::timeout(bound, barrier.wait()).await {
+                    shared.confirm(generation);
+                    break;
+                }
+            }
+        }
+    });
+    Arc::new(Lifeline { _alive: alive })
 }
 
 /// Connect as `config` says, with the client's events reported to `shared`.

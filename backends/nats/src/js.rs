@@ -26,6 +26,8 @@ const ERR_WRONG_LAST_SEQUENCE: u32 = 10071;
 const ERR_NO_MESSAGE: u32 = 10037;
 /// `no message found` as the delete API words it.
 const ERR_NO_MESSAGE_DELETE: u32 = 10057;
+/// `sequence <n> not found` (delete of a message that was replaced or deleted).
+const ERR_SEQUENCE_NOT_FOUND: u32 = 10043;
 /// `stream not found`.
 const ERR_STREAM_NOT_FOUND: u32 = 10059;
 /// `stream name already in use with a different configuration`.
@@ -474,7 +476,10 @@ impl Js {
                 success: true,
             } => Ok(Deleted::Yes),
             DeleteReply { error: Some(e), .. }
-                if e.err_code == ERR_NO_MESSAGE_DELETE || e.err_code == ERR_NO_MESSAGE =>
+                if matches!(
+                    e.err_code,
+                    ERR_NO_MESSAGE_DELETE | ERR_NO_MESSAGE | ERR_SEQUENCE_NOT_FOUND
+                ) =>
             {
                 Ok(Deleted::Gone)
             }

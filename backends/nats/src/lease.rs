@@ -6,7 +6,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,8 +100,11 @@ impl Store {
     ///
     /// A key without a record has no lease to judge, so the clock is read only when there is a
     /// record: the common cases (a fresh claim, a key value that is not blacklisted) cost one
-    /// request.
-    async fn snapshot(&self, subject: &str) -> Result<Outcome<(State, u64)>> {
+    /// request. The time read is kept in `clock` (0: not read yet) for the operation's retries:
+    /// read during the operation, it is still a time within the operation, before any of its
+    /// writes; it only gets more conservative (a lease that expires meanwhile counts as live a
+    /// little longer), and retries after a conflict need only the read and the write.
+    async fn snapshot(&self, subject: &str, clock: &AtomicU64) -> Result<Outcome<(State, u64)>> {
         let state = match self.read(subject).await? {
             Outcome::Done(state) => state,
             Outcome::Conflict => return Ok(Outcome::Conflict),
@@ -110,7 +113,14 @@ impl Store {
         if state.seq == 0 {
             return Ok(Outcome::Done((state, 0)));
         }
-        Ok(self.now().await?.map(|now| (state, now)))
+        let known = clock.load(Ordering::SeqCst);
+        if known != 0 {
+            return Ok(Outcome::Done((state, known)));
+        }
+        Ok(self.now().await?.map(|now| {
+            clock.store(now, Ordering::SeqCst);
+            (state, now)
+        }))
     }
 
     /// The key's lease set.
@@ -152,7 +162,7 @@ impl Store {
     /// Delete the record of `subject` if its leases have all expired; else the time its
     /// longest lease has left.
     async fn sweep(&self, subject: &str) -> Result<Option<Duration>> {
-        let (state, now) = match self.snapshot(subject).await? {
+        let (state, now) = match self.snapshot(subject, &AtomicU64::new(0)).await? {
             Outcome::Done(found) => found,
             Outcome::Conflict | Outcome::NoStream => return Ok(None),
         };
@@ -322,8 +332,9 @@ impl Leases {
             ));
         }
         let id = LeaseId::random();
+        let clock = AtomicU64::new(0);
         self.run("acquire a lease", || {
-            self.try_acquire(&subject, &id, request, ttl)
+            self.try_acquire(&subject, &id, request, ttl, &clock)
         })
         .await
     }
@@ -334,8 +345,9 @@ impl Leases {
         id: &LeaseId,
         request: &LeaseRequest,
         ttl: Duration,
+        clock: &AtomicU64,
     ) -> Result<Outcome<Acquired>> {
-        let (state, now) = match self.store.snapshot(subject).await? {
+        let (state, now) = match self.store.snapshot(subject, clock).await? {
             Outcome::Done(found) => found,
             Outcome::Conflict => return Ok(Outcome::Conflict),
             Outcome::NoStream => return Ok(Outcome::NoStream),
@@ -368,12 +380,20 @@ impl Leases {
 
     pub(crate) async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
         let subject = self.subjects.lease(key)?;
-        self.run("release a lease", || self.try_release(&subject, lease))
-            .await
+        let clock = AtomicU64::new(0);
+        self.run("release a lease", || {
+            self.try_release(&subject, lease, &clock)
+        })
+        .await
     }
 
-    async fn try_release(&self, subject: &str, lease: &LeaseId) -> Result<Outcome<bool>> {
-        let (state, now) = match self.store.snapshot(subject).await? {
+    async fn try_release(
+        &self,
+        subject: &str,
+        lease: &LeaseId,
+        clock: &AtomicU64,
+    ) -> Result<Outcome<bool>> {
+        let (state, now) = match self.store.snapshot(subject, clock).await? {
             Outcome::Done(found) => found,
             Outcome::Conflict => return Ok(Outcome::Conflict),
             Outcome::NoStream => return Ok(Outcome::NoStream),
@@ -409,8 +429,9 @@ impl Leases {
 
     pub(crate) async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
         let subject = self.subjects.lease(key)?;
+        let clock = AtomicU64::new(0);
         self.run("list leases", || async {
-            let (state, now) = match self.store.snapshot(&subject).await? {
+            let (state, now) = match self.store.snapshot(&subject, &clock).await? {
                 Outcome::Done(found) => found,
                 Outcome::Conflict => return Ok(Outcome::Conflict),
                 Outcome::NoStream => return Ok(Outcome::NoStream),
@@ -432,8 +453,9 @@ impl Leases {
 
     pub(crate) async fn count(&self, key: &str) -> Result<u64> {
         let subject = self.subjects.lease(key)?;
+        let clock = AtomicU64::new(0);
         self.run("count leases", || async {
-            let (state, now) = match self.store.snapshot(&subject).await? {
+            let (state, now) = match self.store.snapshot(&subject, &clock).await? {
                 Outcome::Done(found) => found,
                 Outcome::Conflict => return Ok(Outcome::Conflict),
                 Outcome::NoStream => return Ok(Outcome::NoStream),

@@ -216,7 +216,7 @@ pub use config::{
     DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
 };
 
-use conn::{ensure_connected, Barrier, Shared};
+use conn::{ensure_connected, Barrier, Lifeline, Shared};
 use error::{closed, from_publish, from_subscribe, timed_out};
 use js::Js;
 use lease::Leases;
@@ -234,7 +234,9 @@ struct Inner {
     config: NatsConfig,
     client: async_nats::Client,
     shared: Arc<Shared>,
-    barrier: Barrier,
+    barrier: Arc<Barrier>,
+    /// Shared with the subscriptions: keeps the reconnect watcher running.
+    lifeline: Arc<Lifeline>,
     subjects: Subjects,
     leases: Leases,
     server_version: String,
@@ -269,7 +271,7 @@ impl NatsBroker {
         }
         let subjects = Subjects::new(&config.subject_prefix);
         let setup = async {
-            let barrier = Barrier::start(&client, config.op_timeout).await?;
+            let barrier = Arc::new(Barrier::start(&client, config.op_timeout).await?);
             let leases = Leases::start(
                 Js::new(client.clone(), &config.lease_stream),
                 subjects.clone(),
@@ -283,6 +285,8 @@ impl NatsBroker {
             Ok(result) => result?,
             Err(_) => return Err(timed_out("the connection setup", config.connect_timeout)),
         };
+        let lifeline =
+            conn::watch_reconnects(&client, barrier.clone(), shared.clone(), config.op_timeout);
         tracing::debug!(
             url = %shown,
             server = %info.version,
@@ -295,6 +299,7 @@ impl NatsBroker {
                 client,
                 shared,
                 barrier,
+                lifeline,
                 subjects,
                 leases,
                 server_version: info.version,
@@ -440,6 +445,7 @@ impl Broker for NatsBroker {
             subscriber,
             client.clone(),
             self.inner.shared.clone(),
+            self.inner.lifeline.clone(),
             baseline,
             self.inner.config.max_message_size,
         ))

@@ -9,19 +9,19 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::chunk::{Reassembler, Step};
-use crate::conn::Shared;
+use crate::conn::{Lifeline, Shared};
 
 /// Where a subscription's gap detection starts: the connection count and the slow-consumer
 /// count read before the `SUB` was sent.
 pub(crate) struct Baseline {
-    pub(crate) connects: u64,
+    pub(crate) connection: u64,
     pub(crate) slow_consumer: u64,
 }
 
 impl Baseline {
     pub(crate) fn now(client: &Client, shared: &Shared) -> Baseline {
         Baseline {
-            connects: client.statistics().connects.load(Ordering::SeqCst),
+            connection: client.statistics().connects.load(Ordering::SeqCst),
             slow_consumer: shared.slow_consumer_events(),
         }
     }
@@ -33,6 +33,7 @@ pub(crate) fn subscription(
     subscriber: Subscriber,
     client: Client,
     shared: Arc<Shared>,
+    lifeline: Arc<Lifeline>,
     baseline: Baseline,
     max_message_size: usize,
 ) -> Subscription {
@@ -40,9 +41,10 @@ pub(crate) fn subscription(
         subscriber,
         stats: client.statistics(),
         _client: client,
+        _lifeline: lifeline,
         wake: shared.watch(),
         shared,
-        connects: baseline.connects,
+        connection: baseline.connection,
         slow_consumer: baseline.slow_consumer,
         held: None,
         chunks: Reassembler::new(max_message_size),
@@ -61,10 +63,13 @@ struct Feed {
     stats: Arc<Statistics>,
     /// Keeps the connection open after the broker handle is dropped.
     _client: Client,
+    /// Keeps the reconnect watcher running after the broker handle is dropped.
+    _lifeline: Arc<Lifeline>,
     shared: Arc<Shared>,
     wake: watch::Receiver<u64>,
-    /// Connections made (initial one included) when a gap was last yielded.
-    connects: u64,
+    /// The connection (numbered as the client counts connections, the first one 1) whose
+    /// subscription this stream last reported.
+    connection: u64,
     /// Slow-consumer events when a gap was last yielded.
     slow_consumer: u64,
     /// A received message not yet handed out (a gap goes first).
@@ -79,10 +84,17 @@ impl Feed {
             if self.shared.is_closed() {
                 return None;
             }
-            if self.lost_messages() {
+            // Idle: a reconnect whose resubscriptions the server confirmed.
+            if self.moved_to(self.shared.confirmed_connection()) {
                 return Some(Incoming::Gap);
             }
             if let Some(message) = self.held.take() {
+                // A message of a newer connection: the resubscription is in place, and
+                // messages may have been lost before it.
+                if self.moved_to(self.stats.connects.load(Ordering::SeqCst)) {
+                    self.held = Some(message);
+                    return Some(Incoming::Gap);
+                }
                 match self.chunks.push(message.headers.as_ref(), message.payload) {
                     Step::Message(payload) => return Some(Incoming::Message(payload)),
                     Step::Gap => return Some(Incoming::Gap),
@@ -111,19 +123,18 @@ impl Feed {
         }
     }
 
-    /// Whether messages may have been lost since the last check: the client reconnected (the
-    /// count grows before the client resubscribes, so before any message of the new
-    /// connection), or dropped messages of a slow subscription of this connection.
-    fn lost_messages(&mut self) -> bool {
-        let connects = self.stats.connects.load(Ordering::SeqCst);
+    /// Whether messages may have been lost since the last check: the subscription now lives on
+    /// a newer connection than `connection`, or the client dropped messages of a slow
+    /// subscription of this connection.
+    fn moved_to(&mut self, connection: u64) -> bool {
         let slow_consumer = self.shared.slow_consumer_events();
-        if connects == self.connects && slow_consumer == self.slow_consumer {
+        if connection <= self.connection && slow_consumer == self.slow_consumer {
             return false;
         }
-        if connects != self.connects {
+        if connection > self.connection {
             tracing::debug!(channel = %self.channel, "nats: resubscribed after a reconnect");
+            self.connection = connection;
         }
-        self.connects = connects;
         self.slow_consumer = slow_consumer;
         // The missing chunks of a partial payload will never come.
         self.chunks.clear();
