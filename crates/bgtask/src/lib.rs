@@ -10,6 +10,10 @@ pub use config::{Config, CONFIG_FILE, DEFAULT_BROKER_URL, ENV_VARS};
 #[cfg(feature = "redis")]
 pub use bgtask_redis as redis;
 
+/// The NATS backend (cargo feature `nats`).
+#[cfg(feature = "nats")]
+pub use bgtask_nats as nats;
+
 use std::sync::Arc;
 
 /// The broker backends a URL can name, by scheme.
@@ -73,6 +77,8 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
         Scheme::Memory => Ok(Arc::new(MemoryBroker::new())),
         #[cfg(feature = "redis")]
         Scheme::Redis => Ok(Arc::new(bgtask_redis::RedisBroker::connect(url).await?)),
+        #[cfg(feature = "nats")]
+        Scheme::Nats => Ok(Arc::new(bgtask_nats::NatsBroker::connect(url).await?)),
         _ => Err(not_compiled_in(scheme, url)),
     }
 }
@@ -81,7 +87,7 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
 fn not_compiled_in(scheme: Scheme, url: &str) -> Error {
     let feature = scheme.feature();
     let hint = match scheme {
-        Scheme::Nats | Scheme::Postgres => {
+        Scheme::Postgres => {
             " (this backend is planned; no released version of bgtask provides it yet)"
         }
         _ => "",
@@ -144,9 +150,19 @@ mod tests {
 
     #[tokio::test]
     async fn missing_backends_name_their_feature() {
-        let err = connect("nats://127.0.0.1:4222").await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config);
-        assert!(err.to_string().contains("`nats` cargo feature"), "{err}");
+        for scheme in [Scheme::Redis, Scheme::Nats, Scheme::Postgres] {
+            let err = not_compiled_in(scheme, "x://user:secret@h");
+            assert_eq!(err.kind(), ErrorKind::Config);
+            let feature = format!("`{}` cargo feature", scheme.feature());
+            assert!(err.to_string().contains(&feature), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            let err = connect("nats://127.0.0.1:4222").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains("`nats` cargo feature"), "{err}");
+        }
     }
 
     #[tokio::test]
