@@ -74,9 +74,11 @@
 //! subscription is active on the server when it returns. (In a cluster, other servers learn of
 //! it asynchronously, usually within a millisecond.) Dropping the subscription unsubscribes.
 //!
-//! The subscription yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) before the first item
-//! after a reconnect (the client's connection count is read with every message, and the
-//! connection event wakes an idle subscription), and when the client dropped messages because
+//! The subscription yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) after a reconnect, once
+//! the server has the resubscriptions: an idle subscription when a round trip through the new
+//! connection has come back (async-nats queues the resubscriptions first), a busy one before
+//! the first message of the new connection at the latest. It also yields a gap when the client
+//! dropped messages because
 //! a subscription of this connection fell more than
 //! [`subscription_buffer`](NatsConfig::subscription_buffer) messages behind (the client reports
 //! that without saying which subscription, so every subscription of the connection yields a
@@ -106,8 +108,8 @@
 //! Each lease key has one subject, whose one message (the *record*) holds the key's whole lease
 //! set as JSON: for each lease, its id, its note and its expiry. Every operation:
 //!
-//! 1. reads the record (`$JS.API.STREAM.MSG.GET`, `last_by_subj`), and, at the same time, the
-//!    server's current time (below);
+//! 1. reads the record (`$JS.API.STREAM.MSG.GET`, `last_by_subj`) and, when there is one, the
+//!    server's current time (below; read once per call, and kept for its retries);
 //! 2. drops the leases whose expiry is not after that time;
 //! 3. for `acquire`, refuses if `cap` live leases remain, else writes the new record with the
 //!    new lease; for `release`, writes the record without the lease, or deletes it
@@ -134,19 +136,23 @@
 //! client and the server, is tolerated. What does matter is the server's own clock: a step
 //! backwards lengthens every lease by the step, a step forwards shortens them; in a cluster,
 //! when the stream's leader moves to another server, leases shift by the skew between the two
-//! servers' clocks. "now" is read slightly before the write, so a lease that expires during
+//! servers' clocks. "now" is read before the write, so a lease that expires during
 //! the call may still count as live (never the other way round): a cap is never exceeded.
 //!
 //! **What is stored, and for how long.** A record holds only its key's leases, and a release
 //! that leaves none deletes it. A lease is only ever dropped by a read that finds it expired,
 //! so a key whose leases all expire without a release keeps its record until the next
 //! operation on the key deletes it, or until the stream's `max_age` removes it: nothing
-//! outlives `max_age` (24 h by default; a longer lease fails with
-//! [`ErrorKind::InvalidInput`]). On servers with per-message TTLs (2.11 and later, where
-//! the stream is created with `allow_msg_ttl`), every record also carries a `Nats-TTL` of its
-//! longest lease plus one second, so the server deletes it when its leases are over. Per-key
-//! TTLs are silently ignored by 2.9 and 2.10, so expiry never relies on them: they only free
-//! space.
+//! outlives `max_age` (32 days by default, the protocol's longest task timeout with room for
+//! margins; a longer lease fails with [`ErrorKind::InvalidInput`]). To free the space sooner:
+//!
+//! - on servers with per-message TTLs (2.11 and later, where the stream is created with
+//!   `allow_msg_ttl`), every record carries a `Nats-TTL` of its longest lease plus one second,
+//!   so the server deletes it when its leases are over;
+//! - on older servers (2.9, 2.10 silently ignore per-message TTLs, so expiry never relies on
+//!   them), each broker keeps a timer per record it wrote (at most 100,000) and deletes the
+//!   record, if still unchanged and over, half a second after its longest lease. A record whose
+//!   broker is gone by then stays until the next operation on its key or `max_age`.
 //!
 //! A record holds as many leases as fit in one message (about 10,000 with short notes at the
 //! default 1 MiB `max_payload`); an acquire past that fails with [`ErrorKind::TooLarge`].
@@ -175,7 +181,7 @@
 //! | [`subscription_buffer`](NatsConfig::subscription_buffer) | 65536 | messages buffered per subscription |
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
 //! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases |
-//! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 24 h | longest lease; the stream's `max_age` |
+//! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease; the stream's `max_age` |
 //! | [`max_message_size`](NatsConfig::max_message_size) | 64 MiB | largest payload `publish` carries |
 //! | [`tls_root_certificates`](NatsConfig::tls_root_certificates) | none | CA files for `tls://` |
 //! | [`tls_client_certificate`](NatsConfig::tls_client_certificate) | none | client certificate and key |
