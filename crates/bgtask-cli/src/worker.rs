@@ -264,6 +264,9 @@ fn signal_group(pgid: i32, signal: Signal) {
     }
 }
 
+/// How long after a task's deadline the completion of a killed program is sent.
+const AFTER_DEADLINE: Duration = Duration::from_millis(500);
+
 /// Lines of the program's stderr kept for a failure's details.
 const STDERR_TAIL: usize = 20;
 
@@ -409,6 +412,10 @@ impl Runner {
 
         match end {
             End::Deadline => {
+                // The creator has given up by now, on its own clock. Completing a moment later
+                // keeps this reply from racing its timeout: the creator reliably sees "timed
+                // out", and this late reply is dropped.
+                tokio::time::sleep_until(task.deadline() + AFTER_DEADLINE).await;
                 return Err(json!({
                     "error": "timed out: the program was killed at the task's deadline",
                     "timeout_ms": remaining.as_millis() as u64,

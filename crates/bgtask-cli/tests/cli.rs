@@ -556,6 +556,110 @@ fn ctrl_c_drains_the_worker() {
 }
 
 #[test]
+fn ctrl_c_on_submit_cancels_the_task_and_the_worker_kills_the_program() {
+    let s = Scratch::new("cancel", "");
+    let worker = s.worker(&["--kill-grace", "500ms"]);
+    let mut submit = Command::new(BIN)
+        .args([
+            "--config",
+            &s.config(),
+            "submit",
+            "--task",
+            "job",
+            "--timeout",
+            "60s",
+        ])
+        .arg(r#"{"mode":"sleep"}"#)
+        .current_dir(&s.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid_file = s.dir.join("child.pid");
+    assert!(
+        wait_until(Duration::from_secs(30), || pid_file.exists()),
+        "the program never started; worker:\n{}",
+        worker.stderr()
+    );
+    let submit_pid = submit.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &submit_pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = submit.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < CALL_LIMIT,
+            "submit did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = submit.wait_with_output().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "interrupted: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || is_gone(pid)),
+        "the cancelled program's child {pid} is still running; worker:\n{}",
+        worker.stderr()
+    );
+    worker.wait_for_line("cancelled: the program was killed", Duration::from_secs(20));
+}
+
+#[test]
+fn bench_counts_errors_and_exits_70_when_tasks_fail() {
+    let s = Scratch::new("bench", "");
+    let run = s.bgtask(&[
+        "bench",
+        "--workers",
+        "0",
+        "--tasks",
+        "5",
+        "--concurrency",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(run.code, 70, "{run:?}");
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["bgtask"]["errors"]["no worker"], 5, "{run:?}");
+
+    let run = s.bgtask(&[
+        "bench",
+        "--tasks",
+        "200",
+        "--concurrency",
+        "8",
+        "--compare",
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["bgtask"]["ok"], 200, "{run:?}");
+    assert_eq!(out["baseline"]["ok"], 200, "{run:?}");
+    assert!(
+        out["ratio"]["throughput"].as_f64().unwrap() > 0.0,
+        "{run:?}"
+    );
+    assert!(
+        out["bgtask"]["latency_ms"]["p99"].as_f64().unwrap() > 0.0,
+        "{run:?}"
+    );
+}
+
+#[test]
 fn the_demo_runs_without_a_server_and_prints_its_summary() {
     let dir = std::env::temp_dir();
     let run = bgtask(&["demo"], None, &dir);
