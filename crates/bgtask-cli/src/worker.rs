@@ -420,7 +420,7 @@ impl Runner {
                     "error": "timed out: the program was killed at the task's deadline",
                     "timeout_ms": remaining.as_millis() as u64,
                     "stderr": tail,
-                }))
+                }));
             }
             End::Cancelled => {
                 return Err(json!({
