@@ -4,17 +4,16 @@ use std::time::Duration;
 
 use bgtask_core::{Error, Result};
 use bytes::Bytes;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
 use tokio::time::{error::Elapsed, timeout_at, Instant};
 
-use crate::error::{from_sqlx, poisons_connection, timed_out};
+use crate::error::{closed, from_sqlx, poisons_connection, timed_out};
+use crate::pool::{AcquireError, Conn, Pool};
 use crate::schema::Statements;
 
 /// The broker's pool and statements, shared by the broker handles, the cleanup task and the
 /// subscriptions (which read payload rows through it).
 pub(crate) struct Db {
-    pub(crate) pool: PgPool,
+    pub(crate) pool: Pool,
     pub(crate) op_timeout: Duration,
     /// The connection's password, scrubbed from error texts.
     pub(crate) secret: Option<String>,
@@ -36,39 +35,51 @@ pub(crate) enum Fetched {
 
 impl Db {
     /// A connection from the pool, waiting no later than `deadline`.
-    pub(crate) async fn conn(
-        &self,
-        what: &str,
-        deadline: Instant,
-    ) -> Result<PoolConnection<Postgres>> {
-        match timeout_at(deadline, self.pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(self.error(what, e)),
-            Err(_) => Err(timed_out(what, self.op_timeout)),
+    pub(crate) async fn conn(&self, what: &str, deadline: Instant) -> Result<Conn> {
+        match self.pool.acquire(deadline).await {
+            Ok(conn) => Ok(conn),
+            Err(AcquireError::Timeout) => {
+                tracing::debug!(what, "postgres: no connection in time");
+                Err(timed_out(what, self.op_timeout))
+            }
+            Err(AcquireError::Connect(e)) => {
+                tracing::debug!(what, error = %e, "postgres: cannot connect");
+                Err(self.error(what, e))
+            }
+            Err(AcquireError::Closed) => Err(closed(what)),
         }
     }
 
-    /// The outcome of a statement run on `conn` under a deadline. A connection that timed out
-    /// or broke is closed at once instead of going back to the pool: sqlx would test it there
-    /// with a round trip that has no time bound (sqlx-core `pool/connection.rs`,
-    /// `return_to_pool`), which on a half-open connection waits until the OS gives up and
-    /// holds a pool slot all the while.
+    /// The outcome of a statement run on `conn` under a deadline: a clean finish (a server
+    /// error included) puts the connection back; a broken one is closed, and an I/O error
+    /// also retires every idle connection (the server most likely went away); one that timed
+    /// out is brought back in the background, or closed (see [`Conn`]).
     pub(crate) fn settle<T>(
         &self,
         what: &str,
-        conn: PoolConnection<Postgres>,
+        conn: Conn,
         result: std::result::Result<sqlx::Result<T>, Elapsed>,
     ) -> Result<T> {
         match result {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => {
+                conn.release();
+                Ok(value)
+            }
             Ok(Err(e)) => {
+                tracing::debug!(what, error = %e, "postgres: statement failed");
                 if poisons_connection(&e) {
-                    drop(conn.detach());
+                    conn.discard();
+                    if matches!(e, sqlx::Error::Io(_)) {
+                        self.pool.invalidate();
+                    }
+                } else {
+                    conn.release();
                 }
                 Err(self.error(what, e))
             }
             Err(_) => {
-                drop(conn.detach());
+                tracing::debug!(what, "postgres: no answer in time");
+                drop(conn);
                 Err(timed_out(what, self.op_timeout))
             }
         }

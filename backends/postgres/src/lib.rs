@@ -109,6 +109,12 @@
 //! client's. `release`, `leases` and `count` are single statements. TTLs are capped at about
 //! 100 years.
 //!
+//! The broker's connections run with `synchronous_commit = off` unless
+//! [`synchronous_commit`](PostgresConfig::synchronous_commit) is set: a lease change then
+//! does not wait for its WAL flush (which costs milliseconds per acquire on ordinary disks and
+//! caps the task rate). Other sessions see it at once and a client crash loses nothing; only a
+//! crash of the server itself may forget the changes of its last fraction of a second.
+//!
 //! # Cleanup
 //!
 //! Nothing polls for messages: notifications wake the subscribers. The only periodic work is
@@ -120,15 +126,25 @@
 //! # Time bounds
 //!
 //! Every operation (publish, subscribe, each lease call, reading a payload row) finishes
-//! within [`op_timeout`](PostgresConfig::op_timeout), getting a pooled connection included
-//! (the pool's `acquire_timeout` is `op_timeout` as well); the server aborts statements that
-//! run longer (`statement_timeout` = `op_timeout`). A connection whose operation timed out or
-//! broke is closed, not returned to the pool. [`PostgresBroker::connect`] opens its first
-//! connection directly, within [`connect_timeout`](PostgresConfig::connect_timeout), so a
-//! refused connection fails with [`ErrorKind::Unavailable`] at once (sqlx's pool would retry
-//! it until its timeout) and rejected credentials with [`ErrorKind::Auth`]. Lost, refused and
-//! silent connections are [`ErrorKind::Unavailable`]; a missing database or an unusable URL is
-//! [`ErrorKind::Config`].
+//! within [`op_timeout`](PostgresConfig::op_timeout), waiting for a pooled connection (and
+//! opening one, within [`connect_timeout`](PostgresConfig::connect_timeout)) included; the
+//! server aborts statements that run longer (`statement_timeout` = `op_timeout`).
+//!
+//! The pool is the crate's own, not sqlx's `PgPool`, which tests every connection it takes
+//! back with a round trip that has no time bound, in a task that holds a pool slot meanwhile
+//! (on a half-open connection until the OS gives up on the socket, with the pool exhausted),
+//! and retries refused connections until its timeout. Here a connection whose operation
+//! finished goes back without a round trip; one that broke on I/O is closed, together with
+//! every idle connection opened before (as when the listener finds its connection lost); one
+//! whose operation timed out or was cancelled is brought back in the background by one round
+//! trip bounded by `op_timeout`, or closed; and a connection still being opened when its
+//! operation gave up is finished in the background and kept, so a burst after an outage does
+//! not open and drop connections over and over.
+//!
+//! [`PostgresBroker::connect`] opens its first connection directly, within `connect_timeout`:
+//! a refused connection fails with [`ErrorKind::Unavailable`] at once and rejected credentials
+//! with [`ErrorKind::Auth`]. Lost, refused and silent connections are
+//! [`ErrorKind::Unavailable`]; a missing database or an unusable URL is [`ErrorKind::Config`].
 //!
 //! # Configuration
 //!
@@ -146,6 +162,7 @@
 //! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
 //! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
 //! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
+//! | [`synchronous_commit`](PostgresConfig::synchronous_commit) | off | whether lease changes wait for their WAL flush |
 //!
 //! # Lifetimes
 //!
@@ -166,6 +183,7 @@ mod config;
 mod db;
 mod error;
 mod listener;
+mod pool;
 mod schema;
 pub mod wire;
 
@@ -180,7 +198,7 @@ use bgtask_core::{
     Result, Subscription,
 };
 use bytes::Bytes;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -197,9 +215,6 @@ use listener::{ListenerHandle, ListenerSettings};
 
 /// The longest lease TTL: about 100 years (longer ones are shortened to this).
 pub const MAX_TTL_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// How long pooled connections stay open unused.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A [`Broker`] on PostgreSQL LISTEN/NOTIFY. Cheap to clone; clones share the connections.
 ///
@@ -274,13 +289,12 @@ impl PostgresBroker {
             Err(_) => return Err(timed_out("migrate the schema", config.op_timeout * 2)),
         }
 
-        let pool = PgPoolOptions::new()
-            .max_connections(config.pool_size)
-            .min_connections(0)
-            .acquire_timeout(config.op_timeout)
-            .idle_timeout(Some(POOL_IDLE_TIMEOUT))
-            .test_before_acquire(true)
-            .connect_lazy_with(options.clone());
+        let pool = pool::Pool::new(
+            options.clone(),
+            config.pool_size,
+            config.connect_timeout,
+            config.op_timeout,
+        );
         let db = Arc::new(Db {
             pool,
             op_timeout: config.op_timeout,
@@ -344,8 +358,7 @@ impl PostgresBroker {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.listener.close();
         self.inner.cleanup.abort();
-        let pool = self.inner.db.pool.clone();
-        tokio::spawn(async move { pool.close().await });
+        self.inner.db.pool.close();
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -398,10 +411,13 @@ fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgCo
         url.query_pairs_mut().clear().extend_pairs(kept);
     }
     let statement_timeout = config.op_timeout.as_millis().max(1).to_string();
-    let options = PgConnectOptions::from_url(&url)
+    let mut options = PgConnectOptions::from_url(&url)
         .map_err(|e| bad_url(e.to_string()))?
         .application_name(&config.application_name)
         .options([("statement_timeout", statement_timeout.as_str())]);
+    if !config.synchronous_commit {
+        options = options.options([("synchronous_commit", "off")]);
+    }
     Ok(options)
 }
 
@@ -411,6 +427,7 @@ async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
     loop {
         let jitter = interval.mul_f64(rand_fraction() * 0.2);
         tokio::time::sleep(interval + jitter).await;
+        db.pool.prune();
         match db.cleanup().await {
             Ok((0, 0)) => {}
             Ok((leases, payloads)) => {
@@ -434,6 +451,7 @@ impl fmt::Debug for PostgresBroker {
             .field("listener", &self.inner.listener_application_name)
             .field("op_timeout", &self.inner.config.op_timeout)
             .field("subscribed_channels", &self.inner.listener.channels())
+            .field("idle_connections", &self.inner.db.pool.idle_count())
             .finish()
     }
 }

@@ -396,6 +396,9 @@ impl Supervisor {
                 End::Lost(why) => {
                     tracing::warn!(reason = %why, "postgres: listener connection lost; reconnecting");
                     self.mark_lost();
+                    // The pooled connections most likely went the same way: retire the idle
+                    // ones, so the first operations after the outage do not fail on them.
+                    self.db.pool.invalidate();
                 }
             }
             drop(listener);
@@ -614,9 +617,14 @@ impl Supervisor {
     /// `None` when the broker was closed or dropped meanwhile.
     async fn reconnect(&mut self) -> Option<PgListener> {
         let mut failures = 0u32;
+        let mut last_attempt = tokio::time::Instant::now();
         loop {
             if failures > 0 {
-                let wait = tokio::time::sleep(backoff(failures, self.settings.max_backoff));
+                // Attempts start at most every `backoff`: time spent in a failed attempt (a
+                // connect that hung until its timeout) counts toward the wait.
+                let wait = backoff(failures, self.settings.max_backoff)
+                    .saturating_sub(last_attempt.elapsed());
+                let wait = tokio::time::sleep(wait);
                 tokio::pin!(wait);
                 loop {
                     tokio::select! {
@@ -629,6 +637,7 @@ impl Supervisor {
                     }
                 }
             }
+            last_attempt = tokio::time::Instant::now();
             let attempt = tokio::select! {
                 _ = self.stop.changed() => return None,
                 attempt = attempt(&self.shared, &self.settings) => attempt,

@@ -2,7 +2,6 @@
 //! broker runs. `{s}` in a template stands for the quoted schema name; everything else a
 //! statement needs is a bind parameter.
 
-use futures::future::BoxFuture;
 use sqlx::{Connection, Executor, PgConnection};
 
 use sha2::{Digest, Sha256};
@@ -96,17 +95,7 @@ fn migration_lock(schema: &str) -> i64 {
 
 /// Bring `schema` up to date on `conn`. Returns the versions applied (empty when it was up to
 /// date already).
-///
-/// Boxed: the future borrows the connection through sqlx's `Executor` impls, which the
-/// compiler cannot prove `Send` for every lifetime when it is awaited inside another future.
-pub(crate) fn migrate<'a>(
-    conn: &'a mut PgConnection,
-    schema: &'a str,
-) -> BoxFuture<'a, sqlx::Result<Vec<i32>>> {
-    Box::pin(migrate_now(conn, schema))
-}
-
-async fn migrate_now(conn: &mut PgConnection, schema: &str) -> sqlx::Result<Vec<i32>> {
+pub(crate) async fn migrate(conn: &mut PgConnection, schema: &str) -> sqlx::Result<Vec<i32>> {
     let versions = format!(
         "SELECT max(version) FROM {}.migrations",
         quote_ident(schema)

@@ -53,7 +53,7 @@ impl TestSchema {
     pub fn fault_config(&self, addr: SocketAddr) -> PostgresConfig {
         PostgresConfig::new(url_via(addr))
             .with_schema(&self.name)
-            .with_pool_size(4)
+            .with_pool_size(8)
             .with_op_timeout(Duration::from_secs(1))
             .with_connect_timeout(Duration::from_secs(1))
             .with_liveness_interval(Duration::from_secs(1))
