@@ -14,6 +14,10 @@ pub use bgtask_redis as redis;
 #[cfg(feature = "nats")]
 pub use bgtask_nats as nats;
 
+/// The PostgreSQL backend (cargo feature `postgres`).
+#[cfg(feature = "postgres")]
+pub use bgtask_postgres as postgres;
+
 use std::sync::Arc;
 
 /// The broker backends a URL can name, by scheme.
@@ -79,6 +83,11 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
         Scheme::Redis => Ok(Arc::new(bgtask_redis::RedisBroker::connect(url).await?)),
         #[cfg(feature = "nats")]
         Scheme::Nats => Ok(Arc::new(bgtask_nats::NatsBroker::connect(url).await?)),
+        #[cfg(feature = "postgres")]
+        Scheme::Postgres => Ok(Arc::new(
+            bgtask_postgres::PostgresBroker::connect(url).await?,
+        )),
+        #[allow(unreachable_patterns)] // with every backend compiled in
         _ => Err(not_compiled_in(scheme, url)),
     }
 }
@@ -86,16 +95,10 @@ pub async fn connect(url: &str) -> Result<DynBroker> {
 #[allow(dead_code)] // unused when every backend is compiled in
 fn not_compiled_in(scheme: Scheme, url: &str) -> Error {
     let feature = scheme.feature();
-    let hint = match scheme {
-        Scheme::Postgres => {
-            " (this backend is planned; no released version of bgtask provides it yet)"
-        }
-        _ => "",
-    };
     Error::new(
         ErrorKind::Config,
         format!(
-            "the broker URL {:?} needs the `{feature}` cargo feature of bgtask{hint}: \
+            "the broker URL {:?} needs the `{feature}` cargo feature of bgtask: \
              bgtask = {{ version = \"0.1\", features = [\"{feature}\"] }}",
             redact(url)
         ),
@@ -162,6 +165,37 @@ mod tests {
             let err = connect("nats://127.0.0.1:4222").await.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config);
             assert!(err.to_string().contains("`nats` cargo feature"), "{err}");
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let err = connect("postgres://u:secret@127.0.0.1:5432/db")
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(
+                err.to_string().contains("`postgres` cargo feature"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    /// With the feature, postgres URLs reach the backend (a refused connection, not a
+    /// missing feature).
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_urls_reach_the_backend() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        for scheme in ["postgres", "postgresql"] {
+            let err = connect(&format!("{scheme}://u:secret@127.0.0.1:{port}/db"))
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+            assert!(!format!("{err:?}").contains("secret"), "{err:?}");
         }
     }
 
