@@ -117,6 +117,7 @@ pub fn encode_reference(id: &str) -> String {
 
 /// A notification, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Notice {
     /// The message itself.
     Inline {

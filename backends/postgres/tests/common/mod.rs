@@ -100,9 +100,21 @@ impl Drop for TestSchema {
                     sqlx::query("SET lock_timeout = '10s'")
                         .execute(&mut conn)
                         .await?;
-                    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-                        .execute(&mut conn)
-                        .await?;
+                    let drop = format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE");
+                    // Brokers still running may hold row locks in another order: a deadlock
+                    // aborts the drop, which is then tried again.
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
+                        match sqlx::query(&drop).execute(&mut conn).await {
+                            Ok(_) => break,
+                            Err(e) if attempts < 10 => {
+                                eprintln!("dropping test schema {name}: {e}; trying again");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                     conn.close().await
                 };
                 match tokio::time::timeout(Duration::from_secs(20), work).await {
