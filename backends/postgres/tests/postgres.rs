@@ -848,6 +848,49 @@ async fn every_call_is_bounded_while_cut_and_recovers() {
     }
 }
 
+/// A subscribe call made during an outage succeeds if the connection returns within its
+/// bound, and the subscription then missed nothing (no gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_during_a_short_outage_waits_for_the_connection() {
+    let schema = TestSchema::new();
+    let proxy = FaultProxy::start(server_addr()).await.unwrap();
+    let config = schema
+        .fault_config(proxy.addr())
+        .with_op_timeout(Duration::from_secs(4));
+    let b = connect(config).await;
+    let direct = schema.broker().await;
+    // Make sure the listener has noticed the cut before subscribing.
+    let mut watch = b.subscribe("watch").await.unwrap();
+    proxy.cut();
+    assert_eq!(
+        timeout(Duration::from_secs(5), watch.next()).await.ok(),
+        None,
+        "nothing arrives while cut"
+    );
+    let healer = tokio::spawn(async move {
+        sleep(Duration::from_millis(500)).await;
+        proxy.pass();
+        proxy
+    });
+    let started = Instant::now();
+    let mut sub = b
+        .subscribe("waits")
+        .await
+        .expect("subscribe after the outage");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let _proxy = healer.await.unwrap();
+    direct
+        .publish("waits", Bytes::from_static(b"hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut sub).await,
+        Incoming::Message(Bytes::from_static(b"hi"))
+    );
+    // The older subscription says it may have missed messages.
+    assert_eq!(next(&mut watch).await, Incoming::Gap);
+}
+
 /// Calls made while the listener is down each end within op_timeout (1 s) plus slack.
 async fn calls_stay_bounded(b: &PostgresBroker, ch: &str, for_how_long: Duration) -> Duration {
     let until = Instant::now() + for_how_long;
