@@ -380,7 +380,7 @@ fn a_program_past_its_deadline_is_killed_with_its_children() {
 fn the_per_key_limit_and_the_blacklist_reject_at_once() {
     let s = Scratch::new(
         "admission",
-        "[worker.blacklist]\nthreshold = 1\ninterval = 60000\nduration = 60000\n",
+        "[worker.blacklist]\nthreshold = 1\ninterval_ms = 60000\nduration_ms = 60000\n",
     );
     let _worker = s.worker(&["--concurrency", "4"]);
 

@@ -20,8 +20,8 @@
 //!
 //! [worker.blacklist]
 //! threshold = 10
-//! interval = 1000                         # milliseconds
-//! duration = 3600000                      # milliseconds
+//! interval_ms = 1000
+//! duration_ms = 3600000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -287,8 +287,8 @@ mod tests {
             shutdown_grace_ms = 3000
             [worker.blacklist]
             threshold = 2
-            interval = 500
-            duration = 60000
+            interval_ms = 500
+            duration_ms = 60000
             "#,
         )
         .unwrap();

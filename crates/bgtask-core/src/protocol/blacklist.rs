@@ -15,10 +15,10 @@ pub struct BlacklistConfig {
     /// More than this many reports within `interval` blacklist the value. Default 10.
     pub threshold: u64,
     /// The window in which reports are counted. Default 1 s.
-    #[serde(with = "crate::protocol::duration_ms")]
+    #[serde(rename = "interval_ms", with = "crate::protocol::duration_ms")]
     pub interval: Duration,
     /// How long a value stays blacklisted. Default 1 h.
-    #[serde(with = "crate::protocol::duration_ms")]
+    #[serde(rename = "duration_ms", with = "crate::protocol::duration_ms")]
     pub duration: Duration,
 }
 
@@ -136,7 +136,7 @@ impl Blacklist {
                 LeaseRequest::new(self.config.duration).note(note),
             )
             .await?;
-        tracing::warn!(task, value, reason, "key value blacklisted");
+        tracing::info!(task, value, reason, "key value blacklisted");
         Ok(true)
     }
 

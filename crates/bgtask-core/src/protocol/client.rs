@@ -914,7 +914,9 @@ impl TaskHandle {
             return None;
         }
         let outcome = loop {
-            {
+            // Past the deadline, nothing that arrives counts: a reply racing the timeout loses.
+            let expired = Instant::now() >= self.submitted.guard.deadline;
+            if !expired {
                 let mut state = self.submitted.slot.lock();
                 if let Some(progress) = state.progress.pop_front() {
                     return Some(progress);
@@ -926,7 +928,7 @@ impl TaskHandle {
                     break Err(Error::closed("the client was shut down"));
                 }
             }
-            if !self.submitted.wait().await {
+            if expired || !self.submitted.wait().await {
                 // Stop any worker still on it, without making this call wait on the broker.
                 let guard = &self.submitted.guard;
                 if let Some(abandon) = guard.client.abandon(guard.id) {
