@@ -5,8 +5,9 @@
 //! Every test runs in its own namespace. Timeouts are generous: the tests share a small,
 //! loaded machine.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -40,34 +41,7 @@ case "$input" in
 esac
 "#;
 
-fn redis_url() -> String {
-    std::env::var("BGTASK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-/// Fail (never skip) when Redis does not answer, saying how to start it.
-fn require_redis() -> String {
-    let url = redis_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hostport = rest.split(['/', '?']).next().unwrap_or_default();
-    let hostport = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:6379")
-    };
-    let reachable = hostport
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok());
-    assert!(
-        reachable,
-        "Redis is not reachable at {hostport} (BGTASK_REDIS_URL={url}). Start it with \
-         `docker compose up -d --wait redis` or `redis-server --daemonize yes`, or run \
-         `scripts/test`, which starts it; or point BGTASK_REDIS_URL at one."
-    );
-    url
-}
+use common::require_redis;
 
 /// A fresh directory with the worker script and a bgtask.toml for `namespace`.
 struct Scratch {

@@ -8,7 +8,8 @@
 //!
 //! A server that does not answer fails the test with a message saying how to start it.
 
-use std::net::{TcpStream, ToSocketAddrs};
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,39 +20,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_bgtask");
 const SLEEPER: &str =
     r#"cat > /dev/null; echo $$ > "$BGTASK_TEST_DIR/started.$BGTASK_TASK_ID"; exec sleep 30"#;
 
-fn url(var: &str, default: &str, port: u16) -> String {
-    let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hostport = rest.split(['/', '?']).next().unwrap_or_default();
-    let hostport = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:{port}")
-    };
-    let reachable = hostport
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
-    assert!(
-        reachable,
-        "no server at {hostport} ({var}={url}): run `scripts/test`, which starts it, or \
-         `docker compose up -d --wait`, or point {var} at one"
-    );
-    url
-}
-
 fn redis() -> String {
-    url("BGTASK_REDIS_URL", "redis://127.0.0.1:6379", 6379)
+    common::require_redis()
 }
 
 fn nats() -> String {
-    url("BGTASK_NATS_URL", "nats://127.0.0.1:4222", 4222)
+    common::require_server("BGTASK_NATS_URL", "nats://127.0.0.1:4222", 4222)
 }
 
 fn postgres() -> String {
-    url(
+    common::require_server(
         "BGTASK_POSTGRES_URL",
         "postgres://postgres@127.0.0.1:5432/test",
         5432,

@@ -427,17 +427,7 @@ impl Client {
     /// A stream of what happens on this client from now on. A reader that falls more than 1024
     /// events behind misses the oldest ones.
     pub fn events(&self) -> futures::stream::BoxStream<'static, ClientEvent> {
-        let rx = self.inner.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => return Some((event, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .boxed()
+        super::event_stream(&self.inner.events)
     }
 
     /// Stop: refuse new tasks, end every pending task with an [`ErrorKind::Closed`] error (their

@@ -135,6 +135,25 @@ fn decode_raw<T: DeserializeOwned>(raw: &RawValue, what: &str) -> Result<T> {
     })
 }
 
+/// A stream of the events sent on `events` from now on; a reader that falls behind the channel's
+/// capacity skips the oldest.
+fn event_stream<T: Clone + Send + 'static>(
+    events: &tokio::sync::broadcast::Sender<T>,
+) -> futures::stream::BoxStream<'static, T> {
+    use futures::StreamExt;
+    use tokio::sync::broadcast::error::RecvError;
+    futures::stream::unfold(events.subscribe(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(event) => return Some((event, rx)),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+    .boxed()
+}
+
 /// A relaxed atomic counter for statistics.
 #[derive(Debug, Default)]
 struct Counter(AtomicU64);

@@ -279,17 +279,7 @@ impl Worker {
     /// A stream of what happens on this worker from now on (malformed messages, cancellations,
     /// gaps). A reader more than 1024 events behind misses the oldest.
     pub fn events(&self) -> futures::stream::BoxStream<'static, WorkerEvent> {
-        let rx = self.inner.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => return Some((event, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .boxed()
+        super::event_stream(&self.inner.events)
     }
 
     /// The next available task, or `None` once the worker is shut down. Malformed messages are
