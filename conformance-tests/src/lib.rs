@@ -89,6 +89,7 @@ macro_rules! for_each_scenario {
             broker::leases_list_notes_and_remaining_time,
             broker::lease_keys_never_meet,
             broker::uncapped_leases_count_up,
+            broker::claims_are_exclusive_and_expire,
             protocol::submit_and_reply,
             protocol::submit_returns_the_id_at_once,
             protocol::typed_call_round_trip,

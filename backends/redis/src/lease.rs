@@ -10,6 +10,19 @@ pub const LEASES_PREFIX: &str = "bgl:{";
 /// The prefix of the hash of a lease key: `bgn:{<key>}`.
 pub const NOTES_PREFIX: &str = "bgn:{";
 
+/// The prefix of a claim (see [`Broker::claim`](bgtask_core::Broker::claim)): `bgc:{<key>}`, a
+/// plain string set with `SET NX PX`, apart from every lease key.
+pub const CLAIM_PREFIX: &str = "bgc:{";
+
+/// The Redis key of claim key `key`.
+pub(crate) fn claim_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(CLAIM_PREFIX.len() + key.len() + 1);
+    k.extend_from_slice(CLAIM_PREFIX.as_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k.push(b'}');
+    k
+}
+
 /// The longest TTL the backend stores, about 69 years; longer ones are capped to it. It keeps
 /// every expiry an exact integer in Lua's doubles.
 pub const MAX_TTL_MILLIS: u64 = 1 << 41;

@@ -384,3 +384,35 @@ pub async fn uncapped_leases_count_up(h: Harness) {
     }
     assert_eq!(broker.count(&key).await.unwrap(), 20);
 }
+
+/// 100 concurrent claims of one key, from four brokers: exactly one wins; the claim expires by
+/// itself; claim keys are exact (hostile names never meet).
+pub async fn claims_are_exclusive_and_expire(h: Harness) {
+    let mut brokers = Vec::new();
+    for _ in 0..4 {
+        brokers.push(h.broker().await);
+    }
+    let key = h.name("claim");
+    let ttl = Duration::from_millis(400);
+    let results = join_all((0..100).map(|i| {
+        let broker = brokers[i % brokers.len()].clone();
+        let key = key.clone();
+        async move { broker.claim(&key, ttl).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|&&won| won).count(), 1);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        brokers[0].claim(&key, ttl).await.unwrap(),
+        "the claim did not expire"
+    );
+    for name in hostile_names() {
+        assert!(
+            brokers[1]
+                .claim(&h.name(&format!("c:{name}")), ttl)
+                .await
+                .unwrap(),
+            "claim {name:?} met another claim"
+        );
+    }
+}

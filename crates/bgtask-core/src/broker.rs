@@ -94,6 +94,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// The number of live leases of `key`.
     async fn count(&self, key: &str) -> Result<u64>;
 
+    /// Take an exclusive claim on `key` for `ttl`: `true` for exactly one caller until the claim
+    /// expires (by the broker's clock). Claims are never released early, never listed, and a
+    /// claim key is only ever used with this method, so a backend may keep claims apart from
+    /// leases and take them in one cheap step (Redis: `SET NX PX`).
+    ///
+    /// This is how the protocol makes the first accept win, once per worker per task: the
+    /// hottest broker call after publish. The provided implementation is a lease with cap 1.
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let acquired = self.acquire(key, LeaseRequest::new(ttl).cap(1)).await?;
+        Ok(acquired.lease.is_some())
+    }
+
     /// What this backend can and cannot do.
     fn capabilities(&self) -> Capabilities;
 }

@@ -740,12 +740,8 @@ impl Inner {
             if !pending.broadcast {
                 let ttl = pending.deadline.saturating_duration_since(Instant::now())
                     + inner.config.lease_margin;
-                let request = LeaseRequest::new(ttl).cap(1).note("abandoned");
-                if let Err(error) = inner
-                    .broker
-                    .acquire(&inner.namespace.claim_key(&id), request)
-                    .await
-                {
+                let claim_key = inner.namespace.claim_key(&id);
+                if let Err(error) = inner.broker.claim(&claim_key, ttl).await {
                     tracing::debug!(%error, "could not take the claim of an abandoned task");
                 }
             }

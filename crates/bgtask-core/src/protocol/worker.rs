@@ -21,7 +21,7 @@ use super::blacklist::{Blacklist, BlacklistConfig};
 use super::client::check_payload_size;
 use super::envelope::{Kind, Message, Status};
 use super::{decode_raw, duration_ms, Counter};
-use crate::broker::{DynBroker, Incoming, LeaseRequest, Subscription};
+use crate::broker::{DynBroker, Incoming, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{random_id, validate_name, Namespace};
 
@@ -651,17 +651,15 @@ impl AvailableTask {
             .running()
             .insert(shared.id.clone(), shared.cancel.clone());
         if !shared.broadcast {
-            let request = LeaseRequest::new(remaining + worker.config.claim_margin)
-                .cap(1)
-                .note(&worker.worker_id);
-            let claim = worker
+            let ttl = remaining + worker.config.claim_margin;
+            let claimed = worker
                 .broker
-                .acquire(&worker.namespace.claim_key(&shared.id), request)
+                .claim(&worker.namespace.claim_key(&shared.id), ttl)
                 .await;
-            if !matches!(claim, Ok(ref c) if c.lease.is_some()) {
+            if !matches!(claimed, Ok(true)) {
                 worker.running().remove(&shared.id);
                 worker.counters.lost.incr();
-                return claim.map(|_| None);
+                return claimed.map(|_| None);
             }
         }
         worker.counters.accepted.incr();
