@@ -183,3 +183,29 @@ pub async fn next_message(subscription: &mut Subscription, wait: Duration) -> Op
     .ok()
     .flatten()
 }
+
+/// Generous bound for one item to arrive on a healthy connection.
+pub const ARRIVES: Duration = Duration::from_secs(5);
+
+/// The next item of `subscription` within [`ARRIVES`]; panics if none comes or the stream ends.
+pub async fn expect_next(subscription: &mut Subscription) -> Incoming {
+    tokio::time::timeout(ARRIVES, subscription.next())
+        .await
+        .expect("nothing arrived")
+        .expect("the subscription ended")
+}
+
+/// The next item, which must be a message (not a gap).
+pub async fn expect_message(subscription: &mut Subscription) -> Bytes {
+    match expect_next(subscription).await {
+        Incoming::Message(m) => m,
+        Incoming::Gap => panic!("unexpected gap"),
+    }
+}
+
+/// Nothing arrives on `subscription` within `wait`.
+pub async fn expect_silence(subscription: &mut Subscription, wait: Duration) {
+    if let Ok(item) = tokio::time::timeout(wait, subscription.next()).await {
+        panic!("unexpected {item:?}");
+    }
+}

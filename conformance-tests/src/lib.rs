@@ -24,7 +24,9 @@ use std::net::SocketAddr;
 use async_trait::async_trait;
 use bgtask_core::{DynBroker, Result};
 
-pub use harness::{next_message, run, Harness, WorkerGuard};
+pub use harness::{
+    expect_message, expect_next, expect_silence, next_message, run, Harness, WorkerGuard, ARRIVES,
+};
 
 /// How the suite gets brokers of the backend under test. A backend writes one of these.
 #[async_trait]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bgtask_conformance::proxy::FaultProxy;
-use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published, Subscription};
+use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published};
 use bgtask_nats::{NatsBroker, NatsConfig};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -22,29 +22,7 @@ use tokio::time::{sleep, timeout, Instant};
 
 use common::{broker, connect, fault_config, prefix, short, PrivateServer};
 
-/// Generous bound for one item to arrive on a healthy connection.
-const ARRIVES: Duration = Duration::from_secs(5);
-
-async fn next(sub: &mut Subscription) -> Incoming {
-    timeout(ARRIVES, sub.next())
-        .await
-        .expect("nothing arrived")
-        .expect("the subscription ended")
-}
-
-async fn next_message(sub: &mut Subscription) -> Bytes {
-    match next(sub).await {
-        Incoming::Message(m) => m,
-        Incoming::Gap => panic!("unexpected gap"),
-    }
-}
-
-/// Nothing arrives on `sub` within `wait`.
-async fn silent(sub: &mut Subscription, wait: Duration) {
-    if let Ok(item) = timeout(wait, sub.next()).await {
-        panic!("unexpected {item:?}");
-    }
-}
+use bgtask_conformance::{expect_message as next_message, expect_silence as silent, ARRIVES};
 
 /// A plain async-nats client, for looking at the server's side of things.
 async fn raw(url: &str) -> async_nats::Client {

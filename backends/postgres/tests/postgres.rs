@@ -13,7 +13,7 @@ use std::time::Duration;
 use bgtask_conformance::proxy::FaultProxy;
 use bgtask_core::{
     Broker, Client, ClientConfig, DynBroker, ErrorKind, Incoming, LeaseRequest, Published,
-    SubmitOptions, Subscription, Worker, WorkerConfig,
+    SubmitOptions, Worker, WorkerConfig,
 };
 use bgtask_postgres::{wire, PostgresBroker, PostgresConfig};
 use bytes::Bytes;
@@ -24,29 +24,9 @@ use tokio::time::{sleep, timeout, Instant};
 
 use common::{connect, listener_pid, raw, server_addr, TestSchema};
 
-/// Generous bound for one item to arrive on a healthy connection.
-const ARRIVES: Duration = Duration::from_secs(5);
-
-async fn next(sub: &mut Subscription) -> Incoming {
-    timeout(ARRIVES, sub.next())
-        .await
-        .expect("nothing arrived")
-        .expect("the subscription ended")
-}
-
-async fn next_message(sub: &mut Subscription) -> Bytes {
-    match next(sub).await {
-        Incoming::Message(m) => m,
-        Incoming::Gap => panic!("unexpected gap"),
-    }
-}
-
-/// Nothing arrives on `sub` within `wait`.
-async fn silent(sub: &mut Subscription, wait: Duration) {
-    if let Ok(item) = timeout(wait, sub.next()).await {
-        panic!("unexpected {item:?}");
-    }
-}
+use bgtask_conformance::{
+    expect_message as next_message, expect_next as next, expect_silence as silent, ARRIVES,
+};
 
 /// Payload rows of `schema` whose channel is `channel`.
 async fn rows_of(schema: &TestSchema, channel: &str) -> i64 {
