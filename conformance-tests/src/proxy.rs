@@ -169,6 +169,9 @@ impl Drop for CountGuard {
 
 /// What ended one phase of a connection.
 enum Phase {
+    /// Both peers closed their side normally: close ours normally too (no reset, which would
+    /// destroy data the client has not read yet).
+    Closed,
     /// The mode changed; look at it again.
     ModeChanged,
     /// The connection is over (closed by a peer, an I/O error, a cut or the proxy dropped).
@@ -215,12 +218,13 @@ async fn connection(
                 match forward(&mut client, up, &mut mode).await {
                     Phase::ModeChanged => continue,
                     Phase::Done => break,
+                    Phase::Closed => return, // both sides already shut down; drop closes
                 }
             }
             Mode::BlackHole => {
                 match discard(&mut client, upstream.as_mut(), &mut mode, &mut tainted).await {
                     Phase::ModeChanged => continue,
-                    Phase::Done => break,
+                    Phase::Done | Phase::Closed => break,
                 }
             }
         }
@@ -245,49 +249,68 @@ async fn forward(
 ) -> Phase {
     let (mut client_rd, mut client_wr) = client.split();
     let (mut up_rd, mut up_wr) = upstream.split();
-    let mut to_up = vec![0u8; BUFFER];
-    let mut to_client = vec![0u8; BUFFER];
-    let mut client_open = true;
-    let mut up_open = true;
-    while client_open || up_open {
+    // The two directions run at once: a peer blocked writing to us must never stop us reading
+    // from it (that would deadlock a large echo).
+    let (mut mode_up, mut mode_down) = (mode.clone(), mode.clone());
+    let up = pump(&mut client_rd, &mut up_wr, &mut mode_up);
+    let down = pump(&mut up_rd, &mut client_wr, &mut mode_down);
+    tokio::pin!(up, down);
+    let (mut up_result, mut down_result) = (None, None);
+    // Wait for both directions: after a mode change each returns at once (`ModeChanged` when
+    // idle, `Done` when it was cut off in the middle of a write, so the stream cannot resume).
+    while up_result.is_none() || down_result.is_none() {
+        tokio::select! {
+            phase = &mut up, if up_result.is_none() => up_result = Some(phase),
+            phase = &mut down, if down_result.is_none() => down_result = Some(phase),
+        }
+    }
+    let _ = current(mode); // the pumps saw the change on their copies of the receiver
+    match (up_result.flatten(), down_result.flatten()) {
+        (None, None) => Phase::Closed,
+        (Some(Phase::Done), _) | (_, Some(Phase::Done)) => Phase::Done,
+        _ => Phase::ModeChanged,
+    }
+}
+
+/// Copy one direction until its end of stream (`None`, after passing the end on), an error, or
+/// a mode change that stops forwarding.
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    mode: &mut watch::Receiver<Mode>,
+) -> Option<Phase>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut buffer = vec![0u8; BUFFER];
+    loop {
         tokio::select! {
             biased;
             changed = mode.changed() => {
-                if changed.is_err() || interrupts(mode) {
-                    return if changed.is_err() { Phase::Done } else { Phase::ModeChanged };
+                if changed.is_err() {
+                    return Some(Phase::Done);
+                }
+                if interrupts(mode) {
+                    return Some(Phase::ModeChanged);
                 }
             }
-            n = client_rd.read(&mut to_up), if client_open => match n {
+            n = reader.read(&mut buffer) => match n {
                 Ok(0) => {
-                    client_open = false;
-                    let _ = up_wr.shutdown().await;
+                    let _ = writer.shutdown().await;
+                    return None;
                 }
                 Ok(n) => {
-                    if let Some(phase) = write_unless_interrupted(&mut up_wr, &to_up[..n], mode).await {
-                        return phase;
+                    if let Some(phase) = write_unless_interrupted(writer, &buffer[..n], mode).await {
+                        return Some(phase);
                     }
                 }
-                Err(_) => return Phase::Done,
-            },
-            n = up_rd.read(&mut to_client), if up_open => match n {
-                Ok(0) => {
-                    up_open = false;
-                    let _ = client_wr.shutdown().await;
-                }
-                Ok(n) => {
-                    if let Some(phase) = write_unless_interrupted(&mut client_wr, &to_client[..n], mode).await {
-                        return phase;
-                    }
-                }
-                Err(_) => return Phase::Done,
+                Err(_) => return Some(Phase::Done),
             },
         }
     }
-    Phase::Done
 }
 
-/// Write all of `bytes`, giving up when the mode changes to one that stops forwarding (the
-/// connection is then reset, so a partial write does no harm). `None` when all was written.
 async fn write_unless_interrupted<W: AsyncWriteExt + Unpin>(
     writer: &mut W,
     bytes: &[u8],
