@@ -138,6 +138,7 @@ macro_rules! for_each_scenario {
             protocol::hostile_task_names_reach_only_their_workers,
             faults::refused_connection_is_unavailable,
             faults::calls_are_bounded_in_a_black_hole,
+            faults::every_call_is_bounded_while_cut_and_recovers,
             faults::no_task_call_waits_past_its_deadline,
             faults::subscription_resumes_after_outage,
             faults::subscription_resumes_after_20s_outage,

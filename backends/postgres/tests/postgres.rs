@@ -17,7 +17,7 @@ use bgtask_core::{
 };
 use bgtask_postgres::{wire, PostgresBroker, PostgresConfig};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde_json::json;
 use sqlx::{Connection, Executor};
 use tokio::time::{sleep, timeout, Instant};
@@ -747,85 +747,6 @@ async fn schema_from_the_url_and_debug_without_password() {
         !shown.contains("hunter2") && !shown.contains("hunter3"),
         "{shown}"
     );
-}
-
-/// Every call fails within its bound while the proxy cuts or black-holes, and works after.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_call_is_bounded_while_cut_and_recovers() {
-    let schema = TestSchema::new();
-    let proxy = FaultProxy::start(server_addr()).await.unwrap();
-    let b = connect(schema.fault_config(proxy.addr())).await;
-    let lease = b
-        .acquire("key", LeaseRequest::new(Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .lease
-        .unwrap();
-    for mode in ["cut", "black hole"] {
-        if mode == "cut" {
-            proxy.cut();
-        } else {
-            proxy.black_hole();
-        }
-        let bound = Duration::from_millis(1500);
-        macro_rules! bounded {
-            ($name:literal, $call:expr) => {{
-                let started = Instant::now();
-                let result = timeout(Duration::from_secs(10), $call)
-                    .await
-                    .unwrap_or_else(|_| panic!("{} hung ({mode})", $name));
-                let took = started.elapsed();
-                let err = result.expect_err($name);
-                assert_eq!(
-                    err.kind(),
-                    ErrorKind::Unavailable,
-                    "{} ({mode}): {err}",
-                    $name
-                );
-                assert!(took < bound, "{} ({mode}) took {took:?}", $name);
-            }};
-        }
-        for _ in 0..3 {
-            bounded!("publish", b.publish("key", Bytes::from_static(b"x")));
-            bounded!(
-                "publish by reference",
-                b.publish("key", Bytes::from(vec![0u8; 100_000]))
-            );
-            bounded!(
-                "subscribe",
-                b.subscribe(&format!("{mode}:sub")).map(|r| r.map(drop))
-            );
-            bounded!(
-                "acquire",
-                b.acquire("key", LeaseRequest::new(Duration::from_secs(5)))
-            );
-            bounded!("release", b.release("key", &lease));
-            bounded!("leases", b.leases("key"));
-            bounded!("count", b.count("key"));
-        }
-        proxy.pass();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match b.count("key").await {
-                Ok(n) => {
-                    assert_eq!(n, 1);
-                    break;
-                }
-                Err(e) => assert!(Instant::now() < deadline, "no recovery ({mode}): {e}"),
-            }
-            sleep(Duration::from_millis(100)).await;
-        }
-        let ch = format!("{mode}:after");
-        let mut sub = loop {
-            match b.subscribe(&ch).await {
-                Ok(sub) => break sub,
-                Err(e) => assert!(Instant::now() < deadline, "no subscribe ({mode}): {e}"),
-            }
-            sleep(Duration::from_millis(100)).await;
-        };
-        b.publish(&ch, Bytes::from_static(b"back")).await.unwrap();
-        assert_eq!(next_message(&mut sub).await.as_ref(), b"back");
-    }
 }
 
 /// A subscribe call made during an outage succeeds if the connection returns within its

@@ -403,3 +403,86 @@ pub async fn outage_under_load_30s(h: Harness) {
 pub async fn black_hole_under_load(h: Harness) {
     outage_under_load(h, Outage::BlackHole, Duration::from_secs(5)).await;
 }
+
+/// While the broker is cut, then black-holed, every call (three rounds of each) fails with
+/// `Unavailable` within its bound; afterwards the same broker works again: its leases are
+/// there and a new subscription receives.
+pub async fn every_call_is_bounded_while_cut_and_recovers(h: Harness) {
+    let Some((proxy, b)) = h.proxied_broker().await else {
+        return;
+    };
+    let key = h.name("key");
+    let lease = b
+        .acquire(&key, LeaseRequest::new(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .lease
+        .unwrap();
+    for mode in ["cut", "black hole"] {
+        if mode == "cut" {
+            proxy.cut();
+        } else {
+            proxy.black_hole();
+        }
+        // Each call: an Unavailable error within the broker's ~1 s bound, plus slack.
+        let bound = Duration::from_millis(1500);
+        macro_rules! bounded {
+            ($name:literal, $call:expr) => {{
+                let started = Instant::now();
+                let result = tokio::time::timeout(Duration::from_secs(10), $call)
+                    .await
+                    .unwrap_or_else(|_| panic!("{} hung ({mode})", $name));
+                let took = started.elapsed();
+                let err = result.map(drop).expect_err($name);
+                assert_eq!(
+                    err.kind(),
+                    ErrorKind::Unavailable,
+                    "{} ({mode}): {err}",
+                    $name
+                );
+                assert!(took < bound, "{} ({mode}) took {took:?}", $name);
+            }};
+        }
+        let sub_channel = h.name(&format!("{mode}:sub"));
+        for _ in 0..3 {
+            bounded!("publish", b.publish(&key, Bytes::from_static(b"x")));
+            bounded!("subscribe", b.subscribe(&sub_channel));
+            bounded!(
+                "acquire",
+                b.acquire(&key, LeaseRequest::new(Duration::from_secs(5)))
+            );
+            bounded!("release", b.release(&key, &lease));
+            bounded!("leases", b.leases(&key));
+            bounded!("count", b.count(&key));
+        }
+        proxy.pass();
+        // Back to normal within a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.count(&key).await {
+                Ok(n) => {
+                    assert_eq!(n, 1);
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "no recovery ({mode}): {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let channel = h.name(&format!("{mode}:after"));
+        let mut sub = loop {
+            match b.subscribe(&channel).await {
+                Ok(sub) => break sub,
+                Err(e) => assert!(Instant::now() < deadline, "no subscribe ({mode}): {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        b.publish(&channel, Bytes::from_static(b"back"))
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::expect_message(&mut sub).await.as_ref(),
+            b"back",
+            "no delivery after the {mode}"
+        );
+    }
+}
