@@ -25,3 +25,14 @@ pub use protocol::*;
 pub mod __fuzz {
     pub use crate::protocol::fuzz::*;
 }
+
+/// Entry points for the criterion benchmarks in `benches/`; not part of the API.
+///
+/// The envelope encoder and decoder and the task-key extraction are internal; these are thin
+/// wrappers that build the messages a creator and a worker exchange. The channel and key layout
+/// ([`Namespace`](crate::Namespace)) and [`validate_name`](crate::names::validate_name) are public
+/// already.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::protocol::bench::*;
+}

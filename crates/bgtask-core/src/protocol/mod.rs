@@ -53,6 +53,81 @@ pub(crate) mod fuzz {
     }
 }
 
+/// What the criterion benchmarks (`benches/hot_paths.rs`) drive: the wire format and the task
+/// key, with the envelope fields a creator and a worker fill in. Thin wrappers, nothing more.
+pub(crate) mod bench {
+    use std::borrow::Cow;
+
+    use bytes::Bytes;
+    use serde_json::value::RawValue;
+
+    use super::envelope::{Kind, Message, Status};
+    use crate::error::Result;
+
+    /// A task id as a creator writes it: 32 hex digits.
+    pub const TASK_ID: &str = "0123456789abcdef0123456789abcdef";
+    /// A creator's reply channel in the default namespace.
+    pub const REPLY_TO: &str = "bgtask:v1:reply:fedcba9876543210fedcba9876543210";
+    /// A worker id: 32 hex digits.
+    pub const WORKER_ID: &str = "00112233445566778899aabbccddeeff";
+
+    /// Encode a task offer of the task name `task` as a creator does
+    /// (`Message::encode_with_body`): id, reply channel, timeout, deadline, the task key's value
+    /// when given, and `payload` serialized straight into the envelope.
+    pub fn encode_task(task: &str, key_value: Option<&str>, payload: &RawValue) -> Result<Vec<u8>> {
+        let mut message = Message::new(Kind::Task, TASK_ID);
+        message.task = Some(Cow::Borrowed(task));
+        message.reply_to = Some(Cow::Borrowed(REPLY_TO));
+        message.timeout_ms = Some(30_000);
+        message.deadline_ms = Some(1_800_000_000_000);
+        message.key = key_value.map(Cow::Borrowed);
+        Ok(message.encode_with_body(payload)?.bytes)
+    }
+
+    /// Encode a successful `done` reply carrying `reply`, as a worker does
+    /// (`Message::encode_with_body`).
+    pub fn encode_done(reply: &RawValue) -> Result<Vec<u8>> {
+        let mut message = Message::new(Kind::Done, TASK_ID);
+        message.worker = Some(Cow::Borrowed(WORKER_ID));
+        message.status = Some(Status::Success);
+        Ok(message.encode_with_body(reply)?.bytes)
+    }
+
+    /// Encode a `cancel` message (`Message::encode`, no body), as a creator does when a task
+    /// times out.
+    pub fn encode_cancel() -> Bytes {
+        Message::new(Kind::Cancel, TASK_ID).encode()
+    }
+
+    /// A decoded wire message, borrowing from the bytes it was decoded from.
+    #[derive(Debug)]
+    pub struct Decoded<'a>(Message<'a>);
+
+    impl Decoded<'_> {
+        /// The length of the body in bytes (0 without one).
+        pub fn body_len(&self) -> usize {
+            self.0.body.map_or(0, |b| b.get().len())
+        }
+
+        /// Encode the message again (`Message::encode`: the body, already JSON, is copied).
+        pub fn encode(&self) -> Bytes {
+            self.0.encode()
+        }
+    }
+
+    /// Decode and check a wire message (`Message::decode`), as a worker decodes a task offer
+    /// and a creator a reply.
+    pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>> {
+        Message::decode(bytes).map(Decoded)
+    }
+
+    /// The value of the top-level property `key` of a payload, as a creator extracts its task
+    /// key (`client::extract_key_value`).
+    pub fn extract_key_value(payload: &RawValue, key: &str) -> Result<String> {
+        super::client::extract_key_value(payload, key)
+    }
+}
+
 /// How many tasks of one key value may be in flight at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyLimit {
