@@ -27,11 +27,22 @@ pub fn random_id() -> String {
 /// A 128-bit identifier as 32 lowercase hex digits.
 pub fn id_to_hex(id: u128) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(32);
-    for shift in (0..32).rev() {
-        hex.push(DIGITS[((id >> (shift * 4)) & 0xf) as usize] as char);
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[((id >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    hex
+    // Every byte is an ASCII hex digit.
+    String::from_utf8_lossy(&hex).into_owned()
+}
+
+/// `parts` concatenated into one string allocated once (the channel and key builders run per
+/// task, where `format!` costs more than the rest of the name mapping).
+fn concat(parts: &[&str]) -> String {
+    let mut joined = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        joined.push_str(part);
+    }
+    joined
 }
 
 /// Check a task name, target channel or key value: 1 to [`MAX_NAME_BYTES`] bytes of UTF-8 with
@@ -90,56 +101,75 @@ impl Namespace {
         &self.0
     }
 
-    fn prefix(&self, kind: &str) -> String {
-        format!("{}:{PROTOCOL_LEVEL}:{kind}:", self.0)
+    /// `<namespace>:v1:<kind>:<name>`.
+    fn name(&self, kind: &str, name: &str) -> String {
+        concat(&[&self.0, ":", PROTOCOL_LEVEL, ":", kind, ":", name])
+    }
+
+    /// `<namespace>:v1:<kind>:<task length>:<task>:<value>`.
+    fn keyed(&self, kind: &str, task: &str, value: &str) -> String {
+        let length = task.len().to_string();
+        concat(&[
+            &self.0,
+            ":",
+            PROTOCOL_LEVEL,
+            ":",
+            kind,
+            ":",
+            &length,
+            ":",
+            task,
+            ":",
+            value,
+        ])
     }
 
     /// The channel a task name's tasks are published on.
     pub fn task_channel(&self, task: &str) -> String {
-        self.prefix("task") + task
+        self.name("task", task)
     }
 
     /// A targeted channel: only workers that listen to it see tasks sent there.
     pub fn target_channel(&self, target: &str) -> String {
-        self.prefix("target") + target
+        self.name("target", target)
     }
 
     /// A creator's reply channel.
     pub fn reply_channel(&self, client_id: &str) -> String {
-        self.prefix("reply") + client_id
+        self.name("reply", client_id)
     }
 
     /// The namespace's cancellation channel: every worker listens; creators publish there when
     /// a task is cancelled or times out.
     pub fn cancel_channel(&self) -> String {
-        format!("{}:{PROTOCOL_LEVEL}:cancel", self.0)
+        concat(&[&self.0, ":", PROTOCOL_LEVEL, ":cancel"])
     }
 
     /// The first-accept-wins claim of one task.
     pub fn claim_key(&self, task_id: &str) -> String {
-        self.prefix("claim") + task_id
+        self.name("claim", task_id)
     }
 
     /// The in-flight leases of one key value of one task name.
     ///
     /// The task name's length is written first, so no pair of (task, value) meets another.
     pub fn limit_key(&self, task: &str, value: &str) -> String {
-        format!("{}{}:{task}:{value}", self.prefix("limit"), task.len())
+        self.keyed("limit", task, value)
     }
 
     /// The recent failure reports of one key value.
     pub fn failures_key(&self, task: &str, value: &str) -> String {
-        format!("{}{}:{task}:{value}", self.prefix("failures"), task.len())
+        self.keyed("failures", task, value)
     }
 
     /// The blacklist flag of one key value (one lease whose note is the reason).
     pub fn blacklist_key(&self, task: &str, value: &str) -> String {
-        format!("{}{}:{task}:{value}", self.prefix("blacklist"), task.len())
+        self.keyed("blacklist", task, value)
     }
 
     /// The index of blacklisted key values of the namespace (one lease per blacklisting).
     pub fn blacklist_index_key(&self) -> String {
-        format!("{}:{PROTOCOL_LEVEL}:blacklisted", self.0)
+        concat(&[&self.0, ":", PROTOCOL_LEVEL, ":blacklisted"])
     }
 }
 
@@ -201,5 +231,19 @@ mod tests {
         let ns = Namespace::default();
         assert_ne!(ns.limit_key("a:b", "c"), ns.limit_key("a", "b:c"));
         assert_ne!(ns.task_channel("x"), ns.target_channel("x"));
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let ns = Namespace::new("app").unwrap();
+        assert_eq!(ns.task_channel("echo"), "app:v1:task:echo");
+        assert_eq!(ns.target_channel("w1"), "app:v1:target:w1");
+        assert_eq!(ns.reply_channel("c1"), "app:v1:reply:c1");
+        assert_eq!(ns.cancel_channel(), "app:v1:cancel");
+        assert_eq!(ns.claim_key("id"), "app:v1:claim:id");
+        assert_eq!(ns.limit_key("echo", "u"), "app:v1:limit:4:echo:u");
+        assert_eq!(ns.failures_key("echo", "u"), "app:v1:failures:4:echo:u");
+        assert_eq!(ns.blacklist_key("echo", "u"), "app:v1:blacklist:4:echo:u");
+        assert_eq!(ns.blacklist_index_key(), "app:v1:blacklisted");
     }
 }
