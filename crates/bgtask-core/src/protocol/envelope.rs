@@ -69,9 +69,19 @@ pub(crate) struct Message<'a> {
     pub(crate) kind: Kind,
     #[serde(borrow)]
     pub(crate) id: Cow<'a, str>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
     pub(crate) task: Option<Cow<'a, str>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
     pub(crate) reply_to: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) timeout_ms: Option<u64>,
@@ -79,11 +89,21 @@ pub(crate) struct Message<'a> {
     pub(crate) deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) broadcast: bool,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
     pub(crate) key: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub(crate) meta: Option<&'a RawValue>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
     pub(crate) worker: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) status: Option<Status>,
@@ -103,6 +123,49 @@ fn present_raw<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Option<&'de RawValue>, D::Error> {
     <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// Deserialize an optional string borrowing from the input when it has no escapes. (serde's
+/// `borrow` borrows a `Cow<str>` field but not an `Option<Cow<str>>`, which it always copies.)
+fn borrowed_str<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Cow<'de, str>>, D::Error> {
+    struct Str;
+    impl<'de> serde::de::Visitor<'de> for Str {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E>(self, s: &'de str) -> std::result::Result<Self::Value, E> {
+            Ok(Cow::Borrowed(s))
+        }
+        fn visit_str<E>(self, s: &str) -> std::result::Result<Self::Value, E> {
+            Ok(Cow::Owned(s.to_owned()))
+        }
+        fn visit_string<E>(self, s: String) -> std::result::Result<Self::Value, E> {
+            Ok(Cow::Owned(s))
+        }
+    }
+    struct OptionalStr;
+    impl<'de> serde::de::Visitor<'de> for OptionalStr {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_none<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Self::Value, D::Error> {
+            d.deserialize_str(Str).map(Some)
+        }
+    }
+    d.deserialize_option(OptionalStr)
 }
 
 fn is_false(b: &bool) -> bool {
@@ -138,8 +201,12 @@ impl<'a> Message<'a> {
     /// Encode as JSON bytes.
     pub(crate) fn encode(&self) -> Bytes {
         let mut bytes = Vec::with_capacity(192 + self.body.map_or(0, |b| b.get().len()));
-        // Serializing this struct cannot fail: every field is a string, number, bool or raw JSON.
-        let _ = serde_json::to_writer(&mut bytes, self);
+        self.write_head(&mut bytes);
+        if let Some(body) = self.body {
+            bytes.extend_from_slice(b",\"body\":");
+            bytes.extend_from_slice(body.get().as_bytes());
+        }
+        bytes.push(b'}');
         Bytes::from(bytes)
     }
 
@@ -148,8 +215,7 @@ impl<'a> Message<'a> {
     pub(crate) fn encode_with_body<T: Serialize + ?Sized>(&self, body: &T) -> Result<Encoded> {
         debug_assert!(self.body.is_none());
         let mut bytes = Vec::with_capacity(256);
-        let _ = serde_json::to_writer(&mut bytes, self);
-        bytes.pop(); // the closing brace; the body is the last field
+        self.write_head(&mut bytes);
         bytes.extend_from_slice(b",\"body\":");
         let start = bytes.len();
         serde_json::to_writer(&mut bytes, body).map_err(|e| {
@@ -161,6 +227,57 @@ impl<'a> Message<'a> {
             bytes,
             body: start..end,
         })
+    }
+
+    /// Write every field but `body`, in declaration order, without the closing brace. Written
+    /// by hand (field names as literals, only values escaped): the same JSON the derived
+    /// `Serialize` produces, at a fraction of its cost, on the path every task takes.
+    fn write_head(&self, out: &mut Vec<u8>) {
+        // Writing strings and integers into a Vec cannot fail.
+        fn string(out: &mut Vec<u8>, name: &str, value: &str) {
+            out.extend_from_slice(name.as_bytes());
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+        fn number(out: &mut Vec<u8>, name: &str, value: u64) {
+            out.extend_from_slice(name.as_bytes());
+            let _ = serde_json::to_writer(&mut *out, &value);
+        }
+        number(out, "{\"v\":", u64::from(self.v));
+        out.extend_from_slice(match self.kind {
+            Kind::Task => b",\"kind\":\"task\"",
+            Kind::Progress => b",\"kind\":\"progress\"",
+            Kind::Done => b",\"kind\":\"done\"",
+            Kind::Cancel => b",\"kind\":\"cancel\"",
+        });
+        string(out, ",\"id\":", &self.id);
+        if let Some(task) = &self.task {
+            string(out, ",\"task\":", task);
+        }
+        if let Some(reply_to) = &self.reply_to {
+            string(out, ",\"reply_to\":", reply_to);
+        }
+        if let Some(timeout_ms) = self.timeout_ms {
+            number(out, ",\"timeout_ms\":", timeout_ms);
+        }
+        if let Some(deadline_ms) = self.deadline_ms {
+            number(out, ",\"deadline_ms\":", deadline_ms);
+        }
+        if self.broadcast {
+            out.extend_from_slice(b",\"broadcast\":true");
+        }
+        if let Some(key) = &self.key {
+            string(out, ",\"key\":", key);
+        }
+        if let Some(meta) = self.meta {
+            out.extend_from_slice(b",\"meta\":");
+            out.extend_from_slice(meta.get().as_bytes());
+        }
+        if let Some(worker) = &self.worker {
+            string(out, ",\"worker\":", worker);
+        }
+        if let Some(status) = self.status {
+            string(out, ",\"status\":", status.as_str());
+        }
     }
 
     /// Decode and check a message: valid JSON, the supported version, and the fields its kind
@@ -231,9 +348,45 @@ mod tests {
         assert_eq!(back.kind, Kind::Task);
         assert_eq!(back.task.as_deref(), Some("echo \"quoted\""));
         assert_eq!(back.body.unwrap().get(), r#"{"a":[1,2]}"#);
+        assert!(
+            matches!(back.reply_to, Some(Cow::Borrowed("r"))),
+            "strings without escapes are borrowed"
+        );
         let reencoded = back.encode();
         let again = Message::decode(&reencoded).unwrap();
         assert_eq!(again.body.unwrap().get(), r#"{"a":[1,2]}"#);
+    }
+
+    #[test]
+    fn hand_encoding_is_the_derived_encoding() {
+        let meta = RawValue::from_string(r#"{"m":[1]}"#.to_owned()).unwrap();
+        let body = RawValue::from_string(r#""b\u00e9""#.to_owned()).unwrap();
+        let mut full = Message::new(Kind::Task, "i\"d");
+        full.task = Some("t\n\u{1}é".into());
+        full.reply_to = Some("r".into());
+        full.timeout_ms = Some(u64::MAX);
+        full.deadline_ms = Some(0);
+        full.broadcast = true;
+        full.key = Some("k".into());
+        full.meta = Some(&meta);
+        full.worker = Some("w".into());
+        full.status = Some(Status::Error);
+        full.body = Some(&body);
+        let mut empty = Message::new(Kind::Cancel, "x");
+        empty.status = Some(Status::Success);
+        for kind in [Kind::Task, Kind::Progress, Kind::Done, Kind::Cancel] {
+            for message in [&mut full, &mut empty] {
+                message.kind = kind;
+                let derived = serde_json::to_vec(&*message).unwrap();
+                assert_eq!(message.encode(), derived, "{message:?}");
+                if let Some(body) = message.body.take() {
+                    let encoded = message.encode_with_body(body).unwrap();
+                    message.body = Some(body);
+                    assert_eq!(encoded.bytes, derived, "{message:?}");
+                    assert_eq!(&encoded.bytes[encoded.body], body.get().as_bytes());
+                }
+            }
+        }
     }
 
     #[test]
@@ -243,6 +396,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.body.unwrap().get(), "null");
+        let m = Message::decode(br#"{"v":1,"kind":"cancel","id":"a","worker":null}"#).unwrap();
+        assert_eq!(m.worker, None, "a null optional string is absent");
     }
 
     #[test]
