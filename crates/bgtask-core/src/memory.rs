@@ -38,6 +38,10 @@ struct State {
     /// When each key's newest lease expires, earliest first: keys whose leases all expired are
     /// dropped from `leases` as time passes, so memory is bounded by the live leases.
     expiries: BinaryHeap<Reverse<(Instant, String)>>,
+    /// Live claims and when each expires; kept apart from leases (see [`Broker::claim`]).
+    claims: HashMap<Arc<str>, Instant>,
+    /// When each claim expires, earliest first, to drop expired claims as time passes.
+    claim_expiries: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
 }
 
 struct Subscriber {
@@ -72,6 +76,7 @@ impl std::fmt::Debug for MemoryBroker {
         f.debug_struct("MemoryBroker")
             .field("channels", &state.channels.len())
             .field("lease_keys", &state.leases.len())
+            .field("claims", &state.claims.len())
             .finish()
     }
 }
@@ -95,6 +100,12 @@ impl Drop for Unsubscribe {
     }
 }
 
+/// `ttl_millis` from `now`; a TTL past what the clock can represent lasts a century.
+fn expiry(now: Instant, ttl_millis: u64) -> Instant {
+    now.checked_add(Duration::from_millis(ttl_millis))
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 fn live_leases<'a>(
     leases: &'a mut HashMap<String, Vec<Lease>>,
     key: &str,
@@ -106,6 +117,21 @@ fn live_leases<'a>(
 }
 
 impl State {
+    /// Drop the claims that expired, by their expiry queue.
+    fn expire_claims(&mut self, now: Instant) {
+        while let Some(Reverse((when, _))) = self.claim_expiries.peek() {
+            if *when > now {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.claim_expiries.pop() else {
+                break;
+            };
+            if self.claims.get(&key).is_some_and(|expires| *expires <= now) {
+                self.claims.remove(&key);
+            }
+        }
+    }
+
     /// Drop the keys whose every lease has expired, by the expiry queue: amortized O(log n) per
     /// acquire, never a scan of every key.
     fn expire(&mut self, now: Instant) {
@@ -179,7 +205,7 @@ impl Broker for MemoryBroker {
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
         let now = Instant::now();
-        let expires = now + Duration::from_millis(request.ttl_millis());
+        let expires = expiry(now, request.ttl_millis());
         let mut state = self.state();
         state.expire(now);
         let list = match live_leases(&mut state.leases, key, now) {
@@ -243,7 +269,54 @@ impl Broker for MemoryBroker {
         Ok(live_leases(&mut state.leases, key, now).map_or(0, |l| l.len() as u64))
     }
 
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let now = Instant::now();
+        let expires = expiry(now, LeaseRequest::new(ttl).ttl_millis());
+        let mut state = self.state();
+        state.expire_claims(now);
+        if state.claims.get(key).is_some_and(|held| *held > now) {
+            return Ok(false);
+        }
+        let key: Arc<str> = Arc::from(key);
+        state.claims.insert(key.clone(), expires);
+        state.claim_expiries.push(Reverse((expires, key)));
+        Ok(true)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(true, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ttl_beyond_the_clock_is_a_long_lease_not_a_panic() {
+        let broker = MemoryBroker::new();
+        let acquired = broker
+            .acquire("k", LeaseRequest::new(Duration::MAX))
+            .await
+            .unwrap();
+        assert!(acquired.lease.is_some());
+        assert!(broker.claim("c", Duration::MAX).await.unwrap());
+        assert!(!broker.claim("c", Duration::MAX).await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_claims_are_dropped() {
+        let broker = MemoryBroker::new();
+        for i in 0..100 {
+            assert!(broker
+                .claim(&format!("c{i}"), Duration::from_millis(10))
+                .await
+                .unwrap());
+        }
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(broker.claim("c0", Duration::from_secs(1)).await.unwrap());
+        let state = broker.state();
+        assert_eq!(state.claims.len(), 1, "expired claims are gone");
+        assert_eq!(state.claim_expiries.len(), 1);
     }
 }
