@@ -65,15 +65,18 @@ pub struct NatsConfig {
     /// Default 65536.
     pub subscription_buffer: usize,
     /// The first token of every subject: channels are `<prefix>.ch.<name>`, lease keys
-    /// `<prefix>.lease.<key>`, and the lease clock `<prefix>.clock`. One to 64 ASCII letters,
-    /// digits, `_` or `-`. Default `bgtask`.
+    /// `<prefix>.lease.<key>`, the lease clock `<prefix>.clock`, claim keys
+    /// `<prefix>.claim.<key>` and the claim clock `<prefix>.claimclock`. One to 64 ASCII
+    /// letters, digits, `_` or `-`. Default `bgtask`.
     pub subject_prefix: String,
-    /// The JetStream stream that holds the leases, created when missing. One to 64 ASCII
-    /// letters, digits, `_` or `-`. Default `BGTASK_LEASES`.
+    /// The JetStream stream that holds the leases, created when missing. The claims are held
+    /// in a stream named after it, `<lease_stream>_CLAIMS`, also created when missing. One to
+    /// 64 ASCII letters, digits, `_` or `-`. Default `BGTASK_LEASES`.
     pub lease_stream: String,
-    /// The longest lease [`acquire`](bgtask_core::Broker::acquire) accepts, and the `max_age`
-    /// of the lease stream when the backend creates it: nothing the backend stores survives
-    /// longer. When the stream already exists with a shorter `max_age`, that is the limit.
+    /// The longest lease [`acquire`](bgtask_core::Broker::acquire) and the longest claim
+    /// [`claim`](bgtask_core::Broker::claim) accept, and the `max_age` of the lease and claim
+    /// streams when the backend creates them: nothing the backend stores survives longer. When
+    /// a stream already exists with a shorter `max_age`, that is the limit for its calls.
     /// Default 32 days (the protocol's longest task timeout, 30 days, with room for margins).
     pub lease_max_ttl: Duration,
     /// The largest payload [`publish`](bgtask_core::Broker::publish) carries; a larger one
@@ -222,6 +225,11 @@ impl NatsConfig {
             }
         }
         Ok(())
+    }
+
+    /// The stream that holds the claims: the lease stream's name followed by `_CLAIMS`.
+    pub(crate) fn claim_stream(&self) -> String {
+        format!("{}_CLAIMS", self.lease_stream)
     }
 
     /// The servers to connect to and the credentials, from [`url`](Self::url).

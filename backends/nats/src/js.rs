@@ -1,4 +1,5 @@
-//! The few JetStream API calls the leases need, as plain requests with hand-written JSON.
+//! The few JetStream API calls the leases and claims need, as plain requests with hand-written
+//! JSON.
 //!
 //! async-nats' typed JetStream API is not used: its replies are parsed into structs that follow
 //! the newest server, and a reply from an older server that does not fit surfaces as "data did
@@ -160,8 +161,8 @@ pub(crate) enum Got {
 /// The outcome of a compare-and-set publish.
 #[derive(Debug)]
 pub(crate) enum Cas {
-    /// Stored.
-    Stored,
+    /// Stored, with this stream sequence.
+    Stored(u64),
     /// The subject's last sequence was not the expected one.
     Conflict,
     /// No stream captures the subject (it was deleted): create it and try again.
@@ -179,11 +180,13 @@ pub(crate) enum Deleted {
     NoStream,
 }
 
-/// The lease stream, reached over a client.
+/// One of the backend's streams (the lease stream or the claim stream), reached over a client.
 #[derive(Debug, Clone)]
 pub(crate) struct Js {
     client: Client,
     stream: String,
+    /// What the stream holds, for messages: `lease` or `claim`.
+    holds: &'static str,
 }
 
 /// What [`Js::ensure_stream`] found.
@@ -196,10 +199,12 @@ pub(crate) struct StreamFacts {
 }
 
 impl Js {
-    pub(crate) fn new(client: Client, stream: &str) -> Js {
+    /// The stream `stream`, which holds `holds` (`lease` or `claim`, for messages).
+    pub(crate) fn new(client: Client, stream: &str, holds: &'static str) -> Js {
         Js {
             client,
             stream: stream.to_owned(),
+            holds,
         }
     }
 
@@ -241,7 +246,7 @@ impl Js {
         })
     }
 
-    /// Create the lease stream, or find the one that exists, and check that it is usable:
+    /// Create the stream, or find the one that exists, and check that it is usable:
     /// it captures `subjects`, keeps one message per subject, and allows deletes.
     pub(crate) async fn ensure_stream(
         &self,
@@ -268,9 +273,10 @@ impl Js {
             allow_msg_ttl: true,
         };
         let body = serde_json::to_vec(&config).expect("a stream config serializes");
+        let create = format!("create the {} stream", self.holds);
         let created: StreamReply = self
             .api(
-                "create the lease stream",
+                &create,
                 format!("$JS.API.STREAM.CREATE.{}", self.stream),
                 body,
             )
@@ -281,9 +287,10 @@ impl Js {
                 error: None,
             } => config,
             StreamReply { error: Some(e), .. } if e.err_code == ERR_STREAM_EXISTS => {
+                let read = format!("read the {} stream", self.holds);
                 let info: StreamReply = self
                     .api(
-                        "read the lease stream",
+                        &read,
                         format!("$JS.API.STREAM.INFO.{}", self.stream),
                         Vec::new(),
                     )
@@ -294,17 +301,11 @@ impl Js {
                         error: None,
                     } => config,
                     StreamReply { error, .. } => {
-                        return Err(api_error("read the lease stream", error, ErrorKind::Config))
+                        return Err(api_error(&read, error, ErrorKind::Config))
                     }
                 }
             }
-            StreamReply { error, .. } => {
-                return Err(api_error(
-                    "create the lease stream",
-                    error,
-                    ErrorKind::Config,
-                ))
-            }
+            StreamReply { error, .. } => return Err(api_error(&create, error, ErrorKind::Config)),
         };
         self.check(&found, &subjects)?;
         Ok(StreamFacts {
@@ -339,9 +340,9 @@ impl Js {
             Some(problem) => Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "nats: the existing stream {:?} cannot hold leases: {problem}; delete it or \
-                     choose another lease_stream",
-                    self.stream
+                    "nats: the existing stream {:?} cannot hold {}s: {problem}; delete it or \
+                     choose another lease_stream (the claim stream is named after it)",
+                    self.stream, self.holds
                 ),
             )),
             None => Ok(()),
@@ -352,9 +353,10 @@ impl Js {
     pub(crate) async fn last(&self, subject: &str) -> Result<Got> {
         let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": subject }))
             .expect("a request serializes");
+        let what = format!("read a {} record", self.holds);
         let reply: MsgGetReply = self
             .api(
-                "read a lease record",
+                &what,
                 format!("$JS.API.STREAM.MSG.GET.{}", self.stream),
                 body,
             )
@@ -387,9 +389,7 @@ impl Js {
             MsgGetReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
                 Ok(Got::NoStream)
             }
-            MsgGetReply { error, .. } => {
-                Err(api_error("read a lease record", error, ErrorKind::Protocol))
-            }
+            MsgGetReply { error, .. } => Err(api_error(&what, error, ErrorKind::Protocol)),
         }
     }
 
@@ -416,7 +416,7 @@ impl Js {
         self.publish(subject, headers, data).await
     }
 
-    /// Publish an empty message to `subject` in the stream (the clock).
+    /// Publish an empty message to `subject` in the stream (a clock).
     pub(crate) async fn touch(&self, subject: &str) -> Result<Cas> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Expected-Stream", self.stream.as_str());
@@ -424,7 +424,8 @@ impl Js {
     }
 
     async fn publish(&self, subject: &str, headers: HeaderMap, data: Vec<u8>) -> Result<Cas> {
-        let what = "write a lease record";
+        let what = format!("write a {} record", self.holds);
+        let what = what.as_str();
         let reply = match self
             .client
             .request_with_headers(subject.to_owned(), headers, Bytes::from(data))
@@ -437,21 +438,21 @@ impl Js {
         let ack: PubAck = serde_json::from_slice(&reply.payload).map_err(|e| {
             Error::new(
                 ErrorKind::Protocol,
-                "nats: unexpected JetStream reply to a lease write",
+                format!("nats: unexpected JetStream reply to a {} write", self.holds),
             )
             .with_source(e)
         })?;
         match ack {
             PubAck {
                 error: None, seq, ..
-            } if seq > 0 => Ok(Cas::Stored),
+            } if seq > 0 => Ok(Cas::Stored(seq)),
             PubAck { error: Some(e), .. } if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
                 Ok(Cas::Conflict)
             }
             PubAck { error: Some(e), .. }
                 if e.err_code == ERR_TTL_DISABLED || e.err_code == ERR_TTL_INVALID =>
             {
-                tracing::warn!(error = %e, "nats: the lease stream refuses per-message TTLs");
+                tracing::warn!(error = %e, stream = %self.stream, "nats: the stream refuses per-message TTLs");
                 Ok(Cas::TtlRefused)
             }
             PubAck { error, .. } => Err(api_error(what, error, ErrorKind::Protocol)),
@@ -463,9 +464,10 @@ impl Js {
     pub(crate) async fn delete(&self, seq: u64) -> Result<Deleted> {
         let body = serde_json::to_vec(&serde_json::json!({ "seq": seq, "no_erase": true }))
             .expect("a request serializes");
+        let what = format!("delete a {} record", self.holds);
         let reply: DeleteReply = self
             .api(
-                "delete a lease record",
+                &what,
                 format!("$JS.API.STREAM.MSG.DELETE.{}", self.stream),
                 body,
             )
@@ -486,11 +488,7 @@ impl Js {
             DeleteReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
                 Ok(Deleted::NoStream)
             }
-            DeleteReply { error, .. } => Err(api_error(
-                "delete a lease record",
-                error,
-                ErrorKind::Protocol,
-            )),
+            DeleteReply { error, .. } => Err(api_error(&what, error, ErrorKind::Protocol)),
         }
     }
 }
@@ -516,10 +514,10 @@ fn api_error(what: &str, error: Option<ApiError>, other: ErrorKind) -> Error {
     }
 }
 
-/// The error for a lease stream that disappeared and could not be created again.
+/// The error for a stream that disappeared and could not be created again.
 pub(crate) fn stream_missing(stream: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
-        format!("nats: the lease stream {stream:?} keeps disappearing"),
+        format!("nats: the stream {stream:?} keeps disappearing"),
     )
 }

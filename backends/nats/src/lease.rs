@@ -142,7 +142,7 @@ impl Store {
     async fn now(&self) -> Result<Outcome<u64>> {
         let clock = &self.clock;
         match self.js.touch(clock).await? {
-            Cas::Stored => {}
+            Cas::Stored(_) => {}
             Cas::NoStream => return Ok(Outcome::NoStream),
             Cas::Conflict | Cas::TtlRefused => {
                 return Err(Error::new(
@@ -534,7 +534,7 @@ impl Leases {
                 .publish_if(subject, expected, ttl, data)
                 .await?
             {
-                Cas::Stored => {
+                Cas::Stored(_) => {
                     if !self.message_ttl() {
                         self.sweeper.schedule(subject, longest);
                     }

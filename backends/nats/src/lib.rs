@@ -16,8 +16,8 @@
 //! # }
 //! ```
 //!
-//! It needs JetStream (`nats-server -js`) for the leases, and works with nats-server 2.9 and
-//! later (tested on 2.9.10).
+//! It needs JetStream (`nats-server -js`) for the leases and claims, and works with
+//! nats-server 2.9 and later (tested on 2.9.10).
 //!
 //! # URLs
 //!
@@ -44,7 +44,8 @@
 //!
 //! # Subjects
 //!
-//! Channel and lease key names are arbitrary UTF-8 (up to [`subject::MAX_NAME_BYTES`], 2 KiB).
+//! Channel, lease key and claim key names are arbitrary UTF-8 (up to
+//! [`subject::MAX_NAME_BYTES`], 2 KiB).
 //! Each becomes a single subject token: the unpadded base64url encoding of its bytes (`_` for
 //! the empty name) under a fixed prefix ([`subject_prefix`](NatsConfig::subject_prefix),
 //! default `bgtask`):
@@ -54,6 +55,8 @@
 //! | channel `name` | `bgtask.ch.<base64url(name)>` |
 //! | lease key `key` | `bgtask.lease.<base64url(key)>` (in the lease stream) |
 //! | the lease clock | `bgtask.clock` (in the lease stream) |
+//! | claim key `key` | `bgtask.claim.<base64url(key)>` (in the claim stream) |
+//! | the claim clock | `bgtask.claimclock` (in the claim stream) |
 //!
 //! The token alphabet (`A-Z a-z 0-9 - _`) has no `.`, `*`, `>`, whitespace or `$`: a name
 //! never acts as a wildcard, never splits into tokens, never reaches a `$SYS` or `$JS`
@@ -157,17 +160,96 @@
 //! A record holds as many leases as fit in one message (about 10,000 with short notes at the
 //! default 1 MiB `max_payload`); an acquire past that fails with [`ErrorKind::TooLarge`].
 //!
+//! # Claims
+//!
+//! [`claim`](Broker::claim), the protocol's first-accept-wins step (every worker that sees a
+//! task claims it once; the creator claims it to abandon it), does not go through the lease
+//! records above: claims live apart, in the *claim stream*, named after the lease stream with
+//! `_CLAIMS` appended (default `BGTASK_LEASES_CLAIMS`; see [`NatsBroker::claim_stream`]), which
+//! the backend creates like the lease stream: file storage, one replica, subjects
+//! `<prefix>.claim.*` and `<prefix>.claimclock`, one message per subject, `max_age` =
+//! [`lease_max_ttl`](NatsConfig::lease_max_ttl), and the same checks on an existing stream.
+//! It is a stream of its own so that a lease stream created by an earlier version (or
+//! beforehand, by hand) is used as it is. Its storage is file, like the lease stream's, so a
+//! claim survives a server restart: a server that forgot claims would let a second worker take
+//! a task that is already running.
+//!
+//! A key's claim is one message on its subject (the *record*), `{"v":1,"t":<ttl in ns>}`: the
+//! claim is over `ttl` after the server's timestamp on the record. A claim:
+//!
+//! 1. publishes the record with `Nats-Expected-Last-Subject-Sequence: 0`, "only if the subject
+//!    has no message". Stored: the claim is taken, in one round trip. This is the common case,
+//!    since claim keys are task ids.
+//! 2. Refused (`wrong last sequence`): somebody holds or held it. The backend reads the record
+//!    (`$JS.API.STREAM.MSG.GET`, `last_by_subj`) and, at the same time, the server's clock
+//!    (below). A record whose timestamp plus TTL is after that time is live: `false`.
+//! 3. Otherwise the claim is over: the backend publishes its record with
+//!    `Nats-Expected-Last-Subject-Sequence: <the sequence read>`, so of several brokers taking
+//!    over the same record exactly one succeeds (the record replaces the old one, one message per
+//!    subject); a refused takeover goes back to 2 (with a random wait from the third round on), a
+//!    record deleted meanwhile back to 1.
+//!
+//! Losing claims, one per other worker and task, are made cheap within one broker (a process
+//! whose workers share it) in two ways:
+//!
+//! - *One attempt per key at a time.* Claims on a key that come while an attempt on it is under
+//!   way wait for it to end, and then share one attempt. It begins after each of them began and
+//!   ends before each returns, so its outcome holds for each of them: `false` for all, or `true`
+//!   for the first and `false` for the others, which come just after it.
+//! - *Claims known to be live.* A broker remembers, per key, a server time until which the
+//!   claim it took or found is surely live (for its own write: the latest server time it had
+//!   read before sending, plus the TTL; for a record read: its timestamp plus its TTL; at most
+//!   100,000 keys). A later claim on the key reads only the clock (shared, below): while the
+//!   server's time is before the remembered one, the record is still there and still live (a
+//!   record leaves only once it is over), so the answer is `false` without a request of its
+//!   own; otherwise the claim goes to the server as above.
+//!
+//! **The clock** is the lease clock's method on the claim stream (whose timestamps are the ones
+//! compared, also when the two streams are led by different servers of a cluster): a write on
+//! `<prefix>.claimclock`, then a read of that subject's last timestamp. The reading is shared:
+//! claims that need the time while a reading is under way wait for the next one, which starts
+//! after they asked, so each gets a server time from within its own call, and many concurrent
+//! losing claims cost one reading instead of two requests each. A claim reads the clock at most
+//! once. Judging a record live against a time read during the call is never wrong (it was live
+//! at that time, or it was written after it, during the call); judging it over lets a takeover
+//! that the server applies later still. As for leases, only the server's own clock matters:
+//! steps of it lengthen or shorten claims by the step, and in a cluster a move of the stream's
+//! leader shifts them by the skew between the servers' clocks. The brokers' own clocks are
+//! used only to plan when the sweeper (below) looks again, never to judge a claim.
+//!
+//! **What is stored, and for how long.** One record per claimed key (about 250 bytes with its
+//! subject and headers for a task's claim key), and the clock's one message. A record goes
+//! when:
+//!
+//! - a takeover replaces it (one message per subject);
+//! - on servers with per-message TTLs (2.11+), the server deletes it one second (rounded up to
+//!   whole seconds) after its claim is over (`Nats-TTL`);
+//! - on older servers (2.9, 2.10), the broker that wrote it deletes it
+//!   (`$JS.API.STREAM.MSG.DELETE` of exactly that sequence, so a newer record is never
+//!   deleted) within about a second after its claim is over, judged by the server's clock: a
+//!   clock reading that starts after the write was acknowledged bounds the record's timestamp,
+//!   and the record is deleted once a later reading is at least that bound plus the TTL. The
+//!   sweeper reads the clock at most every 50 ms, and watches at most 1,000,000 records per
+//!   broker (16 bytes each);
+//! - otherwise (its broker was closed, dropped or crashed first, or watched too many), the
+//!   stream's `max_age` removes it: [`lease_max_ttl`](NatsConfig::lease_max_ttl), 32 days by
+//!   default. A claim longer than that fails with [`ErrorKind::InvalidInput`].
+//!
+//! All the brokers of a namespace must claim the same way: a version of this crate that claims
+//! through lease records (before the claim stream) does not see claims in the claim stream.
+//!
 //! # Time bounds
 //!
 //! Every operation finishes within [`op_timeout`](NatsConfig::op_timeout): publish (including
-//! its round trip), subscribe (including its round trip), and each lease call (including every
-//! retry). An operation while the client is disconnected fails at once; one that exceeds its
-//! bound fails with [`ErrorKind::Unavailable`], never as a hang and never as a success. A
-//! publish or lease write reported as failed may still have reached the server (it is never
-//! retried, so it is delivered at most once; an acquire that timed out after its write leaves
-//! a lease nobody holds, which expires with its TTL). [`NatsBroker::connect`] waits at most
-//! [`connect_timeout`](NatsConfig::connect_timeout) per server named in the URL, plus
-//! `connect_timeout` to set up the lease stream.
+//! its round trip), subscribe (including its round trip), and each lease and claim call
+//! (including every retry, the clock, and a claim's wait for an attempt on its key under way).
+//! An operation while the client is disconnected fails at once; one that exceeds its bound
+//! fails with [`ErrorKind::Unavailable`], never as a hang and never as a success. A publish or
+//! lease or claim write reported as failed may still have reached the server (it is never
+//! retried, so it is delivered at most once; an acquire or claim that timed out after its
+//! write leaves a lease or claim nobody holds, which expires with its TTL).
+//! [`NatsBroker::connect`] waits at most [`connect_timeout`](NatsConfig::connect_timeout) per
+//! server named in the URL, plus `connect_timeout` to set up the lease and claim streams.
 //!
 //! # Configuration
 //!
@@ -180,8 +262,8 @@
 //! | [`max_backoff`](NatsConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`subscription_buffer`](NatsConfig::subscription_buffer) | 65536 | messages buffered per subscription |
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
-//! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases |
-//! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease; the stream's `max_age` |
+//! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases; the claims' is `<lease_stream>_CLAIMS` |
+//! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease and claim; the streams' `max_age` |
 //! | [`max_message_size`](NatsConfig::max_message_size) | 64 MiB | largest payload `publish` carries |
 //! | [`tls_root_certificates`](NatsConfig::tls_root_certificates) | none | CA files for `tls://` |
 //! | [`tls_client_certificate`](NatsConfig::tls_client_certificate) | none | client certificate and key |
@@ -191,11 +273,12 @@
 //! The integration tests need NATS with JetStream at `BGTASK_NATS_URL` (default
 //! `nats://127.0.0.1:4222`; `docker compose up -d nats`, or `nats-server -js`) and fail when
 //! there is none. They use random names and never purge or reconfigure the server; they create
-//! the default lease stream if it is missing. Tests of authentication, TLS and server restarts
+//! the default lease and claim streams if they are missing. Tests of authentication, TLS and server restarts
 //! start private `nats-server`s (the binary must be on `PATH`) on free ports.
 #![deny(missing_docs)]
 
 mod chunk;
+mod claim;
 mod config;
 mod conn;
 mod error;
@@ -222,6 +305,7 @@ pub use config::{
     DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
 };
 
+use claim::Claims;
 use conn::{ensure_connected, Barrier, Lifeline, Shared};
 use error::{closed, from_publish, from_subscribe, timed_out};
 use js::Js;
@@ -230,7 +314,7 @@ use subject::Subjects;
 
 /// A [`Broker`] on a NATS server with JetStream. Cheap to clone; clones share the connection.
 ///
-/// See the [crate docs](crate) for subjects, chunking, leases and time bounds.
+/// See the [crate docs](crate) for subjects, chunking, leases, claims and time bounds.
 #[derive(Clone)]
 pub struct NatsBroker {
     inner: Arc<Inner>,
@@ -245,6 +329,7 @@ struct Inner {
     lifeline: Arc<Lifeline>,
     subjects: Subjects,
     leases: Leases,
+    claims: Claims,
     server_version: String,
 }
 
@@ -278,19 +363,27 @@ impl NatsBroker {
         let subjects = Subjects::new(&config.subject_prefix);
         let setup = async {
             let barrier = Arc::new(Barrier::start(&client, config.op_timeout).await?);
-            let leases = Leases::start(
-                Js::new(client.clone(), &config.lease_stream),
-                subjects.clone(),
-                config.op_timeout,
-                config.lease_max_ttl,
-            )
-            .await?;
-            Ok::<_, Error>((barrier, leases))
+            let (leases, claims) = futures::try_join!(
+                Leases::start(
+                    Js::new(client.clone(), &config.lease_stream, "lease"),
+                    subjects.clone(),
+                    config.op_timeout,
+                    config.lease_max_ttl,
+                ),
+                Claims::start(
+                    Js::new(client.clone(), &config.claim_stream(), "claim"),
+                    subjects.clone(),
+                    config.op_timeout,
+                    config.lease_max_ttl,
+                ),
+            )?;
+            Ok::<_, Error>((barrier, leases, claims))
         };
-        let (barrier, leases) = match tokio::time::timeout(config.connect_timeout, setup).await {
-            Ok(result) => result?,
-            Err(_) => return Err(timed_out("the connection setup", config.connect_timeout)),
-        };
+        let (barrier, leases, claims) =
+            match tokio::time::timeout(config.connect_timeout, setup).await {
+                Ok(result) => result?,
+                Err(_) => return Err(timed_out("the connection setup", config.connect_timeout)),
+            };
         let lifeline =
             conn::watch_reconnects(&client, barrier.clone(), shared.clone(), config.op_timeout);
         tracing::debug!(
@@ -308,6 +401,7 @@ impl NatsBroker {
                 lifeline,
                 subjects,
                 leases,
+                claims,
                 server_version: info.version,
             }),
         })
@@ -339,6 +433,12 @@ impl NatsBroker {
     /// leases are over (servers 2.11 and later).
     pub fn lease_records_expire(&self) -> bool {
         self.inner.leases.message_ttl()
+    }
+
+    /// The JetStream stream that holds the claims: [`lease_stream`](NatsConfig::lease_stream)
+    /// followed by `_CLAIMS` (see [Claims](crate#claims)).
+    pub fn claim_stream(&self) -> &str {
+        self.inner.claims.stream()
     }
 
     /// Close the broker and every clone of it now: every subscription stream ends, later calls
@@ -388,6 +488,7 @@ impl fmt::Debug for NatsBroker {
             .field("connection", &self.inner.client.connection_state())
             .field("op_timeout", &self.inner.config.op_timeout)
             .field("lease_stream", &self.inner.config.lease_stream)
+            .field("claim_stream", &self.claim_stream())
             .field("closed", &self.is_closed())
             .finish()
     }
@@ -479,6 +580,13 @@ impl Broker for NatsBroker {
         self.check_open("count leases")?;
         ensure_connected(&self.inner.client, "count leases")?;
         self.inner.leases.count(key).await
+    }
+
+    /// One write in the common case: see [Claims](crate#claims).
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.check_open("claim")?;
+        ensure_connected(&self.inner.client, "claim")?;
+        self.inner.claims.claim(key, ttl).await
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -1,4 +1,4 @@
-//! Names to subjects: every channel and lease key becomes one literal subject token.
+//! Names to subjects: every channel, lease key and claim key becomes one literal subject token.
 //!
 //! A name's UTF-8 bytes are encoded as unpadded base64url (`A-Z a-z 0-9 - _`), which contains
 //! no `.`, `*`, `>`, whitespace or `$`: the token is always a single literal token, never a
@@ -10,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bgtask_core::{Error, ErrorKind, Result};
 
-/// The longest channel or lease key name the backend accepts, in bytes.
+/// The longest channel, lease key or claim key name the backend accepts, in bytes.
 ///
 /// Its encoding is at most 2731 bytes, so a subject built from it stays well below the server's
 /// default `max_control_line` of 4 KiB (which bounds the `PUB`/`SUB` line that carries it).
@@ -58,6 +58,22 @@ impl Subjects {
     /// `<prefix>.clock`: where the backend reads the lease stream's clock.
     pub(crate) fn clock(&self) -> String {
         format!("{}.clock", self.prefix)
+    }
+
+    /// `<prefix>.claim.<token>`: the subject of claim key `name` in the claim stream.
+    pub(crate) fn claim(&self, name: &str) -> Result<String> {
+        check(name, "claim key")?;
+        Ok(format!("{}.claim.{}", self.prefix, token(name)))
+    }
+
+    /// `<prefix>.claim.*`: the claim stream's subject filter for keys.
+    pub(crate) fn claim_filter(&self) -> String {
+        format!("{}.claim.*", self.prefix)
+    }
+
+    /// `<prefix>.claimclock`: where the backend reads the claim stream's clock.
+    pub(crate) fn claim_clock(&self) -> String {
+        format!("{}.claimclock", self.prefix)
     }
 }
 
@@ -108,6 +124,11 @@ mod tests {
         assert_eq!(s.lease("").unwrap(), "bgtask.lease._");
         assert_eq!(s.clock(), "bgtask.clock");
         assert_eq!(s.lease_filter(), "bgtask.lease.*");
+        assert_eq!(s.claim("a.*").unwrap(), "bgtask.claim.YS4q");
+        assert_eq!(s.claim_filter(), "bgtask.claim.*");
+        assert_eq!(s.claim_clock(), "bgtask.claimclock");
+        let err = s.claim(&"x".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidName);
         let err = s.channel(&"x".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidName);
         assert!(s.channel(&"x".repeat(MAX_NAME_BYTES)).is_ok());

@@ -554,6 +554,7 @@ async fn leases_are_judged_by_the_server_clock() {
     // No client clock in the crate's code.
     for source in [
         include_str!("../src/lease.rs"),
+        include_str!("../src/claim.rs"),
         include_str!("../src/js.rs"),
         include_str!("../src/lib.rs"),
     ] {
@@ -646,6 +647,238 @@ async fn release_reports_liveness_and_leases_list_oldest_first() {
     let listed = b.leases(&key).await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[1].note, "три");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims
+
+/// The stored claim record of claim key `key` in the default claim stream, if any: its
+/// sequence, data and server time.
+async fn claim_record(client: &async_nats::Client, key: &str) -> Option<(u64, Value, String)> {
+    use base64::Engine;
+    let reply = js(
+        client,
+        "$JS.API.STREAM.MSG.GET.BGTASK_LEASES_CLAIMS".into(),
+        json!({ "last_by_subj": format!("bgtask.claim.{}", token(key)) }),
+    )
+    .await;
+    let message = reply.get("message")?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(message["data"].as_str().unwrap_or(""))
+        .unwrap();
+    Some((
+        message["seq"].as_u64().unwrap(),
+        serde_json::from_slice(&data).unwrap(),
+        message["time"].as_str().unwrap().to_owned(),
+    ))
+}
+
+/// A claim is one record in the claim stream, apart from the leases, written once: a losing
+/// claim writes nothing, a claim that is over is taken over by replacing the record, and the
+/// record's timestamp plus its TTL is when the claim is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_one_record_in_their_own_stream_judged_by_the_server_clock() {
+    let (a, b) = (broker().await, broker().await);
+    assert_eq!(a.claim_stream(), "BGTASK_LEASES_CLAIMS");
+    let raw = raw(&common::url()).await;
+    let key = format!("{}:claim", prefix());
+    assert!(claim_record(&raw, &key).await.is_none());
+    assert!(a.claim(&key, Duration::from_millis(600)).await.unwrap());
+    let (seq, data, time) = claim_record(&raw, &key).await.expect("a claim record");
+    assert_eq!(data, json!({"v": 1, "t": 600_000_000u64}));
+    assert!(record(&raw, &key).await.is_none(), "a claim wrote a lease");
+    assert_eq!(a.count(&key).await.unwrap(), 0, "a claim is a lease");
+
+    assert!(!b.claim(&key, Duration::from_secs(30)).await.unwrap());
+    assert!(!a.claim(&key, Duration::from_secs(30)).await.unwrap());
+    let (same, _, _) = claim_record(&raw, &key).await.unwrap();
+    assert_eq!(same, seq, "a losing claim wrote");
+
+    // Over 600 ms after the record's server stamp.
+    let stamp = parse_time(&time);
+    sleep(Duration::from_millis(800)).await;
+    assert!(b.claim(&key, Duration::from_secs(30)).await.unwrap());
+    let (taken, data, time) = claim_record(&raw, &key).await.expect("a claim record");
+    assert!(taken > seq, "the takeover did not replace the record");
+    assert_eq!(data, json!({"v": 1, "t": 30_000_000_000u64}));
+    assert!(parse_time(&time) >= stamp + 600_000_000);
+    assert!(!a.claim(&key, Duration::from_millis(1)).await.unwrap());
+
+    // Claim keys and lease keys never meet.
+    assert!(a
+        .acquire(&key, LeaseRequest::new(Duration::from_secs(5)).cap(1))
+        .await
+        .unwrap()
+        .lease
+        .is_some());
+    let other = format!("{}:other", prefix());
+    assert!(a
+        .acquire(&other, LeaseRequest::new(Duration::from_secs(5)).cap(1))
+        .await
+        .unwrap()
+        .lease
+        .is_some());
+    assert!(a.claim(&other, Duration::from_secs(5)).await.unwrap());
+
+    // Bad input is typed.
+    let err = a
+        .claim(&"k".repeat(5000), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidName, "{err}");
+    let err = a
+        .claim(&key, a.lease_max_ttl() + Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let err = a.claim(&key, Duration::MAX).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+/// Many claims on many keys at once, from one broker (whose calls on one key are queued behind
+/// each other) and from others: exactly one winner per key, and only the keys' records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_from_one_and_several_brokers_have_one_winner_per_key() {
+    let shared = broker().await;
+    let mut brokers = vec![shared.clone(), shared.clone(), shared.clone()];
+    brokers.push(broker().await);
+    brokers.push(broker().await);
+    let p = prefix();
+    let keys: Vec<String> = (0..20).map(|k| format!("{p}:many:{k}")).collect();
+    let started = Instant::now();
+    let results = futures::future::join_all((0..20 * 16).map(|i| {
+        let broker = brokers[i % brokers.len()].clone();
+        let key = keys[i % keys.len()].clone();
+        async move {
+            (
+                key.clone(),
+                broker.claim(&key, Duration::from_secs(30)).await,
+            )
+        }
+    }))
+    .await;
+    eprintln!(
+        "320 claims on 20 keys from 3 brokers: {:?}",
+        started.elapsed()
+    );
+    for key in &keys {
+        let won = results
+            .iter()
+            .filter(|(k, r)| k == key && *r.as_ref().unwrap())
+            .count();
+        assert_eq!(won, 1, "{key}: {won} winners");
+    }
+}
+
+/// A broker answers its later claims on a key it took from what it remembers while the
+/// server's clock says the claim is live, and asks the server again once it may be over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_claims_hold_until_the_server_clock_says_otherwise() {
+    let (a, b) = (broker().await, broker().await);
+    let p = prefix();
+    // A losing claim reads the server's clock, which the broker then knows.
+    let warm = format!("{p}:warm");
+    assert!(b.claim(&warm, Duration::from_secs(30)).await.unwrap());
+    assert!(!a.claim(&warm, Duration::from_secs(30)).await.unwrap());
+    let key = format!("{p}:mine");
+    assert!(a.claim(&key, Duration::from_millis(500)).await.unwrap());
+    let results =
+        futures::future::join_all((0..50).map(|_| a.claim(&key, Duration::from_millis(500)))).await;
+    assert!(results.iter().all(|r| !r.as_ref().unwrap()), "{results:?}");
+    assert!(!b.claim(&key, Duration::from_secs(30)).await.unwrap());
+    sleep(Duration::from_millis(700)).await;
+    let results = futures::future::join_all(
+        (0..20).map(|i| [&a, &b][i % 2].claim(&key, Duration::from_secs(30))),
+    )
+    .await;
+    let won = results.iter().filter(|r| *r.as_ref().unwrap()).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(!a.claim(&key, Duration::from_secs(30)).await.unwrap());
+    assert!(!b.claim(&key, Duration::from_secs(30)).await.unwrap());
+}
+
+/// On servers without per-message TTLs (2.9), the broker that wrote a claim record deletes it
+/// soon after its claim is over, not at the stream's max_age; the key can be claimed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_records_go_when_their_claims_are_over() {
+    let b = broker().await;
+    let raw = raw(&common::url()).await;
+    let key = format!("{}:swept", prefix());
+    let long = format!("{}:kept", prefix());
+    assert!(b.claim(&key, Duration::from_millis(300)).await.unwrap());
+    assert!(b.claim(&long, Duration::from_secs(60)).await.unwrap());
+    assert!(claim_record(&raw, &key).await.is_some());
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while claim_record(&raw, &key).await.is_some() {
+        assert!(Instant::now() < deadline, "a claim record stayed");
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        claim_record(&raw, &long).await.is_some(),
+        "a live claim's record went"
+    );
+    assert!(!b.claim(&long, Duration::from_secs(1)).await.unwrap());
+    assert!(b.claim(&key, Duration::from_secs(1)).await.unwrap());
+}
+
+/// The claim stream is created next to the lease stream, checked like it, and created again
+/// when deleted under a running broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_stream_is_created_on_this_server() {
+    let server = PrivateServer::start(&[]);
+    let b =
+        connect(NatsConfig::new(server.url(None)).with_lease_max_ttl(Duration::from_secs(3600)))
+            .await;
+    let raw = raw(&server.url(None)).await;
+    let info = js(
+        &raw,
+        "$JS.API.STREAM.INFO.BGTASK_LEASES_CLAIMS".into(),
+        Value::Null,
+    )
+    .await;
+    let config = &info["config"];
+    assert_eq!(config["max_msgs_per_subject"], json!(1), "{info}");
+    assert_eq!(config["max_age"], json!(3_600_000_000_000u64), "{info}");
+    assert_eq!(config["storage"], json!("file"), "{info}");
+    assert_eq!(
+        config["subjects"],
+        json!(["bgtask.claim.*", "bgtask.claimclock"]),
+        "{info}"
+    );
+    assert!(b.claim("k", Duration::from_secs(5)).await.unwrap());
+    let err = b.claim("k2", Duration::from_secs(7200)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+
+    // A stream named like the claim stream that cannot hold claims is a Config error.
+    let bad = js(
+        &raw,
+        "$JS.API.STREAM.CREATE.OTHER_CLAIMS".into(),
+        json!({"name": "OTHER_CLAIMS", "subjects": ["other.claim.*", "other.claimclock"],
+               "max_msgs_per_subject": -1, "retention": "limits", "storage": "memory",
+               "num_replicas": 1}),
+    )
+    .await;
+    assert!(bad.get("error").is_none(), "{bad}");
+    let err = NatsBroker::connect_with(
+        NatsConfig::new(server.url(None))
+            .with_lease_stream("OTHER")
+            .with_subject_prefix("other"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("OTHER_CLAIMS"), "{err}");
+
+    // Deleted under a running broker: created again, and claims work.
+    let deleted = js(
+        &raw,
+        "$JS.API.STREAM.DELETE.BGTASK_LEASES_CLAIMS".into(),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(deleted["success"], json!(true), "{deleted}");
+    assert!(b.claim("k", Duration::from_secs(5)).await.unwrap());
+    assert!(!b.claim("k", Duration::from_secs(5)).await.unwrap());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -941,16 +1174,17 @@ async fn token_in_the_url() {
     assert!(!format!("{err} {err:?}").contains("not-the-token"));
 }
 
-/// A server restart on the same store: subscriptions come back with a gap, and leases, which
-/// are stored on disk, survive.
+/// A server restart on the same store: subscriptions come back with a gap, and leases and
+/// claims, which are stored on disk, survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_restart_keeps_leases_and_resubscribes() {
+async fn server_restart_keeps_leases_and_claims_and_resubscribes() {
     let server = PrivateServer::start(&[]);
     let b = connect(short(NatsConfig::new(server.url(None)))).await;
     let mut sub = b.subscribe("ch").await.unwrap();
     b.acquire("k", LeaseRequest::new(Duration::from_secs(60)).cap(1))
         .await
         .unwrap();
+    assert!(b.claim("task", Duration::from_secs(60)).await.unwrap());
     let (dir, port) = server.stop();
     sleep(Duration::from_secs(1)).await;
     let _restarted = PrivateServer::start_in(dir, port, &[]);
@@ -969,6 +1203,10 @@ async fn server_restart_keeps_leases_and_resubscribes() {
         }
         sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        !b.claim("task", Duration::from_secs(60)).await.unwrap(),
+        "the claim did not survive the restart"
+    );
     b.publish("ch", Bytes::from_static(b"back")).await.unwrap();
     assert_eq!(next_message(&mut sub).await.as_ref(), b"back");
 }
