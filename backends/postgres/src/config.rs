@@ -81,19 +81,20 @@ pub struct PostgresConfig {
     /// How long a payload row (a message too large for one notification) stays readable.
     /// A subscriber that reads the message later gets a `Gap` instead. Default 30 s.
     pub payload_ttl: Duration,
-    /// How often the broker deletes expired lease and payload rows (the only periodic query
+    /// How often the broker deletes expired lease, payload and claim rows (the only periodic query
     /// besides the listener's round trip). Default 5 s.
     pub cleanup_interval: Duration,
     /// The largest payload `publish` accepts; larger ones fail with
     /// [`ErrorKind::TooLarge`]. Default 64 MiB.
     pub max_payload: usize,
-    /// Whether lease changes and payload rows wait for their WAL flush before the operation
-    /// returns (PostgreSQL's `synchronous_commit` for the broker's connections). Off by
-    /// default: with it, every acquire and release costs a WAL flush (milliseconds on ordinary
-    /// disks), which caps the task rate; without it, a crash of the *server* may forget the
-    /// lease changes of its last fraction of a second (never a client's crash, and other
-    /// sessions see every change at once), no worse than the notifications a server crash
-    /// loses anyway. Turn it on to have every lease change survive a server crash.
+    /// Whether lease changes, claims and payload rows wait for their WAL flush before the
+    /// operation returns (PostgreSQL's `synchronous_commit` for the broker's connections). Off
+    /// by default: with it, every acquire, release and won claim costs a WAL flush
+    /// (milliseconds on ordinary disks), which caps the task rate; without it, a crash of the
+    /// *server* may forget the lease changes and claims of its last fraction of a second (never
+    /// a client's crash, and other sessions see every change at once), no worse than the
+    /// notifications a server crash loses anyway. Turn it on to have every lease change and
+    /// claim survive a server crash.
     pub synchronous_commit: bool,
 }
 

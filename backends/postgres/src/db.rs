@@ -119,13 +119,13 @@ impl Db {
         }
     }
 
-    /// Delete expired lease and payload rows; returns how many of each.
-    pub(crate) async fn cleanup(&self) -> Result<(i64, i64)> {
+    /// Delete expired lease, payload and claim rows; returns how many of each.
+    pub(crate) async fn cleanup(&self) -> Result<(i64, i64, i64)> {
         let deadline = Instant::now() + self.op_timeout;
         let mut conn = self.conn("cleanup", deadline).await?;
         let result = timeout_at(
             deadline,
-            sqlx::query_as::<_, (i64, i64)>(&self.statements.cleanup).fetch_one(&mut *conn),
+            sqlx::query_as::<_, (i64, i64, i64)>(&self.statements.cleanup).fetch_one(&mut *conn),
         )
         .await;
         self.settle("cleanup", conn, result)

@@ -1,4 +1,4 @@
-//! The PostgreSQL backend of bgtask: [`PostgresBroker`], a [`Broker`] on LISTEN/NOTIFY and two
+//! The PostgreSQL backend of bgtask: [`PostgresBroker`], a [`Broker`] on LISTEN/NOTIFY and three
 //! tables, for teams that already run PostgreSQL and want no second server.
 //!
 //! ```no_run
@@ -35,8 +35,10 @@
 //! created on [`connect`](PostgresBroker::connect) by embedded, versioned migrations: run in
 //! one transaction under a transaction-scoped advisory lock (so brokers starting together
 //! migrate once), recorded in `<schema>.migrations`, and skipped with a single read when the
-//! schema is current (so a role without `CREATE` works once an administrator migrated). The
-//! tables:
+//! schema is current (so a role without `CREATE` works once an administrator migrated; a
+//! broker of a newer version on an older schema needs `CREATE` on the schema, or an
+//! administrator to connect once first). The migrations: 1 creates `leases`, `payloads` and
+//! `acquire_lease`; 2 adds `claims`. The tables:
 //!
 //! - `leases (key bytea, key_hash bytea = sha256(key), id text, note bytea, seq bigint,
 //!   expires_at timestamptz)`, primary key `(key_hash, id)`: one row per live lease. Keys and
@@ -44,6 +46,8 @@
 //!   cannot hold NUL), and the index holds a fixed-size hash whatever the key's length;
 //! - `payloads (id text, channel bytea, data bytea, expires_at timestamptz)`: messages too
 //!   large for one notification (below);
+//! - `claims (key bytea, key_hash bytea = sha256(key) primary key, expires_at timestamptz)`:
+//!   one row per claimed key, see *Claims*;
 //! - the function `acquire_lease(key, id, note, ttl_ms, cap)`, see *Leases*.
 //!
 //! Brokers on different schemas of one database never meet: the schema is part of every
@@ -108,25 +112,70 @@
 //! advisory locks, which misbehave with pooled connections, are never used. Every expiry is
 //! judged by the database's clock (`clock_timestamp()`, `statement_timestamp()`), never the
 //! client's. `release`, `leases` and `count` are single statements. TTLs are capped at about
-//! 100 years.
+//! 100 years ([`MAX_TTL_MILLIS`]).
+//!
+//! # Claims
+//!
+//! [`claim`](Broker::claim), which the protocol calls once per worker per task (the first
+//! accept wins), does not go through leases: it is one plain statement on `claims`, without
+//! a function or an advisory lock, like Redis's `SET NX PX`:
+//!
+//! ```sql
+//! INSERT INTO claims AS c (key, expires_at)
+//!     SELECT $1, clock_timestamp() + $2 * interval '1 millisecond'
+//!     WHERE NOT EXISTS (SELECT FROM claims
+//!         WHERE key_hash = sha256($1) AND expires_at > clock_timestamp())
+//! ON CONFLICT (key_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at
+//!     WHERE c.expires_at <= clock_timestamp()
+//! RETURNING true
+//! ```
+//!
+//! A row back is a won claim, none a claim that is held. A caller that finds a committed live
+//! claim only reads (no row lock, no transaction id, no WAL), which is what most of a task's
+//! claims do. Otherwise the primary key decides: of concurrent inserters one wins and the others wait
+//! for it and then find its row live; an expired row is taken over in place by whoever locks it
+//! first, and the others re-check the row's latest version after the lock and find it live. So
+//! exactly one caller holds a key's claim at a time, even across brokers. Expiry is judged by
+//! `clock_timestamp()` (the database's clock when the row is looked at, also after waiting for
+//! a lock; `now()` would be the start of the transaction), never the client's. Keys are stored
+//! as their UTF-8 bytes and indexed by their SHA-256, so keys of any length work (the btree
+//! index would refuse a long key itself). TTLs are at least 1 ms and capped like leases'.
+//!
+//! Each row stays until its claim expired and the cleanup (below) deletes it, or a later claim
+//! of the same key takes it over: nothing is stored without an expiry, and the table holds about
+//! (claimed keys per second) × (TTL + [`cleanup_interval`](PostgresConfig::cleanup_interval))
+//! rows. Claims are never released or listed, and live apart from leases: a claim key is only
+//! ever used with `claim`.
+//!
+//! `claims` is an ordinary (logged) table like `leases`, not `UNLOGGED`: an unlogged table is
+//! emptied by a server crash and is not replicated, so after a crash or a failover every task
+//! claimed within its TTL could be accepted a second time. With `synchronous_commit = off`
+//! (below) only the claims of the server's last fraction of a second are at risk.
+//!
+//! Brokers before migration 2 took claims as cap-1 leases in `leases`; such a broker and a
+//! newer one do not see each other's claims, so upgrade the brokers of one namespace together.
+//!
+//! # Durability
 //!
 //! The broker's connections run with `synchronous_commit = off` unless
-//! [`synchronous_commit`](PostgresConfig::synchronous_commit) is set: a lease change then
-//! does not wait for its WAL flush (which costs milliseconds per acquire on ordinary disks and
+//! [`synchronous_commit`](PostgresConfig::synchronous_commit) is set: a lease change or a claim
+//! then does not wait for its WAL flush (which costs milliseconds per acquire on ordinary disks and
 //! caps the task rate). Other sessions see it at once and a client crash loses nothing; only a
 //! crash of the server itself may forget the changes of its last fraction of a second.
 //!
 //! # Cleanup
 //!
 //! Nothing polls for messages: notifications wake the subscribers. The only periodic work is
-//! the listener's round trip and one `DELETE` of the expired rows of both tables every
+//! the listener's round trip and one statement deleting the expired rows of `leases`,
+//! `payloads` and `claims` every
 //! [`cleanup_interval`](PostgresConfig::cleanup_interval) (default 5 s) by every broker, so no
 //! row outlives its expiry by more than that, even when every creator crashed. Acquiring a
-//! lease also deletes its key's expired rows.
+//! lease also deletes its key's expired rows; a claim takes over its key's expired row. Each
+//! table has an index on `expires_at`, so the cleanup reads only the expired rows.
 //!
 //! # Time bounds
 //!
-//! Every operation (publish, subscribe, each lease call, reading a payload row) finishes
+//! Every operation (publish, subscribe, each lease call, a claim, reading a payload row) finishes
 //! within [`op_timeout`](PostgresConfig::op_timeout), waiting for a pooled connection (and
 //! opening one, within [`connect_timeout`](PostgresConfig::connect_timeout)) included; the
 //! server aborts statements that run longer (`statement_timeout` = `op_timeout`).
@@ -163,7 +212,7 @@
 //! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
 //! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
 //! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
-//! | [`synchronous_commit`](PostgresConfig::synchronous_commit) | off | whether lease changes wait for their WAL flush |
+//! | [`synchronous_commit`](PostgresConfig::synchronous_commit) | off | whether lease changes and claims wait for their WAL flush |
 //!
 //! # Lifetimes
 //!
@@ -214,7 +263,7 @@ use db::Db;
 use error::{closed, from_sqlx, timed_out};
 use listener::{ListenerHandle, ListenerSettings};
 
-/// The longest lease TTL: about 100 years (longer ones are shortened to this).
+/// The longest lease or claim TTL: about 100 years (longer ones are shortened to this).
 pub const MAX_TTL_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// A [`Broker`] on PostgreSQL LISTEN/NOTIFY. Cheap to clone; clones share the connections.
@@ -422,6 +471,13 @@ fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgCo
     Ok(options)
 }
 
+/// A claim's TTL in whole milliseconds as stored: at least 1, at most [`MAX_TTL_MILLIS`] (like
+/// a lease's).
+fn claim_ttl_millis(ttl: Duration) -> i64 {
+    let millis = LeaseRequest::new(ttl).ttl_millis().min(MAX_TTL_MILLIS);
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
 /// Delete expired rows every `interval` (with a little jitter, so brokers started together
 /// spread out), for as long as the broker lives.
 async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
@@ -430,9 +486,9 @@ async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
         tokio::time::sleep(interval + jitter).await;
         db.pool.prune();
         match db.cleanup().await {
-            Ok((0, 0)) => {}
-            Ok((leases, payloads)) => {
-                tracing::debug!(leases, payloads, "postgres: expired rows deleted");
+            Ok((0, 0, 0)) => {}
+            Ok((leases, payloads, claims)) => {
+                tracing::debug!(leases, payloads, claims, "postgres: expired rows deleted");
             }
             Err(e) => tracing::debug!(error = %e, "postgres: cleanup failed; retrying later"),
         }
@@ -591,7 +647,44 @@ impl Broker for PostgresBroker {
         Ok(u64::try_from(db.settle("count", conn, result)?).unwrap_or(0))
     }
 
+    /// One statement on the `claims` table, judged by the database clock (see the crate docs,
+    /// *Claims*).
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.check_open("claim")?;
+        let db = &self.inner.db;
+        let ttl = claim_ttl_millis(ttl);
+        let deadline = self.deadline();
+        let mut conn = db.conn("claim", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_scalar::<_, bool>(&db.statements.claim)
+                .bind(key.as_bytes())
+                .bind(ttl)
+                .fetch_optional(&mut *conn),
+        )
+        .await;
+        Ok(db.settle("claim", conn, result)?.is_some())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(false, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_ttls_are_bounded() {
+        assert_eq!(claim_ttl_millis(Duration::ZERO), 1);
+        assert_eq!(claim_ttl_millis(Duration::from_micros(1500)), 1);
+        assert_eq!(claim_ttl_millis(Duration::from_secs(30)), 30_000);
+        let max = i64::try_from(MAX_TTL_MILLIS).unwrap();
+        assert_eq!(
+            claim_ttl_millis(Duration::from_millis(MAX_TTL_MILLIS + 1)),
+            max
+        );
+        assert_eq!(claim_ttl_millis(Duration::MAX), max);
     }
 }

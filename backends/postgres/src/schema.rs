@@ -9,10 +9,11 @@ use sha2::{Digest, Sha256};
 /// The migrations, in order: `(version, description, SQL)`. Applied once each, in one
 /// transaction under a transaction-scoped advisory lock, and recorded in `{s}.migrations`.
 /// Never edit one that was released; add a new one.
-pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "leases, payloads and the lease function",
-    r#"
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "leases, payloads and the lease function",
+        r#"
 CREATE TABLE {s}.leases (
     key_hash   bytea       GENERATED ALWAYS AS (sha256(key)) STORED,
     key        bytea       NOT NULL,
@@ -63,7 +64,22 @@ BEGIN
 END
 $fn$;
 "#,
-)];
+    ),
+    (
+        2,
+        "claims",
+        r#"
+CREATE TABLE {s}.claims (
+    key_hash   bytea       GENERATED ALWAYS AS (sha256(key)) STORED PRIMARY KEY,
+    key        bytea       NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX claims_expires_at ON {s}.claims (expires_at);
+COMMENT ON TABLE {s}.claims IS
+    'bgtask claims: one row per claimed key (UTF-8 bytes), taken over once expired; expired rows are deleted by the brokers'' periodic cleanup';
+"#,
+    ),
+];
 
 /// The latest migration version.
 pub(crate) fn latest_version() -> i32 {
@@ -166,7 +182,9 @@ pub(crate) struct Statements {
     pub(crate) leases: String,
     /// `$1` key → the number of live leases.
     pub(crate) count: String,
-    /// → (lease rows deleted, payload rows deleted).
+    /// `$1` key, `$2` ttl in ms → one row when the claim was taken, none when it is held.
+    pub(crate) claim: String,
+    /// → (lease rows deleted, payload rows deleted, claim rows deleted).
     pub(crate) cleanup: String,
 }
 
@@ -193,11 +211,25 @@ impl Statements {
                  ORDER BY seq"),
             count: r("SELECT count(*) FROM {s}.leases \
                  WHERE key_hash = sha256($1) AND key = $1 AND expires_at > statement_timestamp()"),
+            // A live claim that the snapshot sees answers `false` with a read only; otherwise
+            // the insert's arbiter index decides: one inserter wins, and the others wait for it
+            // and find its row live, or take over an expired row (the row lock and the
+            // re-check of its latest version let only one of them do it).
+            claim: r("INSERT INTO {s}.claims AS c (key, expires_at) \
+                 SELECT $1, clock_timestamp() + $2 * interval '1 millisecond' \
+                 WHERE NOT EXISTS (SELECT FROM {s}.claims \
+                     WHERE key_hash = sha256($1) AND expires_at > clock_timestamp()) \
+                 ON CONFLICT (key_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at \
+                     WHERE c.expires_at <= clock_timestamp() \
+                 RETURNING true"),
             cleanup: r("WITH leases AS ( \
                      DELETE FROM {s}.leases WHERE expires_at <= statement_timestamp() RETURNING 1), \
                  payloads AS ( \
-                     DELETE FROM {s}.payloads WHERE expires_at <= statement_timestamp() RETURNING 1) \
-                 SELECT (SELECT count(*) FROM leases), (SELECT count(*) FROM payloads)"),
+                     DELETE FROM {s}.payloads WHERE expires_at <= statement_timestamp() RETURNING 1), \
+                 claims AS ( \
+                     DELETE FROM {s}.claims WHERE expires_at <= statement_timestamp() RETURNING 1) \
+                 SELECT (SELECT count(*) FROM leases), (SELECT count(*) FROM payloads), \
+                     (SELECT count(*) FROM claims)"),
         }
     }
 }
@@ -213,6 +245,9 @@ mod tests {
         assert_eq!(render("{s}.t {lit}", "Jobs"), "\"Jobs\".t 'Jobs'");
         let statements = Statements::new("x");
         assert!(statements.acquire.contains("\"x\".acquire_lease"));
+        assert!(statements.claim.contains("\"x\".claims"));
+        assert!(statements.cleanup.contains("\"x\".claims"));
+        assert_eq!(latest_version(), 2);
         for (_, _, sql) in MIGRATIONS {
             let sql = render(sql, "x");
             assert!(!sql.contains("{s}") && !sql.contains("{lit}"));

@@ -75,7 +75,7 @@ async fn migrations_run_once_and_schemas_never_meet() {
         .fetch_all(&mut raw().await)
         .await
         .unwrap();
-    assert_eq!(rows, vec![(1, 1)]);
+    assert_eq!(rows, vec![(1, 2), (2, 2)]);
 
     let other = TestSchema::new();
     let elsewhere = other.broker().await;
@@ -670,6 +670,154 @@ async fn expired_lease_rows_are_deleted() {
         (server_left - reported).abs() < 1.0,
         "{server_left} vs {reported}"
     );
+}
+
+/// A claim is one row of `claims`, apart from leases: it never shows as a lease, a lease of
+/// the same key does not hold it, and its expiry is the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_one_row_apart_from_leases() {
+    let schema = TestSchema::new();
+    let b = schema.broker().await;
+    assert!(b.claim("task", Duration::from_secs(60)).await.unwrap());
+    for _ in 0..5 {
+        assert!(!b.claim("task", Duration::from_secs(60)).await.unwrap());
+    }
+    assert_eq!(schema.claim_rows().await, 1);
+    assert_eq!(schema.lease_rows().await, 0);
+    assert_eq!(b.count("task").await.unwrap(), 0);
+    assert!(b.leases("task").await.unwrap().is_empty());
+    let request = LeaseRequest::new(Duration::from_secs(60)).cap(1);
+    assert!(b.acquire("task", request).await.unwrap().lease.is_some());
+    assert!(b.claim("other", Duration::from_secs(60)).await.unwrap());
+    assert_eq!(schema.claim_rows().await, 2);
+    assert_eq!(schema.lease_rows().await, 1);
+
+    let sql = format!(
+        "SELECT key, extract(epoch FROM expires_at - clock_timestamp())::float8 \
+         FROM \"{}\".claims WHERE key_hash = sha256($1)",
+        schema.name
+    );
+    let (key, left): (Vec<u8>, f64) = sqlx::query_as(&sql)
+        .bind(b"task".as_slice())
+        .fetch_one(&mut raw().await)
+        .await
+        .unwrap();
+    assert_eq!(key, b"task");
+    assert!(left > 58.0 && left <= 60.0, "{left}");
+
+    // Keys far beyond what a btree index entry can hold, and TTLs beyond the cap.
+    let long = "κ".repeat(50_000);
+    assert!(b.claim(&long, Duration::from_secs(60)).await.unwrap());
+    assert!(!b.claim(&long, Duration::from_secs(60)).await.unwrap());
+    assert!(b.claim(&format!("{long}x"), Duration::MAX).await.unwrap());
+    assert!(!b.claim(&format!("{long}x"), Duration::MAX).await.unwrap());
+    assert!(b.claim("zero", Duration::ZERO).await.unwrap());
+}
+
+/// An expired claim can be taken again, by any broker, and once only; the winner's TTL counts
+/// from the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_claim_is_taken_again_once() {
+    let schema = TestSchema::new();
+    let brokers = futures::future::join_all((0..3).map(|_| schema.broker())).await;
+    let ttl = Duration::from_millis(300);
+    for round in 0..3 {
+        let results = futures::future::join_all((0..30).map(|i| {
+            let broker = brokers[i % brokers.len()].clone();
+            async move { broker.claim("again", ttl).await.unwrap() }
+        }))
+        .await;
+        assert_eq!(
+            results.iter().filter(|&&won| won).count(),
+            1,
+            "round {round}"
+        );
+        assert!(!brokers[round % 3].claim("again", ttl).await.unwrap());
+        sleep(Duration::from_millis(450)).await;
+    }
+    assert_eq!(schema.claim_rows().await, 1, "taken over in place");
+    assert!(brokers[0]
+        .claim("again", Duration::from_secs(60))
+        .await
+        .unwrap());
+    sleep(Duration::from_millis(450)).await;
+    assert!(!brokers[1].claim("again", ttl).await.unwrap());
+}
+
+/// The cleanup deletes expired claim rows and keeps live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_claim_rows_are_deleted() {
+    let schema = TestSchema::new();
+    let config = schema
+        .config()
+        .with_cleanup_interval(Duration::from_millis(300));
+    let b = connect(config).await;
+    for i in 0..20 {
+        assert!(b
+            .claim(&format!("short{i}"), Duration::from_millis(200))
+            .await
+            .unwrap());
+    }
+    assert!(b.claim("kept", Duration::from_secs(60)).await.unwrap());
+    assert_eq!(schema.claim_rows().await, 21);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while schema.claim_rows().await != 1 {
+        assert!(Instant::now() < deadline, "expired claim rows stayed");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!b.claim("kept", Duration::from_secs(60)).await.unwrap());
+    assert!(b.claim("short0", Duration::from_secs(60)).await.unwrap());
+}
+
+/// A schema at version 1 (before `claims`) is migrated to the latest version by the next
+/// broker; its leases stay, and claims work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_is_migrated() {
+    let schema = TestSchema::new();
+    let old = schema.broker().await;
+    let request = LeaseRequest::new(Duration::from_secs(60)).cap(1);
+    assert!(old
+        .acquire("k", request.clone())
+        .await
+        .unwrap()
+        .lease
+        .is_some());
+    old.close();
+    // Migration 1 is never edited, so removing what migration 2 added leaves exactly a
+    // version-1 schema.
+    let mut conn = raw().await;
+    conn.execute(
+        format!(
+            "DROP TABLE \"{0}\".claims; DELETE FROM \"{0}\".migrations WHERE version > 1",
+            schema.name
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+
+    let brokers = futures::future::join_all((0..4).map(|_| schema.broker())).await;
+    let sql = format!(
+        "SELECT version, count(*) OVER () FROM \"{}\".migrations ORDER BY version",
+        schema.name
+    );
+    let rows: Vec<(i32, i64)> = sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap();
+    assert_eq!(rows, vec![(1, 2), (2, 2)]);
+    assert!(brokers[0]
+        .acquire("k", request)
+        .await
+        .unwrap()
+        .lease
+        .is_none());
+    assert!(brokers[1]
+        .claim("c", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(!brokers[2]
+        .claim("c", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(schema.claim_rows().await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,17 @@ impl TestSchema {
     }
 }
 
+impl TestSchema {
+    /// The number of rows in this schema's `claims` table, expired ones included.
+    pub async fn claim_rows(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM \"{}\".claims", self.name);
+        sqlx::query_scalar(&sql)
+            .fetch_one(&mut raw().await)
+            .await
+            .unwrap()
+    }
+}
+
 impl Default for TestSchema {
     fn default() -> Self {
         TestSchema::new()
