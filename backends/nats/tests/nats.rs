@@ -374,6 +374,18 @@ async fn small_server_max_payload_is_read_from_info_and_chunks_never_mix() {
 // ---------------------------------------------------------------------------------------------
 // Leases
 
+/// The configuration of `stream`, checked to be what the backend creates with a one-hour
+/// `lease_max_ttl`: one message per subject, file storage, these subjects.
+async fn stream_config(raw: &async_nats::Client, stream: &str, subjects: Value) -> Value {
+    let info = js(raw, format!("$JS.API.STREAM.INFO.{stream}"), Value::Null).await;
+    let config = info["config"].clone();
+    assert_eq!(config["max_msgs_per_subject"], json!(1), "{info}");
+    assert_eq!(config["max_age"], json!(3_600_000_000_000u64), "{info}");
+    assert_eq!(config["storage"], json!("file"), "{info}");
+    assert_eq!(config["subjects"], subjects, "{info}");
+    config
+}
+
 /// The lease stream is created with the backend's own JSON on nats-server 2.9 (where
 /// async-nats' typed API fails to parse the replies): one message per subject, file storage,
 /// `max_age` = `lease_max_ttl`.
@@ -384,21 +396,12 @@ async fn lease_stream_is_created_on_this_server() {
         connect(NatsConfig::new(server.url(None)).with_lease_max_ttl(Duration::from_secs(3600)))
             .await;
     let raw = raw(&server.url(None)).await;
-    let info = js(
+    let config = stream_config(
         &raw,
-        "$JS.API.STREAM.INFO.BGTASK_LEASES".into(),
-        Value::Null,
+        "BGTASK_LEASES",
+        json!(["bgtask.lease.*", "bgtask.clock"]),
     )
     .await;
-    let config = &info["config"];
-    assert_eq!(config["max_msgs_per_subject"], json!(1), "{info}");
-    assert_eq!(config["max_age"], json!(3_600_000_000_000u64), "{info}");
-    assert_eq!(config["storage"], json!("file"), "{info}");
-    assert_eq!(
-        config["subjects"],
-        json!(["bgtask.lease.*", "bgtask.clock"]),
-        "{info}"
-    );
     let version = raw.server_info().version;
     // allow_msg_ttl exists from 2.11: older servers neither keep nor echo it.
     assert_eq!(
@@ -830,21 +833,12 @@ async fn claim_stream_is_created_on_this_server() {
         connect(NatsConfig::new(server.url(None)).with_lease_max_ttl(Duration::from_secs(3600)))
             .await;
     let raw = raw(&server.url(None)).await;
-    let info = js(
+    stream_config(
         &raw,
-        "$JS.API.STREAM.INFO.BGTASK_LEASES_CLAIMS".into(),
-        Value::Null,
+        "BGTASK_LEASES_CLAIMS",
+        json!(["bgtask.claim.*", "bgtask.claimclock"]),
     )
     .await;
-    let config = &info["config"];
-    assert_eq!(config["max_msgs_per_subject"], json!(1), "{info}");
-    assert_eq!(config["max_age"], json!(3_600_000_000_000u64), "{info}");
-    assert_eq!(config["storage"], json!("file"), "{info}");
-    assert_eq!(
-        config["subjects"],
-        json!(["bgtask.claim.*", "bgtask.claimclock"]),
-        "{info}"
-    );
     assert!(b.claim("k", Duration::from_secs(5)).await.unwrap());
     let err = b.claim("k2", Duration::from_secs(7200)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
