@@ -1,9 +1,10 @@
 //! Criterion micro-benchmarks of the pure hot paths of bgtask-core: the envelope (encode and
 //! decode of a task offer and of a reply), task-key extraction, and the name layout.
 //!
-//! `cargo bench -p bgtask-core` (add `-- --warm-up-time 1 --measurement-time 2` for a quick
-//! pass, or a filter such as `-- envelope/decode`). Payloads are built like `bgtask bench`'s:
-//! `{"user":"v42","data":"xxx…"}`, padded to 100 B, 10 KiB and 1 MiB.
+//! `cargo bench -p bgtask-core`; for a quick pass, `cargo bench -p bgtask-core --bench hot_paths
+//! -- --warm-up-time 1 --measurement-time 2` (the `--bench` keeps the options away from the
+//! library's test harness), or a filter such as `-- envelope/decode`. Payloads are built like
+//! `bgtask bench`'s: `{"user":"v42","data":"xxx…"}`, padded to 100 B, 10 KiB and 1 MiB.
 
 use std::hint::black_box;
 
