@@ -55,9 +55,9 @@ impl TestSchema {
             .with_schema(&self.name)
             .with_pool_size(8)
             .with_op_timeout(Duration::from_secs(1))
-            .with_connect_timeout(Duration::from_millis(500))
+            .with_connect_timeout(Duration::from_secs(1))
             .with_liveness_interval(Duration::from_secs(1))
-            .with_max_backoff(Duration::from_millis(500))
+            .with_max_backoff(Duration::from_secs(1))
     }
 
     /// The number of rows in this schema's `payloads` table.
