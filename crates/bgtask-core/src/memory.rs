@@ -116,38 +116,42 @@ fn live_leases<'a>(
     Some(list)
 }
 
+/// Pop every entry of an expiry queue due by `now`, earliest first, handing its key to `due`.
+fn pop_due<K: Ord>(
+    queue: &mut BinaryHeap<Reverse<(Instant, K)>>,
+    now: Instant,
+    mut due: impl FnMut(K),
+) {
+    while queue.peek().is_some_and(|Reverse((when, _))| *when <= now) {
+        if let Some(Reverse((_, key))) = queue.pop() {
+            due(key);
+        }
+    }
+}
+
 impl State {
     /// Drop the claims that expired, by their expiry queue.
     fn expire_claims(&mut self, now: Instant) {
-        while let Some(Reverse((when, _))) = self.claim_expiries.peek() {
-            if *when > now {
-                break;
+        let claims = &mut self.claims;
+        pop_due(&mut self.claim_expiries, now, |key| {
+            if claims.get(&key).is_some_and(|expires| *expires <= now) {
+                claims.remove(&key);
             }
-            let Some(Reverse((_, key))) = self.claim_expiries.pop() else {
-                break;
-            };
-            if self.claims.get(&key).is_some_and(|expires| *expires <= now) {
-                self.claims.remove(&key);
-            }
-        }
+        });
     }
 
     /// Drop the keys whose every lease has expired, by the expiry queue: amortized O(log n) per
     /// acquire, never a scan of every key.
     fn expire(&mut self, now: Instant) {
-        while let Some(Reverse((when, _))) = self.expiries.peek() {
-            if *when > now {
-                break;
+        let leases = &mut self.leases;
+        pop_due(&mut self.expiries, now, |key| {
+            if leases
+                .get(&key)
+                .is_some_and(|list| list.iter().all(|l| l.expires <= now))
+            {
+                leases.remove(&key);
             }
-            let Some(Reverse((_, key))) = self.expiries.pop() else {
-                break;
-            };
-            if let Some(list) = self.leases.get(&key) {
-                if list.iter().all(|l| l.expires <= now) {
-                    self.leases.remove(&key);
-                }
-            }
-        }
+        });
     }
 }
 
