@@ -58,6 +58,18 @@ impl Scratch {
         Scratch { dir }
     }
 
+    /// `bgtask submit` of one task of "job" for key value u1, with `timeout`.
+    fn submit(&self, timeout: &str) -> Command {
+        self.command(&[
+            "submit",
+            "--task",
+            "job",
+            "--timeout",
+            timeout,
+            r#"{"user":"u1"}"#,
+        ])
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(BIN);
         command
@@ -171,17 +183,7 @@ fn worker_killed_mid_task(broker: String) {
     let scratch = Scratch::new(&broker);
     let mut worker = scratch.worker();
     let submitted = Instant::now();
-    let mut creator = scratch
-        .command(&[
-            "submit",
-            "--task",
-            "job",
-            "--timeout",
-            "3s",
-            r#"{"user":"u1"}"#,
-        ])
-        .spawn()
-        .unwrap();
+    let mut creator = scratch.submit("3s").spawn().unwrap();
     scratch.wait_started(1);
     assert_eq!(scratch.in_flight(), 1);
     kill9(&mut worker);
@@ -209,17 +211,7 @@ fn creator_killed_twenty_times(broker: String) {
     let _worker = KillOnDrop(scratch.worker());
     let mut last_kill = Instant::now();
     for round in 1..=20 {
-        let mut creator = scratch
-            .command(&[
-                "submit",
-                "--task",
-                "job",
-                "--timeout",
-                "2s",
-                r#"{"user":"u1"}"#,
-            ])
-            .spawn()
-            .unwrap();
+        let mut creator = scratch.submit("2s").spawn().unwrap();
         scratch.wait_started(round);
         kill9(&mut creator);
         last_kill = Instant::now();
