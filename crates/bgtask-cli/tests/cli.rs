@@ -337,17 +337,22 @@ fn a_program_past_its_deadline_is_killed_with_its_children() {
         wait_until(Duration::from_secs(10), || pid_file.exists()),
         "the script never started its child"
     );
-    let pid: u32 = std::fs::read_to_string(&pid_file)
+    assert_child_gone(&pid_file, "after the deadline", || worker.stderr());
+    worker.wait_for_line("killed at the task's deadline", Duration::from_secs(20));
+}
+
+/// The child whose pid the worker's program wrote to `pid_file` is gone within 20 s.
+fn assert_child_gone(pid_file: &std::path::Path, when: &str, worker_stderr: impl Fn() -> String) {
+    let pid: u32 = std::fs::read_to_string(pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || is_gone(pid)),
-        "the program's child {pid} is still running after the deadline; worker:\n{}",
-        worker.stderr()
+        "the program's child {pid} is still running {when}; worker:\n{}",
+        worker_stderr()
     );
-    worker.wait_for_line("killed at the task's deadline", Duration::from_secs(20));
 }
 
 #[test]
@@ -580,16 +585,7 @@ fn ctrl_c_on_submit_cancels_the_task_and_the_worker_kills_the_program() {
         "interrupted: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || is_gone(pid)),
-        "the cancelled program's child {pid} is still running; worker:\n{}",
-        worker.stderr()
-    );
+    assert_child_gone(&pid_file, "after the cancellation", || worker.stderr());
     worker.wait_for_line("cancelled: the program was killed", Duration::from_secs(20));
 }
 
