@@ -39,7 +39,8 @@ pub(crate) fn keys(key: &str) -> (Vec<u8>, Vec<u8>) {
     (wrap(LEASES_PREFIX), wrap(NOTES_PREFIX))
 }
 
-/// The one script behind every lease operation. `KEYS[1]` is the sorted set (member = lease id,
+/// The script behind `acquire`, `leases` and `count` (`release` is a plain transaction, see
+/// [`ReleaseReply`]). `KEYS[1]` is the sorted set (member = lease id,
 /// score = expiry in ms by the server's clock), `KEYS[2]` the hash (lease id -> "<seq>:<note>",
 /// plus the counter field `#seq` that orders leases by acquisition). `ARGV[1]` names the
 /// operation.
@@ -70,30 +71,13 @@ if op == 'acquire' then
   redis.call('ZADD', leases, int(now + ttl), id)
   local seq = redis.call('HINCRBY', notes, '#seq', 1)
   redis.call('HSET', notes, id, int(seq) .. ':' .. note)
-  -- Both keys live exactly as long as their longest lease: never less (the expiry only moves
-  -- to the latest lease), never more.
+  -- Both keys live as long as their longest live lease: never less. (A release does not
+  -- shorten them, so until the next acquire they may outlive it, never a lease acquired on them.)
   local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
   local keep = int(tonumber(last[2]) - now)
   redis.call('PEXPIRE', leases, keep)
   redis.call('PEXPIRE', notes, keep)
   return {1, live + 1}
-elseif op == 'release' then
-  local id = ARGV[2]
-  local expiry = redis.call('ZSCORE', leases, id)
-  if not expiry then return 0 end
-  redis.call('ZREM', leases, id)
-  redis.call('HDEL', notes, id)
-  -- The keys now live exactly as long as the longest remaining lease.
-  local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
-  if #last == 0 or tonumber(last[2]) <= now then
-    redis.call('DEL', leases, notes)
-  else
-    local keep = int(tonumber(last[2]) - now)
-    redis.call('PEXPIRE', leases, keep)
-    redis.call('PEXPIRE', notes, keep)
-  end
-  if tonumber(expiry) > now then return 1 end
-  return 0
 elseif op == 'leases' then
   local items = redis.call('ZRANGEBYSCORE', leases, '(' .. int(now), '+inf', 'WITHSCORES')
   local out = {}
@@ -109,6 +93,15 @@ elseif op == 'count' then
 end
 return redis.error_reply('bgtask: unknown lease operation')
 "#;
+
+/// The reply of the `release` transaction: `TIME`, the lease's expiry (`ZSCORE`), and the counts
+/// removed by `ZREM` and `HDEL`.
+pub(crate) type ReleaseReply = ((u64, u64), Option<f64>, u64, u64);
+
+/// A `TIME` reply (seconds, microseconds) in milliseconds, as the script computes `now`.
+pub(crate) fn millis((seconds, micros): (u64, u64)) -> u64 {
+    seconds.saturating_mul(1000).saturating_add(micros / 1000)
+}
 
 /// Build the arguments of an `acquire` call.
 pub(crate) fn acquire_args(id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>> {
@@ -164,14 +157,6 @@ pub(crate) fn parse_acquired(id: LeaseId, value: Value) -> Result<Acquired> {
         }),
         Some((0, live)) => Ok(Acquired { lease: None, live }),
         _ => Err(unexpected("acquire", &value)),
-    }
-}
-
-/// Read the answer of `release`.
-pub(crate) fn parse_released(value: Value) -> Result<bool> {
-    match as_u64(&value) {
-        Some(n) => Ok(n == 1),
-        None => Err(unexpected("release", &value)),
     }
 }
 

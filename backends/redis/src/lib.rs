@@ -88,11 +88,20 @@
 //!   leases by acquisition for [`Broker::leases`].
 //!
 //! One Lua script (loaded with `EVALSHA` and reloaded by `redis::Script` after a `NOSCRIPT`, e.g.
-//! when the server restarted) does every lease operation atomically, reading the clock inside
-//! the script: `acquire` drops the expired leases, counts the live ones, and, under the cap,
-//! adds one. Both keys always carry a TTL equal to the time left on their longest lease (set on
-//! every acquire and release, and only ever extended by an acquire), so a key never outlives its
-//! leases, even when its creators crashed. The `{K}` hash tag keeps both
+//! when the server restarted) does `acquire`, `leases` and `count` atomically, reading the clock
+//! inside the script: `acquire` drops the expired leases, counts the live ones, and, under the
+//! cap, adds one. The two hot calls that need no decision skip the script, which costs far more
+//! on the server than the commands it runs:
+//!
+//! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
+//!   expiry is after `TIME`);
+//! - `leases` and `count` first ask `EXISTS bgl:{K}`; a key without leases (every blacklist
+//!   check of a value that is not blacklisted) costs that one command.
+//!
+//! Each acquire sets both keys' TTL to the time left on their longest live lease; a release does
+//! not shorten it. So a key outlives neither the leases acquired on it nor, when the last lease
+//! is released, the longest of them (the hash then holds only its counter), even when its
+//! creators crashed. The `{K}` hash tag keeps both
 //! keys of a lease key on one slot, though Redis Cluster is not a goal. TTLs are capped at
 //! [`lease::MAX_TTL_MILLIS`] (about 69 years).
 //!
@@ -248,6 +257,24 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Whether lease key `key` has a sorted set, i.e. any lease at all (live or not yet purged).
+    /// One `EXISTS` settles the common case of a key without leases (every blacklist check of a
+    /// value that is not blacklisted) without running the script.
+    async fn lease_key_exists(&self, what: &str, key: &str) -> Result<bool> {
+        self.check_open(what)?;
+        let (leases, _) = lease::keys(key);
+        self.inner
+            .commands
+            .run(what, |mut conn| async move {
+                redis::cmd("EXISTS")
+                    .arg(leases)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            })
+            .await
+            .map(|n| n > 0)
+    }
+
     /// Run the lease script with operation `args[0]` on lease key `key`.
     async fn lease_script(&self, what: &str, key: &str, args: Vec<Vec<u8>>) -> Result<Value> {
         self.check_open(what)?;
@@ -307,13 +334,33 @@ impl Broker for RedisBroker {
         lease::parse_acquired(id, value)
     }
 
+    /// One `MULTI`/`EXEC` (`TIME`, `ZSCORE`, `ZREM`, `HDEL`), no script: the hot path of every
+    /// keyed task's end.
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
-        let args = vec![b"release".to_vec(), lease.as_str().as_bytes().to_vec()];
-        let value = self.lease_script("release", key, args).await?;
-        lease::parse_released(value)
+        self.check_open("release")?;
+        let (leases, notes) = lease::keys(key);
+        let id = lease.as_str();
+        let (time, expiry, ..): lease::ReleaseReply = self
+            .inner
+            .commands
+            .run("release", |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("TIME")
+                    .zscore(&leases, id)
+                    .zrem(&leases, id)
+                    .hdel(&notes, id)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(expiry.is_some_and(|expiry| expiry > lease::millis(time) as f64))
     }
 
     async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+        if !self.lease_key_exists("leases", key).await? {
+            return Ok(Vec::new());
+        }
         let value = self
             .lease_script("leases", key, vec![b"leases".to_vec()])
             .await?;
@@ -321,6 +368,9 @@ impl Broker for RedisBroker {
     }
 
     async fn count(&self, key: &str) -> Result<u64> {
+        if !self.lease_key_exists("count", key).await? {
+            return Ok(0);
+        }
         let value = self
             .lease_script("count", key, vec![b"count".to_vec()])
             .await?;
