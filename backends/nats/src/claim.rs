@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::error::timed_out;
 use crate::js::{stream_missing, Cas, Got, Js, Stored, StreamFacts};
 use crate::subject::Subjects;
+use crate::time::{conflict_backoff, nanos};
 
 /// A claim record, as stored (JSON): the claim is over `t` nanoseconds after the server stored
 /// the record (its timestamp).
@@ -400,22 +401,6 @@ fn expires(stored: &Stored) -> Result<u64> {
     Ok(stored.time_nanos.saturating_add(record.t))
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The longest wait between two rounds of a contended claim.
-const MAX_CONFLICT_BACKOFF: Duration = Duration::from_millis(32);
-
-/// A random wait before round `n` (from 1) of a claim that keeps meeting changes.
-fn conflict_backoff(n: u32) -> Duration {
-    let cap = Duration::from_millis(1)
-        .saturating_mul(1 << n.saturating_sub(1).min(10))
-        .min(MAX_CONFLICT_BACKOFF);
-    let micros = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
-    Duration::from_micros(rand::random::<u64>() % micros)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The clock
 
@@ -772,12 +757,5 @@ mod tests {
         // Never sooner than MIN_TICK after the last reading.
         let next = next_tick(None, &due, Some((6_000_000_000, at))).unwrap();
         assert_eq!(next, at + MIN_TICK);
-    }
-
-    #[test]
-    fn conflict_backoff_is_bounded() {
-        for n in [1, 2, 5, 40, u32::MAX] {
-            assert!(conflict_backoff(n) <= MAX_CONFLICT_BACKOFF);
-        }
     }
 }

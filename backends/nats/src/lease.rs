@@ -18,13 +18,10 @@ use tokio::time::Instant;
 use crate::error::timed_out;
 use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored, StreamFacts};
 use crate::subject::Subjects;
+use crate::time::{conflict_backoff, nanos};
 
 /// Bytes of a lease write kept free for its headers (`Nats-Expected-*`, `Nats-TTL`).
 const HEADER_RESERVE: usize = 512;
-
-/// The longest wait between two attempts of a contended compare-and-set; each wait is random
-/// (full jitter) up to 1 ms doubling up to this.
-const MAX_CONFLICT_BACKOFF: Duration = Duration::from_millis(32);
 
 /// A lease key's record, as stored (JSON).
 #[derive(Debug, Serialize, Deserialize)]
@@ -587,19 +584,6 @@ impl<T> Outcome<T> {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// A random wait before retry `n` (from 1) of a contended write.
-fn conflict_backoff(n: u32) -> Duration {
-    let cap = Duration::from_millis(1)
-        .saturating_mul(1 << n.saturating_sub(1).min(10))
-        .min(MAX_CONFLICT_BACKOFF);
-    let micros = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
-    Duration::from_micros(rand::random::<u64>() % micros)
-}
-
 /// The leases of a stored record, with expiries resolved against its timestamp.
 fn decode(stored: &Stored) -> Result<Vec<Lease>> {
     if stored.data.is_empty() {
@@ -705,13 +689,5 @@ mod tests {
         let err = decode(&stored(1, br#"{"v":2,"l":[]}"#.to_vec())).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Protocol);
         assert!(decode(&stored(1, Vec::new())).unwrap().is_empty());
-    }
-
-    #[test]
-    fn conflict_backoff_is_bounded() {
-        for n in [1, 2, 5, 40, u32::MAX] {
-            assert!(conflict_backoff(n) <= MAX_CONFLICT_BACKOFF);
-        }
-        assert!(conflict_backoff(1) <= Duration::from_millis(1));
     }
 }

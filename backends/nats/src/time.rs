@@ -1,5 +1,26 @@
-//! The server's timestamps: RFC 3339 text, as JetStream writes it, to nanoseconds since the
-//! Unix epoch.
+//! Time on the server's terms: its timestamps (RFC 3339 text, as JetStream writes it) as
+//! nanoseconds since the Unix epoch, durations in nanoseconds, and the wait between two attempts
+//! of a contended compare-and-set (leases and claims alike).
+
+use std::time::Duration;
+
+/// The longest wait between two attempts of a contended compare-and-set; each wait is random
+/// (full jitter) up to 1 ms doubling up to this.
+pub(crate) const MAX_CONFLICT_BACKOFF: Duration = Duration::from_millis(32);
+
+/// A random wait before retry `n` (from 1) of a contended write.
+pub(crate) fn conflict_backoff(n: u32) -> Duration {
+    let cap = Duration::from_millis(1)
+        .saturating_mul(1 << n.saturating_sub(1).min(10))
+        .min(MAX_CONFLICT_BACKOFF);
+    let micros = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX).max(1);
+    Duration::from_micros(rand::random::<u64>() % micros)
+}
+
+/// `d` in nanoseconds, saturating.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Nanoseconds since the Unix epoch of `text`, an RFC 3339 timestamp such as
 /// `2024-05-01T12:34:56.123456789Z` or `2024-05-01T14:34:56+02:00`. `None` when it does not
@@ -81,6 +102,14 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conflict_backoff_is_bounded() {
+        for n in [1, 2, 5, 40, u32::MAX] {
+            assert!(conflict_backoff(n) <= MAX_CONFLICT_BACKOFF);
+        }
+        assert!(conflict_backoff(1) <= Duration::from_millis(1));
+    }
 
     #[test]
     fn parses_jetstream_timestamps() {

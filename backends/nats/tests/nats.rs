@@ -48,13 +48,18 @@ fn token(name: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
 }
 
-/// The stored record of lease key `key` in the default stream, if any.
-async fn record(client: &async_nats::Client, key: &str) -> Option<(Value, String)> {
+/// The last message on `subject` in stream `stream`, if any: its sequence, data (JSON) and
+/// server time.
+async fn last_message(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: String,
+) -> Option<(u64, Value, String)> {
     use base64::Engine;
     let reply = js(
         client,
-        "$JS.API.STREAM.MSG.GET.BGTASK_LEASES".into(),
-        json!({ "last_by_subj": format!("bgtask.lease.{}", token(key)) }),
+        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        json!({ "last_by_subj": subject }),
     )
     .await;
     let message = reply.get("message")?;
@@ -62,9 +67,17 @@ async fn record(client: &async_nats::Client, key: &str) -> Option<(Value, String
         .decode(message["data"].as_str().unwrap_or(""))
         .unwrap();
     Some((
+        message["seq"].as_u64().unwrap(),
         serde_json::from_slice(&data).unwrap(),
         message["time"].as_str().unwrap().to_owned(),
     ))
+}
+
+/// The stored record of lease key `key` in the default stream, if any.
+async fn record(client: &async_nats::Client, key: &str) -> Option<(Value, String)> {
+    let subject = format!("bgtask.lease.{}", token(key));
+    let (_, data, time) = last_message(client, "BGTASK_LEASES", subject).await?;
+    Some((data, time))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,22 +671,8 @@ async fn release_reports_liveness_and_leases_list_oldest_first() {
 /// The stored claim record of claim key `key` in the default claim stream, if any: its
 /// sequence, data and server time.
 async fn claim_record(client: &async_nats::Client, key: &str) -> Option<(u64, Value, String)> {
-    use base64::Engine;
-    let reply = js(
-        client,
-        "$JS.API.STREAM.MSG.GET.BGTASK_LEASES_CLAIMS".into(),
-        json!({ "last_by_subj": format!("bgtask.claim.{}", token(key)) }),
-    )
-    .await;
-    let message = reply.get("message")?;
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(message["data"].as_str().unwrap_or(""))
-        .unwrap();
-    Some((
-        message["seq"].as_u64().unwrap(),
-        serde_json::from_slice(&data).unwrap(),
-        message["time"].as_str().unwrap().to_owned(),
-    ))
+    let subject = format!("bgtask.claim.{}", token(key));
+    last_message(client, "BGTASK_LEASES_CLAIMS", subject).await
 }
 
 /// A claim is one record in the claim stream, apart from the leases, written once: a losing
