@@ -1,4 +1,5 @@
-//! Leases: one Lua script over a sorted set and a hash per lease key.
+//! Leases: a sorted set and a hash per lease key; one Lua script for the operations that decide
+//! (acquire, list, count), a plain transaction for release.
 
 use std::time::Duration;
 

@@ -32,9 +32,9 @@
 //!
 //! A broker holds two connections, and its clones share them:
 //!
-//! - **Commands** (publish and the lease script) go over one multiplexed connection. Any I/O
-//!   error, and any operation that gets no answer in time, drops it; the next operation opens a
-//!   new one. After a failed attempt the next one waits (50 ms, doubling up to
+//! - **Commands** (publish, claims and the lease operations) go over one multiplexed
+//!   connection. Any I/O error, and any operation that gets no answer in time, drops it; the next
+//!   operation opens a new one. After a failed attempt the next one waits (50 ms, doubling up to
 //!   [`max_backoff`](RedisConfig::max_backoff)); an operation that cannot get a connection
 //!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer. When
 //!   the subscription connection (below) is found lost, the command connection is dropped as
