@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::error::timed_out;
 use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored, StreamFacts};
 use crate::subject::Subjects;
@@ -88,8 +89,8 @@ enum Outcome<T> {
 #[derive(Debug)]
 struct Store {
     js: Js,
-    /// The clock subject.
-    clock: String,
+    /// The server's clock, read on the stream's clock subject.
+    clock: Clock,
 }
 
 impl Store {
@@ -132,27 +133,12 @@ impl Store {
         })
     }
 
-    /// The server's current time: the timestamp the lease stream gives a message written now.
-    ///
-    /// The clock subject's last message is read after our own write was acknowledged, so it was
-    /// stored after this call started and before it returns, whoever wrote it.
+    /// The server's current time: a timestamp the lease stream gave a message written after
+    /// this call began (one reading shared with the operations that asked meanwhile).
     async fn now(&self) -> Result<Outcome<u64>> {
-        let clock = &self.clock;
-        match self.js.touch(clock).await? {
-            Cas::Stored(_) => {}
-            Cas::NoStream => return Ok(Outcome::NoStream),
-            Cas::Conflict | Cas::TtlRefused => {
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    "nats: JetStream refused a write to the lease clock",
-                ))
-            }
-        }
-        Ok(match self.js.last(clock).await? {
-            Got::Message(stored) => Outcome::Done(stored.time_nanos),
-            // Purged in between: try again.
-            Got::Empty => Outcome::Conflict,
-            Got::NoStream => Outcome::NoStream,
+        Ok(match self.clock.now().await? {
+            Some(now) => Outcome::Done(now),
+            None => Outcome::NoStream,
         })
     }
 
@@ -287,10 +273,8 @@ impl Leases {
         let stream_subjects = vec![subjects.lease_filter(), subjects.clock()];
         let facts = js.ensure_stream(stream_subjects.clone(), max_ttl).await?;
         tracing::debug!(stream = js.stream(), ?facts, "nats: lease stream ready");
-        let store = Arc::new(Store {
-            js,
-            clock: subjects.clock(),
-        });
+        let clock = Clock::start(js.clone(), subjects.clock(), op_timeout);
+        let store = Arc::new(Store { js, clock });
         let sweeper = Sweeper::start(store.clone(), op_timeout);
         Ok(Leases {
             store,

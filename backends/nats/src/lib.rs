@@ -279,6 +279,7 @@
 
 mod chunk;
 mod claim;
+mod clock;
 mod config;
 mod conn;
 mod error;
