@@ -130,7 +130,9 @@
 //! reads time only from those stamps:
 //!
 //! - *now* is the stamp of the message on `<prefix>.clock`, read right after the broker wrote
-//!   one there (its own or a later one): the server's time at some instant during the call;
+//!   one there (its own or a later one): the server's time at some instant during the call.
+//!   One reading serves every operation of the broker that asked before it began (each still
+//!   gets a time from within its own call), so concurrent releases and counts share it;
 //! - a new lease is written as "expires `ttl` after this record's own stamp", since the stamp
 //!   the server will give the write is not known before the write; later writes of the record
 //!   store that expiry as an absolute server time.
@@ -204,7 +206,7 @@
 //!   record leaves only once it is over), so the answer is `false` without a request of its
 //!   own; otherwise the claim goes to the server as above.
 //!
-//! **The clock** is the lease clock's method on the claim stream (whose timestamps are the ones
+//! **The clock** is the lease clock (the same shared reader) on the claim stream (whose timestamps are the ones
 //! compared, also when the two streams are led by different servers of a cluster): a write on
 //! `<prefix>.claimclock`, then a read of that subject's last timestamp. The reading is shared:
 //! claims that need the time while a reading is under way wait for the next one, which starts
