@@ -4,10 +4,10 @@
 //! See the [crate docs](crate#leases) for the design and the clock argument.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bgtask_core::{Acquired, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result};
@@ -91,7 +91,15 @@ struct Store {
     js: Js,
     /// The server's clock, read on the stream's clock subject.
     clock: Clock,
+    /// Lease subjects this broker last saw with a record. Only a guess, never trusted: an
+    /// acquire on a subject not in it first tries to create the record outright (a write that
+    /// the server refuses if a record exists), which saves the read.
+    with_record: std::sync::Mutex<HashSet<String>>,
 }
+
+/// At most this many subjects are remembered in [`Store::with_record`]; beyond, it starts over
+/// (a forgotten subject costs one refused write).
+const MAX_REMEMBERED: usize = 100_000;
 
 impl Store {
     /// The key's lease set and the server's current time.
@@ -124,13 +132,43 @@ impl Store {
     /// The key's lease set.
     async fn read(&self, subject: &str) -> Result<Outcome<State>> {
         Ok(match self.js.last(subject).await? {
-            Got::Message(stored) => Outcome::Done(State {
-                seq: stored.seq,
-                leases: decode(&stored)?,
-            }),
-            Got::Empty => Outcome::Done(State::default()),
+            Got::Message(stored) => {
+                self.saw(subject, true);
+                Outcome::Done(State {
+                    seq: stored.seq,
+                    leases: decode(&stored)?,
+                })
+            }
+            Got::Empty => {
+                self.saw(subject, false);
+                Outcome::Done(State::default())
+            }
             Got::NoStream => Outcome::NoStream,
         })
+    }
+
+    /// Remember whether `subject` has a record, as just seen.
+    fn saw(&self, subject: &str, record: bool) {
+        let mut with_record = self
+            .with_record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !record {
+            with_record.remove(subject);
+        } else if !with_record.contains(subject) {
+            if with_record.len() >= MAX_REMEMBERED {
+                with_record.clear();
+            }
+            with_record.insert(subject.to_owned());
+        }
+    }
+
+    /// Whether `subject` had a record when this broker last looked.
+    fn had_record(&self, subject: &str) -> bool {
+        self.with_record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(subject)
     }
 
     /// The server's current time: a timestamp the lease stream gave a message written after
@@ -157,6 +195,7 @@ impl Store {
             None => {
                 // Conditional on the record being unchanged: a newer one is never deleted.
                 self.js.delete(state.seq).await?;
+                self.saw(subject, false);
                 Ok(None)
             }
         }
@@ -274,7 +313,11 @@ impl Leases {
         let facts = js.ensure_stream(stream_subjects.clone(), max_ttl).await?;
         tracing::debug!(stream = js.stream(), ?facts, "nats: lease stream ready");
         let clock = Clock::start(js.clone(), subjects.clock(), op_timeout);
-        let store = Arc::new(Store { js, clock });
+        let store = Arc::new(Store {
+            js,
+            clock,
+            with_record: std::sync::Mutex::new(HashSet::new()),
+        });
         let sweeper = Sweeper::start(store.clone(), op_timeout);
         Ok(Leases {
             store,
@@ -314,8 +357,10 @@ impl Leases {
         }
         let id = LeaseId::random();
         let clock = AtomicU64::new(0);
+        let guess_absent =
+            AtomicBool::new(request.cap != Some(0) && !self.store.had_record(&subject));
         self.run("acquire a lease", || {
-            self.try_acquire(&subject, &id, request, ttl, &clock)
+            self.try_acquire(&subject, &id, request, ttl, &clock, &guess_absent)
         })
         .await
     }
@@ -327,7 +372,21 @@ impl Leases {
         request: &LeaseRequest,
         ttl: Duration,
         clock: &AtomicU64,
+        guess_absent: &AtomicBool,
     ) -> Result<Outcome<Acquired>> {
+        if guess_absent.swap(false, Ordering::Relaxed) {
+            // Most keys have no record (their last lease was released): create it outright, a
+            // write the server refuses if there is one, and the read is saved. If refused, the
+            // usual way below finds out what is there.
+            let data = encode(&[], Some((id.as_str(), &request.note, nanos(ttl))));
+            self.check_size(&data, 1)?;
+            if let Outcome::Done(()) = self.write(subject, 0, ttl, data).await? {
+                return Ok(Outcome::Done(Acquired {
+                    lease: Some(id.clone()),
+                    live: 1,
+                }));
+            }
+        }
         let (state, now) = match self.store.snapshot(subject, clock).await? {
             Outcome::Done(found) => found,
             Outcome::Conflict => return Ok(Outcome::Conflict),
@@ -391,7 +450,10 @@ impl Leases {
             .collect();
         if rest.is_empty() {
             return Ok(match self.store.js.delete(state.seq).await? {
-                Deleted::Yes => Outcome::Done(was_live),
+                Deleted::Yes => {
+                    self.store.saw(subject, false);
+                    Outcome::Done(was_live)
+                }
                 Deleted::Gone => Outcome::Conflict,
                 Deleted::NoStream => Outcome::NoStream,
             });
@@ -516,12 +578,16 @@ impl Leases {
                 .await?
             {
                 Cas::Stored(_) => {
+                    self.store.saw(subject, true);
                     if !self.message_ttl() {
                         self.sweeper.schedule(subject, longest);
                     }
                     Outcome::Done(())
                 }
-                Cas::Conflict => Outcome::Conflict,
+                Cas::Conflict => {
+                    self.store.saw(subject, true);
+                    Outcome::Conflict
+                }
                 Cas::NoStream => Outcome::NoStream,
                 Cas::TtlRefused => {
                     self.message_ttl.store(false, Ordering::Relaxed);

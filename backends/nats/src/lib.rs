@@ -122,6 +122,12 @@
 //!    server refuses it otherwise. A refused write starts again from 1 after a random wait
 //!    (1 ms doubling up to 32 ms), within [`op_timeout`](NatsConfig::op_timeout).
 //!
+//! One shortcut: an `acquire` (with a cap of at least 1) on a key this broker did not last see
+//! with a record skips step 1 and writes a record holding only the new lease, with
+//! `Nats-Expected-Last-Subject-Sequence: 0`. That is right whenever the key has no record, which
+//! is the common case (a key's last release deletes its record), and the server refuses it
+//! otherwise; then the acquire goes through steps 1 to 4 as usual.
+//!
 //! So a key's lease set changes only through compare-and-set on its record: 100 concurrent
 //! acquires with cap 5 yield exactly 5 leases, from any number of brokers.
 //!

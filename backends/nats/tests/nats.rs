@@ -534,6 +534,55 @@ async fn compare_and_set_keeps_the_cap_under_contention() {
     assert_eq!(brokers[1].count(&key).await.unwrap(), 0);
 }
 
+/// An acquire on a key this broker has not seen with a record first tries to create the record
+/// outright. When another broker made one meanwhile, that write is refused and the acquire reads
+/// the record: the other broker's leases are kept and count against the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_that_guesses_no_record_keeps_the_leases_of_another_broker() {
+    let (a, b) = (broker().await, broker().await);
+    let raw = raw(&common::url()).await;
+    let key = format!("{}:guess", prefix());
+    let request = LeaseRequest::new(Duration::from_secs(30)).cap(2);
+    // An empty key: the guess is right, one write makes the record.
+    let first = a.acquire(&key, request.clone()).await.unwrap();
+    assert_eq!((first.lease.is_some(), first.live), (true, 1));
+    let (record_1, _) = record(&raw, &key).await.expect("a record");
+    assert_eq!(record_1["l"].as_array().unwrap().len(), 1);
+    // b has never seen the key: its guess is wrong, and it must find a's lease.
+    let second = b.acquire(&key, request.clone().note("b")).await.unwrap();
+    assert_eq!((second.lease.is_some(), second.live), (true, 2));
+    let refused = LeaseRequest::new(Duration::from_secs(30)).cap(2);
+    let third = broker().await.acquire(&key, refused).await.unwrap();
+    assert_eq!(
+        (third.lease.is_none(), third.live),
+        (true, 2),
+        "a third broker's guess went over the cap"
+    );
+    let listed = a.leases(&key).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|l| &l.id).collect::<Vec<_>>(),
+        [
+            first.lease.as_ref().unwrap(),
+            second.lease.as_ref().unwrap()
+        ]
+    );
+    // Released by b, the last lease deletes the record; a's next acquire guesses right again.
+    assert!(b
+        .release(&key, first.lease.as_ref().unwrap())
+        .await
+        .unwrap());
+    assert!(a
+        .release(&key, second.lease.as_ref().unwrap())
+        .await
+        .unwrap());
+    assert!(
+        record(&raw, &key).await.is_none(),
+        "the record outlived its leases"
+    );
+    let again = a.acquire(&key, request).await.unwrap();
+    assert_eq!((again.lease.is_some(), again.live), (true, 1));
+}
+
 /// Expiry is judged by the server's clock only: a new lease is stored as a TTL relative to the
 /// record's own server timestamp, and rewritten as that timestamp plus the TTL; the backend
 /// reads no client clock at all. (A skewed server clock cannot be staged here: nats-server is
