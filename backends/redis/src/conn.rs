@@ -53,8 +53,10 @@ impl Commands {
     pub(crate) fn new(client: Client, config: &RedisConfig) -> Self {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
-            // The crate's default of 500 ms is too short for large payloads.
-            .set_response_timeout(Some(config.op_timeout));
+            // None: `run` bounds every operation by `op_timeout` already (and drops a silent
+            // connection), so the crate's own timer per request (500 ms by default, too short
+            // for large payloads) would only cost a second timer.
+            .set_response_timeout(None);
         Commands {
             client,
             connection_config,
