@@ -471,11 +471,15 @@ fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgCo
     Ok(options)
 }
 
+/// A TTL in milliseconds as stored: at most [`MAX_TTL_MILLIS`].
+fn stored_ttl_millis(millis: u64) -> i64 {
+    i64::try_from(millis.min(MAX_TTL_MILLIS)).unwrap_or(i64::MAX)
+}
+
 /// A claim's TTL in whole milliseconds as stored: at least 1, at most [`MAX_TTL_MILLIS`] (like
 /// a lease's).
 fn claim_ttl_millis(ttl: Duration) -> i64 {
-    let millis = LeaseRequest::new(ttl).ttl_millis().min(MAX_TTL_MILLIS);
-    i64::try_from(millis).unwrap_or(i64::MAX)
+    stored_ttl_millis(LeaseRequest::new(ttl).ttl_millis())
 }
 
 /// Delete expired rows every `interval` (with a little jitter, so brokers started together
@@ -571,7 +575,7 @@ impl Broker for PostgresBroker {
         self.check_open("acquire")?;
         let db = &self.inner.db;
         let id = LeaseId::random();
-        let ttl = i64::try_from(request.ttl_millis().min(MAX_TTL_MILLIS)).unwrap_or(i64::MAX);
+        let ttl = stored_ttl_millis(request.ttl_millis());
         let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
         let deadline = self.deadline();
         let mut conn = db.conn("acquire", deadline).await?;
