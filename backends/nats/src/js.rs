@@ -187,6 +187,11 @@ pub(crate) struct Js {
     stream: String,
     /// What the stream holds, for messages: `lease` or `claim`.
     holds: &'static str,
+    /// The record operations as error messages name them ("read a lease record", …), built
+    /// once rather than per request.
+    reading: String,
+    writing: String,
+    deleting: String,
 }
 
 /// What [`Js::ensure_stream`] found.
@@ -205,6 +210,9 @@ impl Js {
             client,
             stream: stream.to_owned(),
             holds,
+            reading: format!("read a {holds} record"),
+            writing: format!("write a {holds} record"),
+            deleting: format!("delete a {holds} record"),
         }
     }
 
@@ -353,10 +361,10 @@ impl Js {
     pub(crate) async fn last(&self, subject: &str) -> Result<Got> {
         let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": subject }))
             .expect("a request serializes");
-        let what = format!("read a {} record", self.holds);
+        let what = self.reading.as_str();
         let reply: MsgGetReply = self
             .api(
-                &what,
+                what,
                 format!("$JS.API.STREAM.MSG.GET.{}", self.stream),
                 body,
             )
@@ -389,7 +397,7 @@ impl Js {
             MsgGetReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
                 Ok(Got::NoStream)
             }
-            MsgGetReply { error, .. } => Err(api_error(&what, error, ErrorKind::Protocol)),
+            MsgGetReply { error, .. } => Err(api_error(what, error, ErrorKind::Protocol)),
         }
     }
 
@@ -424,8 +432,7 @@ impl Js {
     }
 
     async fn publish(&self, subject: &str, headers: HeaderMap, data: Vec<u8>) -> Result<Cas> {
-        let what = format!("write a {} record", self.holds);
-        let what = what.as_str();
+        let what = self.writing.as_str();
         let reply = match self
             .client
             .request_with_headers(subject.to_owned(), headers, Bytes::from(data))
@@ -464,10 +471,10 @@ impl Js {
     pub(crate) async fn delete(&self, seq: u64) -> Result<Deleted> {
         let body = serde_json::to_vec(&serde_json::json!({ "seq": seq, "no_erase": true }))
             .expect("a request serializes");
-        let what = format!("delete a {} record", self.holds);
+        let what = self.deleting.as_str();
         let reply: DeleteReply = self
             .api(
-                &what,
+                what,
                 format!("$JS.API.STREAM.MSG.DELETE.{}", self.stream),
                 body,
             )
@@ -488,7 +495,7 @@ impl Js {
             DeleteReply { error: Some(e), .. } if e.err_code == ERR_STREAM_NOT_FOUND => {
                 Ok(Deleted::NoStream)
             }
-            DeleteReply { error, .. } => Err(api_error(&what, error, ErrorKind::Protocol)),
+            DeleteReply { error, .. } => Err(api_error(what, error, ErrorKind::Protocol)),
         }
     }
 }
