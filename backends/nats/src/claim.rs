@@ -5,7 +5,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -17,7 +16,8 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::timed_out;
-use crate::js::{stream_missing, Cas, Got, Js, Stored, StreamFacts};
+use crate::js::{stream_missing, Cas, Got, Js, Stored};
+use crate::stream::Stream;
 use crate::subject::Subjects;
 use crate::time::{conflict_backoff, nanos};
 
@@ -40,18 +40,9 @@ pub(crate) struct Claims {
 /// What the claim operations share, with the tasks that run queued claims.
 #[derive(Debug)]
 struct Store {
-    js: Js,
+    stream: Stream,
     subjects: Subjects,
-    stream_subjects: Vec<String>,
     op_timeout: Duration,
-    /// The longest TTL accepted.
-    max_ttl: Duration,
-    /// The `max_age` the backend creates the stream with.
-    configured_max_age: Duration,
-    /// The stream keeps per-message TTLs (server 2.11+): records carry one.
-    message_ttl: AtomicBool,
-    /// Held while (re)creating the stream.
-    creating: tokio::sync::Mutex<()>,
     /// The server's time, read for many calls at once.
     clock: Clock,
     /// Deletes records that are over where the server does not (no per-message TTLs).
@@ -83,19 +74,13 @@ impl Claims {
         max_ttl: Duration,
     ) -> Result<Claims> {
         let stream_subjects = vec![subjects.claim_filter(), subjects.claim_clock()];
-        let facts = js.ensure_stream(stream_subjects.clone(), max_ttl).await?;
-        tracing::debug!(stream = js.stream(), ?facts, "nats: claim stream ready");
+        let stream = Stream::open(js.clone(), stream_subjects, max_ttl).await?;
         let clock = Clock::start(js.clone(), subjects.claim_clock(), op_timeout);
-        let sweeper = Sweeper::start(js.clone(), clock.clone(), op_timeout);
+        let sweeper = Sweeper::start(js, clock.clone(), op_timeout);
         let store = Store {
-            js,
+            stream,
             subjects,
-            stream_subjects,
             op_timeout,
-            max_ttl: max_ttl.min(facts.max_age),
-            configured_max_age: max_ttl,
-            message_ttl: AtomicBool::new(facts.message_ttl),
-            creating: tokio::sync::Mutex::new(()),
             clock,
             sweeper,
             queues: std::sync::Mutex::new(HashMap::new()),
@@ -108,7 +93,7 @@ impl Claims {
 
     /// The claim stream's name.
     pub(crate) fn stream(&self) -> &str {
-        self.store.js.stream()
+        self.store.stream.js().stream()
     }
 
     /// Take the claim on `key` for `ttl` if nobody holds it.
@@ -123,13 +108,13 @@ impl Claims {
         let store = &self.store;
         let subject = store.subjects.claim(key)?;
         let ttl = Duration::from_millis(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        if ttl > store.max_ttl {
+        if ttl > store.stream.max_ttl() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
                     "nats: a claim of {ttl:?} is longer than the {:?} this backend keeps \
                      anything (NatsConfig::lease_max_ttl, or the claim stream's max_age)",
-                    store.max_ttl
+                    store.stream.max_ttl()
                 ),
             ));
         }
@@ -260,13 +245,14 @@ impl Store {
         loop {
             // A second more than the claim, so that rounding to seconds never cuts it short.
             let record_ttl = self
-                .message_ttl
-                .load(Ordering::Relaxed)
+                .stream
+                .message_ttl()
                 .then(|| ttl + Duration::from_secs(1));
             // A server time before the write, so before the record's timestamp.
             let before = self.clock.latest();
             match self
-                .js
+                .stream
+                .js()
                 .publish_if(subject, expected, record_ttl, data.clone())
                 .await?
             {
@@ -281,7 +267,7 @@ impl Store {
                 }
                 Cas::Conflict => {}
                 Cas::TtlRefused => {
-                    self.message_ttl.store(false, Ordering::Relaxed);
+                    self.stream.ttl_refused();
                     continue;
                 }
                 Cas::NoStream => {
@@ -296,9 +282,10 @@ impl Store {
                 tokio::time::sleep(conflict_backoff(rounds - 2)).await;
             }
             let (found, read) = match now {
-                Some(known) => (self.js.last(subject).await?, Some(known)),
+                Some(known) => (self.stream.js().last(subject).await?, Some(known)),
                 None => {
-                    let (found, read) = futures::join!(self.js.last(subject), self.clock.now());
+                    let (found, read) =
+                        futures::join!(self.stream.js().last(subject), self.clock.now());
                     (found?, read?)
                 }
             };
@@ -352,28 +339,13 @@ impl Store {
     /// The stream is gone: create it again, once per call.
     async fn stream_gone(&self, recreated: &mut bool) -> Result<()> {
         if *recreated {
-            return Err(stream_missing(self.js.stream()));
+            return Err(stream_missing(self.stream.js().stream()));
         }
-        self.recreate().await?;
-        *recreated = true;
-        Ok(())
-    }
-
-    /// Create the claim stream again (somebody deleted it).
-    async fn recreate(&self) -> Result<StreamFacts> {
-        let _creating = self.creating.lock().await;
-        tracing::warn!(
-            stream = self.js.stream(),
-            "nats: claim stream missing; creating it"
-        );
-        let facts = self
-            .js
-            .ensure_stream(self.stream_subjects.clone(), self.configured_max_age)
-            .await?;
-        self.message_ttl.store(facts.message_ttl, Ordering::Relaxed);
+        self.stream.recreate().await?;
         // The records are gone with the old stream.
         self.known().clear();
-        Ok(facts)
+        *recreated = true;
+        Ok(())
     }
 }
 

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::timed_out;
-use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored, StreamFacts};
+use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored};
+use crate::stream::Stream;
 use crate::subject::Subjects;
 use crate::time::{conflict_backoff, nanos};
 
@@ -286,17 +287,9 @@ async fn sweep(
 #[derive(Debug)]
 pub(crate) struct Leases {
     store: Arc<Store>,
+    stream: Stream,
     subjects: Subjects,
-    stream_subjects: Vec<String>,
     op_timeout: Duration,
-    /// The longest TTL accepted.
-    max_ttl: Duration,
-    /// The `max_age` the backend creates the stream with.
-    configured_max_age: Duration,
-    /// The stream keeps per-message TTLs (server 2.11+): records carry one.
-    message_ttl: AtomicBool,
-    /// Held while (re)creating the stream.
-    creating: tokio::sync::Mutex<()>,
     /// Deletes expired records where the server does not (no per-message TTLs).
     sweeper: Sweeper,
 }
@@ -310,8 +303,7 @@ impl Leases {
         max_ttl: Duration,
     ) -> Result<Leases> {
         let stream_subjects = vec![subjects.lease_filter(), subjects.clock()];
-        let facts = js.ensure_stream(stream_subjects.clone(), max_ttl).await?;
-        tracing::debug!(stream = js.stream(), ?facts, "nats: lease stream ready");
+        let stream = Stream::open(js.clone(), stream_subjects, max_ttl).await?;
         let clock = Clock::start(js.clone(), subjects.clock(), op_timeout);
         let store = Arc::new(Store {
             js,
@@ -321,37 +313,33 @@ impl Leases {
         let sweeper = Sweeper::start(store.clone(), op_timeout);
         Ok(Leases {
             store,
+            stream,
             sweeper,
             subjects,
-            stream_subjects,
             op_timeout,
-            max_ttl: max_ttl.min(facts.max_age),
-            configured_max_age: max_ttl,
-            message_ttl: AtomicBool::new(facts.message_ttl),
-            creating: tokio::sync::Mutex::new(()),
         })
     }
 
     /// The longest TTL [`acquire`](Self::acquire) accepts.
     pub(crate) fn max_ttl(&self) -> Duration {
-        self.max_ttl
+        self.stream.max_ttl()
     }
 
     /// Whether records carry a per-message TTL (the server keeps them: 2.11+).
     pub(crate) fn message_ttl(&self) -> bool {
-        self.message_ttl.load(Ordering::Relaxed)
+        self.stream.message_ttl()
     }
 
     pub(crate) async fn acquire(&self, key: &str, request: &LeaseRequest) -> Result<Acquired> {
         let subject = self.subjects.lease(key)?;
         let ttl = Duration::from_millis(request.ttl_millis());
-        if ttl > self.max_ttl {
+        if ttl > self.max_ttl() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
                     "nats: a lease of {ttl:?} is longer than the {:?} this backend keeps \
                      anything (NatsConfig::lease_max_ttl, or the lease stream's max_age)",
-                    self.max_ttl
+                    self.max_ttl()
                 ),
             ));
         }
@@ -531,7 +519,7 @@ impl Leases {
                         return Err(stream_missing(self.store.js.stream()))
                     }
                     Outcome::NoStream => {
-                        self.recreate().await?;
+                        self.stream.recreate().await?;
                         recreated = true;
                     }
                 }
@@ -541,22 +529,6 @@ impl Leases {
             Ok(result) => result,
             Err(_) => Err(timed_out(what, self.op_timeout)),
         }
-    }
-
-    /// Create the lease stream again (somebody deleted it).
-    async fn recreate(&self) -> Result<StreamFacts> {
-        let _creating = self.creating.lock().await;
-        tracing::warn!(
-            stream = self.store.js.stream(),
-            "nats: lease stream missing; creating it"
-        );
-        let facts = self
-            .store
-            .js
-            .ensure_stream(self.stream_subjects.clone(), self.configured_max_age)
-            .await?;
-        self.message_ttl.store(facts.message_ttl, Ordering::Relaxed);
-        Ok(facts)
     }
 
     /// Replace record `expected` of `subject` with `data`, whose longest lease has `longest`
@@ -590,7 +562,7 @@ impl Leases {
                 }
                 Cas::NoStream => Outcome::NoStream,
                 Cas::TtlRefused => {
-                    self.message_ttl.store(false, Ordering::Relaxed);
+                    self.stream.ttl_refused();
                     Outcome::Conflict
                 }
             },

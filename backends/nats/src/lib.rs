@@ -293,6 +293,7 @@ mod conn;
 mod error;
 mod js;
 mod lease;
+mod stream;
 mod sub;
 pub mod subject;
 mod time;
