@@ -233,8 +233,8 @@ pub const RECOVERY: Duration = Duration::from_secs(3);
 
 /// 10,000 tasks at a steady rate (500/s) while the broker goes away for `length`, 5 s into the
 /// run. Every task ends exactly once (a reply or a clear error), none after its deadline, none
-/// runs twice, workers serve new tasks within [`RECOVERY`] of the broker coming back, and no lease is
-/// left once the leases' TTL has passed.
+/// runs twice, workers serve new tasks within [`RECOVERY`] of the broker coming back, and no
+/// lease is left once the leases' TTL has passed.
 async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -348,8 +348,8 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
         );
     }
 
-    // Recovery: new tasks are served within RECOVERY of the broker coming back: the first reply to a
-    // task submitted after the restore, or (when the load ended before it) a probe.
+    // Recovery: new tasks are served within RECOVERY of the broker coming back: the first reply
+    // to a task submitted after the restore, or (when the load ended before it) a probe.
     let probe_from = Instant::now().max(restore_at);
     tokio::time::sleep_until(probe_from).await;
     let recovered = if let Some(first) = first_after_restore {
