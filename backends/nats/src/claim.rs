@@ -107,7 +107,7 @@ impl Claims {
     pub(crate) async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
         let store = &self.store;
         let subject = store.subjects.claim(key)?;
-        let ttl = Duration::from_millis(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let ttl = Duration::from_millis(bgtask_core::broker::ttl_millis(ttl));
         if ttl > store.stream.max_ttl() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,

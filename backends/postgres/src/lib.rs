@@ -479,7 +479,7 @@ fn stored_ttl_millis(millis: u64) -> i64 {
 /// A claim's TTL in whole milliseconds as stored: at least 1, at most [`MAX_TTL_MILLIS`] (like
 /// a lease's).
 fn claim_ttl_millis(ttl: Duration) -> i64 {
-    stored_ttl_millis(LeaseRequest::new(ttl).ttl_millis())
+    stored_ttl_millis(bgtask_core::broker::ttl_millis(ttl))
 }
 
 /// Delete expired rows every `interval` (with a little jitter, so brokers started together

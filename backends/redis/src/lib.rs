@@ -381,9 +381,7 @@ impl Broker for RedisBroker {
     async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.check_open("claim")?;
         let key = lease::claim_key(key);
-        let millis = u64::try_from(ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .clamp(1, lease::MAX_TTL_MILLIS);
+        let millis = bgtask_core::broker::ttl_millis(ttl).min(lease::MAX_TTL_MILLIS);
         self.inner
             .commands
             .run("claim", |mut conn| async move {

@@ -226,12 +226,16 @@ impl LeaseRequest {
         self
     }
 
-    /// The TTL in whole milliseconds, at least 1.
+    /// The TTL in whole milliseconds, at least 1 (see [`ttl_millis`]).
     pub fn ttl_millis(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
+        ttl_millis(self.ttl)
     }
+}
+
+/// A lease or claim TTL in whole milliseconds, at least 1 (saturating): the unit every backend
+/// stores TTLs in.
+pub fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// The identity of one lease, unique per key.

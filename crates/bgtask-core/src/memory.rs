@@ -275,7 +275,7 @@ impl Broker for MemoryBroker {
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
         let now = Instant::now();
-        let expires = expiry(now, LeaseRequest::new(ttl).ttl_millis());
+        let expires = expiry(now, crate::broker::ttl_millis(ttl));
         let mut state = self.state();
         state.expire_claims(now);
         if state.claims.get(key).is_some_and(|held| *held > now) {
