@@ -7,6 +7,7 @@ use std::time::Duration;
 use bgtask_core::{Client, ClientConfig, DynBroker, Incoming, Subscription, Worker, WorkerConfig};
 use bytes::Bytes;
 use futures::StreamExt;
+use serde_json::Value;
 
 use crate::proxy::FaultProxy;
 use crate::BrokerFactory;
@@ -207,5 +208,92 @@ pub async fn expect_message(subscription: &mut Subscription) -> Bytes {
 pub async fn expect_silence(subscription: &mut Subscription, wait: Duration) {
     if let Ok(item) = tokio::time::timeout(wait, subscription.next()).await {
         panic!("unexpected {item:?}");
+    }
+}
+
+/// A worker spoken by hand on the wire: it announces its presence for some task names and hands
+/// the raw offers it receives to the scenario, which answers them (or not) itself. It stands for
+/// a worker that crashed or was cut off after it announced itself, or for a hostile one.
+pub struct RawWorker {
+    /// Its id.
+    pub id: String,
+    /// Its offers channel, subscribed.
+    pub offers: Subscription,
+    broker: DynBroker,
+    namespace: bgtask_core::Namespace,
+    record: Value,
+}
+
+impl RawWorker {
+    /// Announce a worker of `tasks` with concurrency `concurrency` whose presence lasts `ttl`
+    /// (one join, never renewed).
+    pub async fn announce(h: &Harness, tasks: &[&str], concurrency: u64, ttl: Duration) -> Self {
+        let broker = h.broker().await;
+        let namespace = bgtask_core::Namespace::new(h.namespace()).expect("namespace");
+        let id = bgtask_core::names::random_id();
+        let offers = broker
+            .subscribe(&namespace.worker_channel(&id))
+            .await
+            .expect("subscribe the raw worker's offers");
+        let record = serde_json::json!({
+            "id": id, "host": "raw", "pid": 1, "tasks": tasks, "targets": [],
+            "concurrency": concurrency, "in_flight": 0, "level": "v1",
+            "ttl_ms": ttl.as_millis() as u64, "started_ms": 0,
+        });
+        let raw = RawWorker {
+            id,
+            offers,
+            broker,
+            namespace,
+            record,
+        };
+        raw.presence("join").await;
+        raw
+    }
+
+    /// Announce `event` (`join`, `beat`, `leave`) with this worker's record, and hold a
+    /// presence lease for a join or beat.
+    pub async fn presence(&self, event: &str) {
+        let ttl = Duration::from_millis(self.record["ttl_ms"].as_u64().unwrap_or(1000));
+        if event != "leave" {
+            let request = bgtask_core::LeaseRequest::new(ttl).note(self.record.to_string());
+            self.broker
+                .acquire(&self.namespace.workers_key(), request)
+                .await
+                .expect("presence lease");
+        }
+        let message = serde_json::json!({
+            "v": 1, "kind": "presence", "id": self.id, "reason": event, "body": self.record,
+        });
+        self.broker
+            .publish(
+                &self.namespace.presence_channel(),
+                Bytes::from(message.to_string()),
+            )
+            .await
+            .expect("announce");
+    }
+
+    /// The next offer received within `wait`, as JSON.
+    pub async fn next_offer(&mut self, wait: Duration) -> Option<Value> {
+        let bytes = next_message(&mut self.offers, wait).await?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Send `message` (a JSON object without `v`, `id`, `worker`) about `offer` to its creator.
+    pub async fn answer(&self, offer: &Value, kind: &str, extra: Value) {
+        let mut message = serde_json::json!({
+            "v": 1, "kind": kind, "id": offer["id"], "worker": self.id,
+        });
+        if let (Some(m), Some(e)) = (message.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        self.broker
+            .publish(
+                offer["reply_to"].as_str().expect("reply_to"),
+                Bytes::from(message.to_string()),
+            )
+            .await
+            .expect("answer an offer");
     }
 }

@@ -25,7 +25,8 @@ use async_trait::async_trait;
 use bgtask_core::{DynBroker, Result};
 
 pub use harness::{
-    expect_message, expect_next, expect_silence, next_message, run, Harness, WorkerGuard, ARRIVES,
+    expect_message, expect_next, expect_silence, next_message, run, Harness, RawWorker,
+    WorkerGuard, ARRIVES,
 };
 
 /// How the suite gets brokers of the backend under test. A backend writes one of these.
@@ -136,6 +137,16 @@ macro_rules! for_each_scenario {
             protocol::huge_timeouts_are_capped,
             protocol::events_report_the_task_lifecycle,
             protocol::hostile_task_names_reach_only_their_workers,
+            offers::an_offer_reaches_one_worker_only,
+            offers::a_decline_goes_to_the_next_worker,
+            offers::an_unanswered_offer_is_offered_again,
+            offers::all_declines_are_a_clear_error,
+            offers::presence_expires_after_a_crash,
+            offers::a_joining_worker_gets_offers_within_a_second,
+            offers::tasks_spread_evenly,
+            offers::full_workers_hold_tasks_back,
+            offers::presence_lists_workers_and_targets,
+            offers::hostile_presence_and_answers_are_ignored,
             faults::refused_connection_is_unavailable,
             faults::calls_are_bounded_in_a_black_hole,
             faults::every_call_is_bounded_while_cut_and_recovers,

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod faults;
+pub mod offers;
 pub mod protocol;
 
 /// Names that trip naive mappings: NATS wildcards and token separators, reserved prefixes,

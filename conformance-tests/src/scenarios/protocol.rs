@@ -126,16 +126,23 @@ pub async fn worker_sees_metadata_and_key_before_accepting(h: Harness) {
     );
 }
 
-/// Of many workers that try to accept one task, exactly one wins.
+/// A task published on its task name's channel (as creators that send no directed offers do)
+/// reaches every worker; of the many that try to accept it, exactly one wins.
 pub async fn first_accept_wins(h: Harness) {
     let mut workers = Vec::new();
     for _ in 0..5 {
         workers.push(h.worker(h.worker_config(&["race"])).await);
     }
-    let client = h.client().await;
+    let creator = h.broker().await;
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
     for round in 0..5 {
-        let _handle = client
-            .submit("race", &json!({"round": round}))
+        let task = json!({
+            "v": 1, "kind": "task", "id": bgtask_core::names::random_id(), "task": "race",
+            "reply_to": ns.reply_channel(&bgtask_core::names::random_id()), "timeout_ms": 5000,
+            "body": {"round": round},
+        });
+        creator
+            .publish(&ns.task_channel("race"), Bytes::from(task.to_string()))
             .await
             .unwrap();
         let mut tasks = Vec::new();
@@ -715,24 +722,22 @@ pub async fn one_mib_task_and_reply(h: Harness) {
     assert!(reply.json() == payload, "payload changed");
 }
 
-/// With nobody listening, a broker that counts receivers fails the submit at once; one that
-/// cannot (declared) times out.
+/// With no live worker of the task name (known from presence, on every backend), the submit
+/// fails at once with `NoWorker`, for tasks, targets and broadcasts alike.
 pub async fn no_worker_fails_fast(h: Harness) {
+    let _other = h.worker(h.worker_config(&["somebody"])).await;
     let client = h.client().await;
-    let counts = h.broker().await.capabilities().receiver_counts;
     let started = Instant::now();
-    let options = SubmitOptions::new().timeout(Duration::from_millis(500));
-    let result = client.submit_with("nobody", &json!({}), options).await;
-    let err = match result {
-        Err(e) => e,
-        Ok(handle) => handle.reply().await.unwrap_err(),
-    };
-    if counts {
-        assert_eq!(err.kind(), ErrorKind::NoWorker);
-        assert!(started.elapsed() < Duration::from_millis(450));
-    } else {
-        assert_eq!(err.kind(), ErrorKind::TimedOut);
-    }
+    let options = || SubmitOptions::new().timeout(Duration::from_millis(500));
+    let task = client.submit_with("nobody", &json!({}), options()).await;
+    assert_eq!(task.unwrap_err().kind(), ErrorKind::NoWorker);
+    let targeted = client
+        .submit_with("somebody", &json!({}), options().target("nowhere"))
+        .await;
+    assert_eq!(targeted.unwrap_err().kind(), ErrorKind::NoWorker);
+    let broadcast = client.broadcast("nobody", &json!({}), options()).await;
+    assert_eq!(broadcast.unwrap_err().kind(), ErrorKind::NoWorker);
+    assert!(started.elapsed() < Duration::from_millis(450));
 }
 
 /// A task sent to a target reaches only workers that listen to that target.
@@ -853,6 +858,7 @@ pub async fn client_shutdown_ends_pending_tasks(h: Harness) {
 /// counted and dropped; workers and creators keep serving.
 pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
     let worker = h.worker(h.worker_config(&["echo"])).await;
+    let worker_id = worker.id().to_owned();
     let mut events = worker.events();
     let guard = WorkerGuard::spawn(worker, 4, |task| async move { Ok(task.json()) });
     let client = h.client().await;
@@ -869,7 +875,11 @@ pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
         b"{\"v\":1,\"kind\":\"done\",\"id\":\"not-a-task\",\"worker\":\"w\",\"status\":\"success\",\"body\":1}",
     );
     // Another creator's reply channel cannot be known, but if it were, forged ids go nowhere.
-    let channels = [ns.task_channel("echo"), ns.cancel_channel()];
+    let channels = [
+        ns.task_channel("echo"),
+        ns.worker_channel(worker_id.as_str()),
+        ns.cancel_channel(),
+    ];
     for channel in &channels {
         for bytes in &garbage {
             attacker.publish(channel, bytes.clone()).await.unwrap();
@@ -915,12 +925,9 @@ pub async fn malformed_messages_do_not_stop_anyone(h: Harness) {
 
 /// The reply channel of `client`, learnt the way a worker learns it: from a task it receives.
 async fn find_reply_channel(h: &Harness, client: &bgtask_core::Client) -> String {
-    let broker = h.broker().await;
-    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
-    let mut sub = broker.subscribe(&ns.task_channel("spy")).await.unwrap();
+    let mut spy = crate::RawWorker::announce(h, &["spy"], 1, Duration::from_secs(5)).await;
     let _handle = client.submit("spy", &json!({})).await.unwrap();
-    let bytes = crate::harness::next_message(&mut sub, WAIT).await.unwrap();
-    let message: Value = serde_json::from_slice(&bytes).unwrap();
+    let message: Value = spy.next_offer(WAIT).await.unwrap();
     message["reply_to"].as_str().unwrap().to_owned()
 }
 
@@ -1079,10 +1086,9 @@ pub async fn hostile_task_names_reach_only_their_workers(h: Harness) {
 }
 
 /// When the creator stops waiting (timeout), the worker running the task is told, so it can
-/// stop; a worker that has not accepted it yet no longer can.
+/// stop; and the creator holds the task's claim, so no worker can accept it any more.
 pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
     let mut worker = h.worker(h.worker_config(&["slow"])).await;
-    let mut other = h.worker(h.worker_config(&["slow"])).await;
     let client = h.client().await;
     let options = SubmitOptions::new().timeout(Duration::from_millis(300));
     let handle = client
@@ -1096,7 +1102,7 @@ pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
         .await
         .unwrap()
         .unwrap();
-    let late = next_task(&mut other, WAIT).await.unwrap();
+    let id = handle.id().to_owned();
     assert_eq!(
         handle.reply().await.unwrap_err().kind(),
         ErrorKind::TimedOut
@@ -1104,7 +1110,14 @@ pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
     tokio::time::timeout(WAIT, running.cancelled())
         .await
         .expect("the running worker was told the creator gave up");
-    assert!(late.accept().await.unwrap().is_none());
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
+    let claimed = h
+        .broker()
+        .await
+        .claim(&ns.claim_key(&id), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(!claimed, "the task's claim is held: no late accept can win");
 }
 
 /// Extreme timeouts neither panic nor overflow: they are cut to 30 days.

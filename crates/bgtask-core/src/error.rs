@@ -99,6 +99,11 @@ pub enum ErrorDetail {
         /// Time until the blacklisting ends on its own.
         remaining: Duration,
     },
+    /// Every live worker of the task's route declined the task's offer or did not answer.
+    Declined {
+        /// How many workers it was offered to.
+        workers: usize,
+    },
     /// How many tasks of that key value are in flight, and the limit.
     Limit {
         /// Live leases on the key value.

@@ -145,6 +145,22 @@ impl Namespace {
         concat(&[&self.0, ":", PROTOCOL_LEVEL, ":cancel"])
     }
 
+    /// One worker's own channel: directed offers for that worker only.
+    pub fn worker_channel(&self, worker_id: &str) -> String {
+        self.name("worker", worker_id)
+    }
+
+    /// The namespace's presence channel: workers announce joins, heartbeats and leaves there;
+    /// creators listen.
+    pub fn presence_channel(&self) -> String {
+        concat(&[&self.0, ":", PROTOCOL_LEVEL, ":presence"])
+    }
+
+    /// The namespace's presence key: one lease per live worker, its note the worker's record.
+    pub fn workers_key(&self) -> String {
+        concat(&[&self.0, ":", PROTOCOL_LEVEL, ":workers"])
+    }
+
     /// The first-accept-wins claim of one task.
     pub fn claim_key(&self, task_id: &str) -> String {
         self.name("claim", task_id)
@@ -240,6 +256,9 @@ mod tests {
         assert_eq!(ns.target_channel("w1"), "app:v1:target:w1");
         assert_eq!(ns.reply_channel("c1"), "app:v1:reply:c1");
         assert_eq!(ns.cancel_channel(), "app:v1:cancel");
+        assert_eq!(ns.worker_channel("w1"), "app:v1:worker:w1");
+        assert_eq!(ns.presence_channel(), "app:v1:presence");
+        assert_eq!(ns.workers_key(), "app:v1:workers");
         assert_eq!(ns.claim_key("id"), "app:v1:claim:id");
         assert_eq!(ns.limit_key("echo", "u"), "app:v1:limit:4:echo:u");
         assert_eq!(ns.failures_key("echo", "u"), "app:v1:failures:4:echo:u");

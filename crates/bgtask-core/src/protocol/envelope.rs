@@ -57,6 +57,12 @@ pub(crate) enum Kind {
     Done,
     /// The creator cancelled the task or stopped waiting for it, on the cancel channel.
     Cancel,
+    /// A worker took a directed offer, on the creator's reply channel.
+    Accepted,
+    /// A worker turned a directed offer down, with a reason, on the creator's reply channel.
+    Declined,
+    /// A worker joined, is alive (heartbeat), or left, on the namespace's presence channel.
+    Presence,
 }
 
 /// One wire message. Fields a kind does not use are absent on the wire.
@@ -107,6 +113,27 @@ pub(crate) struct Message<'a> {
     pub(crate) worker: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) status: Option<Status>,
+    /// On a directed offer (a task sent to one worker's channel): how long the creator waits
+    /// for an answer (`accepted`, `declined`, `progress` or `done`) before it offers the task to
+    /// another worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) offer_ms: Option<u64>,
+    /// On a directed offer sent for a target: the target it was sent for.
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
+    pub(crate) target: Option<Cow<'a, str>>,
+    /// Why a worker declined (`declined`), or what happened (`presence`: join, beat, leave).
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
+    pub(crate) reason: Option<Cow<'a, str>>,
     /// The task's payload, a progress value or a reply. JSON `null` is a value here, not an
     /// absent field. Always the last field, so [`Message::encode_with_body`] can append it.
     #[serde(
@@ -194,6 +221,9 @@ impl<'a> Message<'a> {
             meta: None,
             worker: None,
             status: None,
+            offer_ms: None,
+            target: None,
+            reason: None,
             body: None,
         }
     }
@@ -248,6 +278,9 @@ impl<'a> Message<'a> {
             Kind::Progress => b",\"kind\":\"progress\"",
             Kind::Done => b",\"kind\":\"done\"",
             Kind::Cancel => b",\"kind\":\"cancel\"",
+            Kind::Accepted => b",\"kind\":\"accepted\"",
+            Kind::Declined => b",\"kind\":\"declined\"",
+            Kind::Presence => b",\"kind\":\"presence\"",
         });
         string(out, ",\"id\":", &self.id);
         if let Some(task) = &self.task {
@@ -277,6 +310,15 @@ impl<'a> Message<'a> {
         }
         if let Some(status) = self.status {
             string(out, ",\"status\":", status.as_str());
+        }
+        if let Some(offer_ms) = self.offer_ms {
+            number(out, ",\"offer_ms\":", offer_ms);
+        }
+        if let Some(target) = &self.target {
+            string(out, ",\"target\":", target);
+        }
+        if let Some(reason) = &self.reason {
+            string(out, ",\"reason\":", reason);
         }
     }
 
@@ -319,6 +361,25 @@ impl<'a> Message<'a> {
                 }
             }
             Kind::Cancel => None,
+            Kind::Accepted => msg.worker.is_none().then_some("worker"),
+            Kind::Declined => {
+                if msg.worker.is_none() {
+                    Some("worker")
+                } else if msg.reason.is_none() {
+                    Some("reason")
+                } else {
+                    None
+                }
+            }
+            Kind::Presence => {
+                if msg.reason.is_none() {
+                    Some("reason")
+                } else if msg.body.is_none() {
+                    Some("body")
+                } else {
+                    None
+                }
+            }
         };
         match missing {
             Some(field) => Err(Error::protocol(format!(
@@ -371,10 +432,21 @@ mod tests {
         full.meta = Some(&meta);
         full.worker = Some("w".into());
         full.status = Some(Status::Error);
+        full.offer_ms = Some(250);
+        full.target = Some("gpu".into());
+        full.reason = Some("busy".into());
         full.body = Some(&body);
         let mut empty = Message::new(Kind::Cancel, "x");
         empty.status = Some(Status::Success);
-        for kind in [Kind::Task, Kind::Progress, Kind::Done, Kind::Cancel] {
+        for kind in [
+            Kind::Task,
+            Kind::Progress,
+            Kind::Done,
+            Kind::Cancel,
+            Kind::Accepted,
+            Kind::Declined,
+            Kind::Presence,
+        ] {
             for message in [&mut full, &mut empty] {
                 message.kind = kind;
                 let derived = serde_json::to_vec(&*message).unwrap();
@@ -411,6 +483,9 @@ mod tests {
             b"{\"v\":1,\"kind\":\"task\",\"id\":\"x\"}",
             b"{\"v\":1,\"kind\":\"nope\",\"id\":\"x\"}",
             b"{\"v\":1,\"kind\":\"cancel\",\"id\":\"\"}",
+            b"{\"v\":1,\"kind\":\"declined\",\"id\":\"x\",\"worker\":\"w\"}",
+            b"{\"v\":1,\"kind\":\"accepted\",\"id\":\"x\"}",
+            b"{\"v\":1,\"kind\":\"presence\",\"id\":\"x\",\"reason\":\"join\"}",
         ] {
             let err = Message::decode(bad).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Protocol, "{bad:?}");

@@ -3,7 +3,9 @@
 
 mod blacklist;
 mod client;
+mod due;
 mod envelope;
+mod presence;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +21,10 @@ pub use client::{
     DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 pub use envelope::{Status, WIRE_VERSION};
+pub use presence::{list_workers, WorkerRecord};
 pub use worker::{
-    AvailableTask, HandlerResult, RunningTask, ShutdownHandle, TaskContext, TaskFailure, Worker,
-    WorkerConfig, WorkerEvent, WorkerStats,
+    AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,
+    Worker, WorkerConfig, WorkerEvent, WorkerStats,
 };
 
 use crate::error::{Error, Result};
@@ -243,6 +246,11 @@ impl Counter {
     }
 }
 
+/// A duration in whole milliseconds, saturating (never truncating) at `u64::MAX`.
+pub(crate) fn duration_millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Serde for durations as whole milliseconds (configuration files).
 pub(crate) mod duration_ms {
     use std::time::Duration;
@@ -250,7 +258,7 @@ pub(crate) mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
+        s.serialize_u64(super::duration_millis(*d))
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -4,26 +4,30 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use futures::stream::{SelectAll, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::blacklist::{Blacklist, BlacklistConfig};
 use super::client::check_payload_size;
+use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
+use super::presence::{Announcer, Event, WorkerRecord};
 use super::{decode_raw, duration_ms, Counter};
 use crate::broker::{DynBroker, Incoming, Subscription};
 use crate::error::{Error, ErrorKind, Result};
-use crate::names::{random_id, validate_name, Namespace};
+use crate::names::{random_id, validate_name, Namespace, PROTOCOL_LEVEL};
 
 /// Settings of a [`Worker`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +51,18 @@ pub struct WorkerConfig {
     /// Default 10 s.
     #[serde(rename = "shutdown_grace_ms", with = "duration_ms")]
     pub shutdown_grace: Duration,
+    /// How often the worker renews its presence (see `docs/protocol.md`, "Presence").
+    /// Default 1 s.
+    #[serde(rename = "heartbeat_ms", with = "duration_ms")]
+    pub heartbeat: Duration,
+    /// How long one presence announcement holds: a worker that stops announcing (a crash)
+    /// leaves every creator's view within this. Default 3 s; at least twice `heartbeat`.
+    #[serde(rename = "presence_ttl_ms", with = "duration_ms")]
+    pub presence_ttl: Duration,
+    /// The concurrency an event-style worker announces (creators then hold tasks back when it
+    /// is full). [`Worker::run`] announces its own. Default none: the worker states no bound
+    /// and decides itself, offer by offer.
+    pub concurrency: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +75,9 @@ impl Default for WorkerConfig {
             blacklist: BlacklistConfig::default(),
             claim_margin: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            presence_ttl: Duration::from_secs(3),
+            concurrency: None,
         }
     }
 }
@@ -109,6 +128,9 @@ pub struct WorkerStats {
     pub lost: u64,
     /// Tasks completed (any status).
     pub completed: u64,
+    /// Directed offers this worker declined (busy, ignored, lost to another worker, or at
+    /// shutdown).
+    pub declined: u64,
     /// Messages that could not be understood.
     pub malformed: u64,
     /// Times a subscription said messages may have been missed.
@@ -121,6 +143,7 @@ struct Counters {
     accepted: Counter,
     lost: Counter,
     completed: Counter,
+    declined: Counter,
     malformed: Counter,
     gaps: Counter,
 }
@@ -138,15 +161,78 @@ struct Inner {
     /// Cancelled when the worker is dropped: ends the control loop.
     dropped: CancellationToken,
     blacklist: Blacklist,
+    announcer: Announcer,
+    host: String,
+    started_ms: u64,
+    /// The concurrency announced (0: none stated).
+    concurrency: AtomicUsize,
+    /// An offer was declined as busy since the last announcement: announce when a slot frees.
+    declined_busy: AtomicBool,
+    /// Wakes the heartbeat for an announcement now.
+    beat_now: Arc<Notify>,
+    /// Acceptance notices of directed offers that are still running at half their offer time.
+    notices: DueQueue<Weak<Shared>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.dropped.cancel();
+        if let Some((broker, key, lease)) = self.announcer.take_lease() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = broker.release(&key, &lease).await;
+                });
+            }
+        }
     }
 }
 
 impl Inner {
+    /// This worker's presence record as of now.
+    fn record(&self) -> WorkerRecord {
+        let concurrency = self.concurrency.load(Ordering::Relaxed);
+        WorkerRecord {
+            id: self.worker_id.clone(),
+            host: self.host.clone(),
+            pid: std::process::id(),
+            tasks: self.config.tasks.clone(),
+            targets: self.config.targets.clone(),
+            concurrency: (concurrency > 0).then_some(concurrency as u64),
+            in_flight: self.running().len() as u64,
+            level: PROTOCOL_LEVEL.to_owned(),
+            ttl_ms: super::duration_millis(self.config.presence_ttl),
+            started_ms: self.started_ms,
+        }
+    }
+
+    /// Tell the creator that this worker turns the offer of task `id` down.
+    fn decline(self: &Arc<Self>, id: &str, reply_to: &str, reason: &'static str) {
+        self.counters.declined.incr();
+        if reason == "busy" {
+            self.declined_busy.store(true, Ordering::Relaxed);
+        }
+        let mut message = Message::new(Kind::Declined, id);
+        message.worker = Some(Cow::Borrowed(self.worker_id.as_str()));
+        message.reason = Some(Cow::Borrowed(reason));
+        let bytes = message.encode();
+        let (broker, reply_to) = (self.broker.clone(), reply_to.to_owned());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = broker.publish(&reply_to, bytes).await {
+                    tracing::debug!(%error, "could not send a decline; the creator's offer times out");
+                }
+            });
+        }
+    }
+
+    /// A slot freed: if offers were declined as busy since the last announcement, announce
+    /// now, so creators holding tasks back offer them again.
+    fn slot_freed(&self) {
+        if self.declined_busy.swap(false, Ordering::Relaxed) {
+            self.beat_now.notify_one();
+        }
+    }
+
     fn running(&self) -> MutexGuard<'_, HashMap<String, CancellationToken>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -218,18 +304,46 @@ impl Worker {
         for target in &config.targets {
             validate_name("target", target)?;
         }
+        if config.heartbeat.is_zero() || config.presence_ttl < config.heartbeat * 2 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "heartbeat must be at least 1 ms and presence_ttl at least twice the heartbeat",
+            ));
+        }
         let worker_id = random_id();
         let control = broker.subscribe(&namespace.cancel_channel()).await?;
         let mut tasks = SelectAll::new();
+        // Offers first: the worker is announced only once its offers reach it.
+        tasks.push(
+            broker
+                .subscribe(&namespace.worker_channel(&worker_id))
+                .await?,
+        );
         for task in &config.tasks {
             tasks.push(broker.subscribe(&namespace.task_channel(task)).await?);
         }
         for target in &config.targets {
             tasks.push(broker.subscribe(&namespace.target_channel(target)).await?);
         }
+        let dropped = CancellationToken::new();
+        let notices = DueQueue::spawn(dropped.clone(), |shared: Weak<Shared>| {
+            if let Some(shared) = shared.upgrade() {
+                shared.notify_accepted();
+            }
+        });
         let inner = Arc::new(Inner {
             blacklist: Blacklist::new(broker.clone(), namespace.clone(), config.blacklist.clone()),
             reply_prefix: namespace.reply_channel(""),
+            announcer: Announcer::new(broker.clone(), &namespace, config.presence_ttl),
+            host: host_name(),
+            started_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            concurrency: AtomicUsize::new(config.concurrency.unwrap_or(0)),
+            declined_busy: AtomicBool::new(false),
+            beat_now: Arc::new(Notify::new()),
+            notices,
             broker,
             namespace,
             config,
@@ -238,12 +352,22 @@ impl Worker {
             counters: Counters::default(),
             events: broadcast::channel(1024).0,
             shutdown: CancellationToken::new(),
-            dropped: CancellationToken::new(),
+            dropped,
         });
+        inner
+            .announcer
+            .announce(Event::Join, &inner.record())
+            .await?;
         tokio::spawn(control_loop(
             Arc::downgrade(&inner),
             inner.dropped.clone(),
             control,
+        ));
+        tokio::spawn(heartbeat(
+            Arc::downgrade(&inner),
+            inner.dropped.clone(),
+            inner.shutdown.clone(),
+            inner.beat_now.clone(),
         ));
         Ok(Worker { inner, tasks })
     }
@@ -271,6 +395,7 @@ impl Worker {
             accepted: c.accepted.get(),
             lost: c.lost.get(),
             completed: c.completed.get(),
+            declined: c.declined.get(),
             malformed: c.malformed.get(),
             gaps: c.gaps.get(),
         }
@@ -336,69 +461,114 @@ impl Worker {
             )));
         }
         let timeout = Duration::from_millis(timeout_ms.min(u64::from(u32::MAX)));
+        let offer = message
+            .offer_ms
+            .map(|ms| Duration::from_millis(ms.min(u64::from(u32::MAX))));
+        let shared = Arc::new(Shared {
+            worker: self.inner.clone(),
+            id: message.id.into_owned(),
+            task: task.into_owned(),
+            reply_to: reply_to.into_owned(),
+            deadline: received + timeout,
+            broadcast: message.broadcast,
+            key: message.key.map(Cow::into_owned),
+            meta: message.meta.map(ToOwned::to_owned),
+            body: body.to_owned(),
+            cancel: CancellationToken::new(),
+            offer: offer.map(|o| received + o / 2),
+            answered: AtomicBool::new(false),
+        });
+        let config = &self.inner.config;
+        let serves = match &message.target {
+            Some(target) => config.targets.iter().any(|t| t == target),
+            None => config.tasks.iter().any(|t| *t == shared.task),
+        };
+        if offer.is_some() && !serves {
+            // An offer for something this worker does not serve: say so, so the creator moves on.
+            self.inner.decline(&shared.id, &shared.reply_to, "unknown");
+            return Err(Error::protocol(format!(
+                "an offer of {:?}, which this worker does not serve",
+                shared.task
+            )));
+        }
         Ok(AvailableTask {
-            context: TaskContext {
-                shared: Arc::new(Shared {
-                    worker: self.inner.clone(),
-                    id: message.id.into_owned(),
-                    task: task.into_owned(),
-                    reply_to: reply_to.into_owned(),
-                    deadline: received + timeout,
-                    broadcast: message.broadcast,
-                    key: message.key.map(Cow::into_owned),
-                    meta: message.meta.map(ToOwned::to_owned),
-                    body: body.to_owned(),
-                    cancel: CancellationToken::new(),
-                }),
-            },
+            context: TaskContext { shared },
+            settled: false,
         })
     }
 
     /// Serve tasks with `handler`, at most `concurrency` at a time, until shut down. Every task
-    /// seen is accepted while there is capacity; the handler's result completes it.
+    /// offered is accepted while there is capacity and declined (`busy`) when there is none, so
+    /// creators offer it to another worker; broadcast tasks wait for a free slot. The handler's
+    /// result completes the task.
     ///
     /// At shutdown: stop taking tasks, wait up to `shutdown_grace` for running ones, then cancel
     /// them; a task whose handler never returns is completed as `Failed`. A handler that panics
     /// completes its task as `Failed` and the worker goes on.
-    pub async fn run<F, Fut>(mut self, concurrency: usize, handler: F) -> Result<()>
+    pub async fn run<F, Fut>(self, concurrency: usize, handler: F) -> Result<()>
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
+        self.serve(concurrency, handler).await
+    }
+
+    /// [`run`](Self::run) with a handler of any [`Outcome`]: a [`HandlerResult`], or a
+    /// `(Status, reply)` pair whose reply is any `Serialize` type (raw JSON passes through
+    /// byte for byte).
+    pub async fn serve<F, Fut, O>(mut self, concurrency: usize, handler: F) -> Result<()>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = O> + Send + 'static,
+        O: Outcome,
+    {
+        let concurrency = concurrency.max(1);
+        self.inner.concurrency.store(concurrency, Ordering::Relaxed);
+        self.inner.beat_now.notify_one();
         let handler = Arc::new(handler);
-        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(concurrency));
+        // Tasks taken and whose handler has not returned; offers past `concurrency` are declined.
+        let taken = Arc::new(AtomicUsize::new(0));
         let mut running = JoinSet::new();
-        loop {
+        while let Some(mut task) = self.next_task().await {
             while let Some(joined) = running.try_join_next() {
                 log_join(joined);
             }
-            let permit = tokio::select! {
-                _ = self.inner.shutdown.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let Some(task) = self.next_task().await else {
-                break;
-            };
-            let handler = handler.clone();
+            if task.is_offer() && taken.load(Ordering::Relaxed) >= concurrency {
+                task.settle("busy");
+                continue;
+            }
+            taken.fetch_add(1, Ordering::Relaxed);
+            let slot = Taken(taken.clone(), self.inner.clone());
+            let (handler, permits) = (handler.clone(), permits.clone());
             running.spawn(async move {
-                let _permit = permit;
-                match task.accept().await {
-                    Ok(Some(task)) => {
-                        let result = handler(task.context()).await;
-                        if let Err(error) = task.finish(result).await {
-                            tracing::warn!(%error, "could not complete a task");
-                        }
+                let _slot = slot;
+                // Offers are accepted before waiting, so the creator's offer is answered.
+                let task = match task.accept().await {
+                    Ok(Some(task)) => task,
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not accept a task");
+                        return;
                     }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "could not accept a task"),
+                };
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                let outcome = handler(task.context()).await;
+                drop(_slot);
+                if let Err(error) = outcome.complete(task).await {
+                    tracing::warn!(%error, "could not complete a task");
                 }
             });
         }
-        // Stop receiving tasks, then drain.
+        // Stop receiving tasks, say so, then drain.
         self.tasks = SelectAll::new();
+        let record = self.inner.record();
+        let leave = self.inner.announcer.announce(Event::Leave, &record);
+        if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(1), leave).await {
+            tracing::debug!(%error, "could not announce the worker's leave; its presence expires");
+        }
         let grace = self.inner.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while let Some(joined) = running.join_next().await {
@@ -425,6 +595,69 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// One task taken by [`Worker::serve`]: gives its place back when its handler returns.
+struct Taken(Arc<AtomicUsize>, Arc<Inner>);
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.slot_freed();
+    }
+}
+
+/// How a [`Worker::serve`] handler's result completes its task.
+pub trait Outcome: Send + 'static {
+    /// Complete `task` with this outcome.
+    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>>;
+}
+
+impl Outcome for HandlerResult {
+    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>> {
+        Box::pin(task.finish(self))
+    }
+}
+
+impl<R: Serialize + Send + Sync + 'static> Outcome for (Status, R) {
+    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move { task.complete(self.0, &self.1).await })
+    }
+}
+
+/// Renew the worker's presence every `heartbeat`, or at once when asked, until it is dropped
+/// or shut down.
+async fn heartbeat(
+    inner: Weak<Inner>,
+    dropped: CancellationToken,
+    shutdown: CancellationToken,
+    beat_now: Arc<Notify>,
+) {
+    let Some(interval) = inner.upgrade().map(|i| i.config.heartbeat) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = dropped.cancelled() => return,
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = beat_now.notified() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(error) = inner.announcer.announce(Event::Beat, &inner.record()).await {
+            tracing::debug!(%error, "could not renew the worker's presence");
+        }
+    }
+}
+
+/// This machine's host name, for the presence record.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
@@ -505,6 +738,32 @@ struct Shared {
     meta: Option<Box<RawValue>>,
     body: Box<RawValue>,
     cancel: CancellationToken,
+    /// A directed offer: when to tell the creator it was accepted if it is still running.
+    offer: Option<Instant>,
+    /// The creator has heard from this worker about the task (accepted, progress or done).
+    answered: AtomicBool,
+}
+
+impl Shared {
+    /// Tell the creator of a directed offer that this worker runs it, unless it has heard
+    /// already (progress or done count as the answer).
+    fn notify_accepted(self: Arc<Self>) {
+        if self.answered.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut message = Message::new(Kind::Accepted, self.id.as_str());
+            message.worker = Some(Cow::Borrowed(self.worker.worker_id.as_str()));
+            if let Err(error) = self
+                .worker
+                .broker
+                .publish(&self.reply_to, message.encode())
+                .await
+            {
+                tracing::debug!(%error, "could not send an acceptance");
+            }
+        });
+    }
 }
 
 /// A task's data as a worker sees it: shared by [`AvailableTask`], [`RunningTask`] and
@@ -586,6 +845,7 @@ impl TaskContext {
     /// Send a progress value to the creator.
     pub async fn progress<T: Serialize + ?Sized>(&self, progress: &T) -> Result<()> {
         let shared = &self.shared;
+        shared.answered.store(true, Ordering::Relaxed);
         let mut message = Message::new(Kind::Progress, shared.id.as_str());
         message.worker = Some(Cow::Borrowed(shared.worker.worker_id.as_str()));
         shared
@@ -610,9 +870,18 @@ impl TaskContext {
     }
 }
 
-/// A task seen on a worker's channel, not yet accepted. Ignoring it is dropping it.
+/// A task seen on a worker's channel, not yet accepted. Ignoring it is dropping it: a directed
+/// offer is then declined at once, so its creator offers it to another worker.
 pub struct AvailableTask {
     context: TaskContext,
+    /// Accepted or declined already: nothing to send on drop.
+    settled: bool,
+}
+
+impl Drop for AvailableTask {
+    fn drop(&mut self) {
+        self.settle("ignored");
+    }
 }
 
 impl std::fmt::Debug for AvailableTask {
@@ -633,19 +902,47 @@ impl Deref for AvailableTask {
 }
 
 impl AvailableTask {
+    /// Whether this is a directed offer (sent to this worker only, which owes its creator an
+    /// answer), as opposed to a broadcast or a task of a creator that sends no offers.
+    pub fn is_offer(&self) -> bool {
+        self.context.shared.offer.is_some()
+    }
+
+    /// Turn the task down: a directed offer's creator is told at once and offers it to another
+    /// worker. (Dropping the task does the same.)
+    pub fn decline(mut self) {
+        self.settle("declined");
+    }
+
+    /// Send a directed offer's decline with `reason`, once.
+    fn settle(&mut self, reason: &'static str) {
+        if std::mem::replace(&mut self.settled, true) || !self.is_offer() {
+            return;
+        }
+        let shared = &self.context.shared;
+        shared.worker.decline(&shared.id, &shared.reply_to, reason);
+    }
+
     /// Try to take the task. `Ok(None)` when another worker took it first, the creator
     /// cancelled it, its deadline passed, or this worker is shutting down.
-    pub async fn accept(self) -> Result<Option<RunningTask>> {
-        let shared = self.context.shared;
-        let worker = &shared.worker;
-        if worker.shutdown.is_cancelled() {
+    pub async fn accept(mut self) -> Result<Option<RunningTask>> {
+        if self.context.shared.worker.shutdown.is_cancelled() {
+            self.settle("shutdown");
             return Ok(None);
         }
-        let remaining = shared.deadline.saturating_duration_since(Instant::now());
+        let remaining = self
+            .context
+            .shared
+            .deadline
+            .saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            worker.counters.lost.incr();
+            self.context.shared.worker.counters.lost.incr();
+            self.settle("expired");
             return Ok(None);
         }
+        self.settled = true;
+        let shared = self.context.shared.clone();
+        let worker = &shared.worker;
         // Registered before claiming, so a cancellation that follows the claim is never missed.
         worker
             .running()
@@ -659,10 +956,17 @@ impl AvailableTask {
             if !matches!(claimed, Ok(true)) {
                 worker.running().remove(&shared.id);
                 worker.counters.lost.incr();
+                if shared.offer.is_some() {
+                    // Another worker has it (a re-offer raced) or the creator gave up.
+                    worker.decline(&shared.id, &shared.reply_to, "claimed");
+                }
                 return claimed.map(|_| None);
             }
         }
         worker.counters.accepted.incr();
+        if let Some(due) = shared.offer {
+            worker.notices.push(due, Arc::downgrade(&shared));
+        }
         let running = RunningTask {
             context: TaskContext { shared },
             completed: false,
@@ -735,6 +1039,7 @@ impl RunningTask {
     ) -> Result<()> {
         self.completed = true;
         let shared = &self.context.shared;
+        shared.answered.store(true, Ordering::Relaxed);
         let worker = &shared.worker;
         worker.running().remove(&shared.id);
         worker.counters.completed.incr();

@@ -1,5 +1,7 @@
 //! The creator side: [`Client`] submits tasks and awaits their replies.
 
+mod offer;
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -18,8 +20,10 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::blacklist::Blacklist;
+use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
-use super::{duration_ms, Counter, KeyLimit, Reply};
+use super::presence::{self, Charge, Event, Roster, Route};
+use super::{duration_millis, duration_ms, Counter, KeyLimit, Reply};
 use crate::broker::{DynBroker, Incoming, LeaseId, LeaseRequest, Published};
 use crate::error::{Error, ErrorDetail, ErrorKind, Result};
 use crate::names::{id_to_hex, random_id, validate_name, Namespace};
@@ -62,6 +66,10 @@ pub struct ClientConfig {
     /// themselves shortly after its tasks would have timed out. Default 1 s.
     #[serde(rename = "lease_margin_ms", with = "duration_ms")]
     pub lease_margin: Duration,
+    /// How long a directed offer waits for its worker's answer before the task is offered to
+    /// another worker. Default 1 s.
+    #[serde(rename = "offer_timeout_ms", with = "duration_ms")]
+    pub offer_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -73,6 +81,7 @@ impl Default for ClientConfig {
             task_key: None,
             per_key_limit: KeyLimit::default(),
             lease_margin: Duration::from_secs(1),
+            offer_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -225,6 +234,8 @@ struct Pending {
     slot: Arc<Slot>,
     broadcast: bool,
     deadline: Instant,
+    /// Where its directed offer stands (none for broadcasts).
+    offer: Option<offer::OfferState>,
 }
 
 /// Task ids are random 128-bit numbers: their low 64 bits are already a good hash.
@@ -269,6 +280,12 @@ struct Inner {
     closed: AtomicBool,
     stop: CancellationToken,
     blacklist: Blacklist,
+    /// The live workers, from their presence.
+    roster: Roster,
+    /// Tasks held back because every worker of their route is full, oldest first.
+    parked: Mutex<HashMap<Route, VecDeque<u128>>>,
+    /// Offer timeouts: (task, attempt).
+    offer_timers: DueQueue<(u128, u32)>,
 }
 
 /// A task creator. Cheap to clone; clones share one reply subscription.
@@ -320,23 +337,45 @@ impl Client {
                 "default_timeout must be between 1 ms and 30 days",
             ));
         }
+        if config.offer_timeout.is_zero() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "offer_timeout must be at least 1 ms",
+            ));
+        }
         let client_id = random_id();
         let reply_channel = namespace.reply_channel(&client_id);
         let subscription = broker.subscribe(&reply_channel).await?;
-        let inner = Arc::new(Inner {
-            blacklist: Blacklist::new(broker.clone(), namespace.clone(), Default::default()),
-            broker,
-            namespace,
-            config,
-            client_id,
-            reply_channel,
-            pending: Mutex::new(PendingMap::default()),
-            counters: Counters::default(),
-            events: broadcast::channel(1024).0,
-            closed: AtomicBool::new(false),
-            stop: CancellationToken::new(),
+        // Subscribed before listing, so no announcement falls between the two.
+        let presence = broker.subscribe(&namespace.presence_channel()).await?;
+        let stop = CancellationToken::new();
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            let weak = weak.clone();
+            let offer_timers = DueQueue::spawn(stop.clone(), move |(id, attempt)| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.unanswered(id, attempt);
+                }
+            });
+            Inner {
+                blacklist: Blacklist::new(broker.clone(), namespace.clone(), Default::default()),
+                roster: Roster::new(namespace.clone()),
+                parked: Mutex::new(HashMap::new()),
+                offer_timers,
+                broker,
+                namespace,
+                config,
+                client_id,
+                reply_channel,
+                pending: Mutex::new(PendingMap::default()),
+                counters: Counters::default(),
+                events: broadcast::channel(1024).0,
+                closed: AtomicBool::new(false),
+                stop,
+            }
         });
+        inner.refresh_roster().await?;
         tokio::spawn(dispatch(Arc::downgrade(&inner), subscription));
+        tokio::spawn(watch_presence(Arc::downgrade(&inner), presence));
         Ok(Client { inner })
     }
 
@@ -494,13 +533,33 @@ impl Client {
             return Err(Error::closed("the client was shut down"));
         }
         validate_name("task name", task)?;
-        let channel = match &options.target {
+        let (channel, route) = match &options.target {
             Some(target) => {
                 validate_name("target", target)?;
-                inner.namespace.target_channel(target)
+                (
+                    inner.namespace.target_channel(target),
+                    Route::Target(target.clone()),
+                )
             }
-            None => inner.namespace.task_channel(task),
+            None => (
+                inner.namespace.task_channel(task),
+                Route::Task(task.to_owned()),
+            ),
         };
+        // From presence, not from the broker: a task no live worker serves fails at once. A
+        // worker that has just started may not have been heard yet: ask the broker then.
+        if !inner.roster.has_live(&route) {
+            inner.refresh_roster().await?;
+            if !inner.roster.has_live(&route) {
+                return Err(Error::new(
+                    ErrorKind::NoWorker,
+                    match &options.target {
+                        Some(target) => format!("no live worker listens to the target {target:?}"),
+                        None => format!("no live worker serves {task:?}"),
+                    },
+                ));
+            }
+        }
         let meta = options
             .metadata
             .as_ref()
@@ -520,10 +579,14 @@ impl Client {
         let mut message = Message::new(Kind::Task, id_hex.as_str());
         message.task = Some(Cow::Borrowed(task));
         message.reply_to = Some(Cow::Borrowed(inner.reply_channel.as_str()));
-        message.timeout_ms = Some(timeout.as_millis() as u64);
+        message.timeout_ms = Some(duration_millis(timeout));
         message.deadline_ms = Some(deadline_ms);
         message.broadcast = broadcast;
         message.meta = meta.as_deref();
+        if !broadcast {
+            message.offer_ms = Some(duration_millis(inner.config.offer_timeout).max(1));
+            message.target = options.target.as_deref().map(Cow::Borrowed);
+        }
         let task_key = match &options.task_key {
             Some(key) => key.as_deref(),
             None => inner.config.task_key.as_deref(),
@@ -579,12 +642,30 @@ impl Client {
         }
 
         let slot = Arc::new(Slot::default());
+        let bytes = bytes::Bytes::from(encoded.bytes);
+        // A directed offer goes to the worker chosen now, or waits for room.
+        let (offer, offer_channel) = if broadcast {
+            (None, None)
+        } else {
+            let mut offer = offer::OfferState::new(route.clone(), bytes.clone());
+            let channel = match inner.roster.choose(&route, &[]) {
+                presence::Choice::Offer(member) => {
+                    let channel = member.channel.clone();
+                    offer.attempt = 1;
+                    offer.current = Some(Charge::new(member));
+                    Some(channel)
+                }
+                presence::Choice::Full | presence::Choice::Nobody => None,
+            };
+            (Some(offer), channel)
+        };
         inner.pending().insert(
             id,
             Pending {
                 slot: slot.clone(),
                 broadcast,
                 deadline,
+                offer,
             },
         );
         // From here on the guard cleans up (pending entry, lease) on every early return.
@@ -596,12 +677,24 @@ impl Client {
             lease,
             armed: true,
         };
-        let published = inner.broker.publish(&channel, encoded.bytes.into()).await?;
-        if published == Published::Receivers(0) {
-            return Err(Error::new(
-                ErrorKind::NoWorker,
-                format!("no worker is listening for {task:?}"),
-            ));
+        if broadcast {
+            let published = inner.broker.publish(&channel, bytes).await?;
+            if published == Published::Receivers(0) {
+                return Err(Error::new(
+                    ErrorKind::NoWorker,
+                    format!("no worker is listening for {task:?}"),
+                ));
+            }
+        } else if let Some(offer_channel) = offer_channel {
+            inner
+                .offer_timers
+                .push(Instant::now() + inner.config.offer_timeout, (id, 1));
+            let published = inner.broker.publish(&offer_channel, bytes).await?;
+            if published.nobody() {
+                inner.unanswered(id, 1);
+            }
+        } else {
+            inner.park(route, id);
         }
         inner.counters.submitted.incr();
         Ok((guard, slot))
@@ -655,8 +748,42 @@ impl Inner {
         }
     }
 
+    /// Bring the roster up to date from the presence key (one broker call).
+    async fn refresh_roster(&self) -> Result<()> {
+        let leases = self.broker.leases(&self.namespace.workers_key()).await?;
+        for lease in leases {
+            if let Ok(record) = presence::parse_note(&lease.note) {
+                self.roster.apply(Event::Join, &record, lease.remaining);
+            }
+        }
+        Ok(())
+    }
+
+    fn parked(&self) -> MutexGuard<'_, HashMap<Route, VecDeque<u128>>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Apply one message of the presence channel.
+    fn presence(self: &Arc<Self>, bytes: &[u8]) {
+        match presence::decode(bytes) {
+            Ok((event, record)) => {
+                let ttl = Duration::from_millis(record.ttl_ms.min(u64::from(u32::MAX)));
+                let member = self.roster.apply(event, &record, ttl);
+                if let Some(member) = member {
+                    if member.free().is_none_or(|f| f > 0) && !self.parked().is_empty() {
+                        self.unpark_for(&member);
+                    }
+                }
+            }
+            Err(error) => {
+                self.counters.malformed.incr();
+                tracing::debug!(%error, "dropped a malformed presence message");
+            }
+        }
+    }
+
     /// Route one message of the reply channel.
-    fn handle(&self, bytes: &[u8]) {
+    fn handle(self: &Arc<Self>, bytes: &[u8]) {
         let message = match Message::decode(bytes) {
             Ok(m) => m,
             Err(error) => {
@@ -668,23 +795,59 @@ impl Inner {
                 return;
             }
         };
-        let (Kind::Progress | Kind::Done) = message.kind else {
-            self.counters.malformed.incr();
-            tracing::warn!(channel = %self.reply_channel, kind = ?message.kind, "dropped a message of the wrong kind on a reply channel");
-            return;
-        };
+        match message.kind {
+            Kind::Progress | Kind::Done => {}
+            Kind::Accepted | Kind::Declined => {
+                let answered = parse_id(&message.id).is_some_and(|id| {
+                    // decode() checked that these carry a worker and declines a reason.
+                    let worker = message.worker.as_deref().unwrap_or_default();
+                    if message.kind == Kind::Declined {
+                        let reason = message.reason.as_deref().unwrap_or_default();
+                        return self.declined(id, worker, reason);
+                    }
+                    let mut pending = self.pending();
+                    let Some(offer) = pending.get_mut(&id).and_then(|p| p.offer.as_mut()) else {
+                        return false;
+                    };
+                    offer.answered = true;
+                    offer.bytes = None;
+                    true
+                });
+                if !answered {
+                    self.counters.late.incr();
+                    tracing::debug!(id = %message.id, kind = ?message.kind, "dropped an answer for no offer of ours");
+                }
+                return;
+            }
+            _ => {
+                self.counters.malformed.incr();
+                tracing::warn!(channel = %self.reply_channel, kind = ?message.kind, "dropped a message of the wrong kind on a reply channel");
+                return;
+            }
+        }
         // decode() checked that progress and done carry a body.
         let body = message.body.unwrap_or(RawValue::NULL).to_owned();
+        let mut freed = None;
         let routed = parse_id(&message.id).and_then(|id| {
             let mut pending = self.pending();
-            let p = pending.get(&id)?;
+            let p = pending.get_mut(&id)?;
             let slot = p.slot.clone();
             let ends = message.kind == Kind::Done && !p.broadcast;
             if ends {
-                pending.remove(&id);
+                let ended = pending.remove(&id)?;
+                freed = ended.offer.and_then(|o| o.current).map(|c| c.0.clone());
+            } else if let Some(offer) = p.offer.as_mut() {
+                offer.answered = true;
+                offer.bytes = None;
             }
             Some(slot)
         });
+        // A task of ours on that worker ended: it has room for one held back.
+        if let Some(member) = freed {
+            if !self.parked().is_empty() {
+                self.unpark_for(&member);
+            }
+        }
         let Some(slot) = routed else {
             self.counters.late.incr();
             tracing::debug!(id = %message.id, "dropped a reply that arrived after its task ended");
@@ -754,6 +917,30 @@ impl Inner {
                 tracing::debug!(%error, "could not publish a cancellation");
             }
         })
+    }
+}
+
+/// Keep the roster from the presence channel until the client goes.
+async fn watch_presence(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscription) {
+    let Some(stop) = inner.upgrade().map(|i| i.stop.clone()) else {
+        return;
+    };
+    loop {
+        let item = tokio::select! {
+            item = subscription.next() => item,
+            _ = stop.cancelled() => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        match item {
+            Some(Incoming::Message(bytes)) => inner.presence(&bytes),
+            // Announcements may have been missed: list the workers again.
+            Some(Incoming::Gap) => {
+                if let Err(error) = inner.refresh_roster().await {
+                    tracing::debug!(%error, "could not list the workers after a presence gap");
+                }
+            }
+            None => return,
+        }
     }
 }
 
