@@ -332,10 +332,11 @@ pub async fn presence_lists_workers_and_targets(h: Harness) {
     let listed = bgtask_core::list_workers(&h.broker().await, &ns)
         .await
         .unwrap();
-    let record = listed
+    let record = &listed
         .iter()
-        .find(|r| r.id == special.id())
-        .expect("listed");
+        .find(|w| w.record.id == special.id())
+        .expect("listed")
+        .record;
     assert_eq!(record.tasks, vec!["render".to_owned()]);
     assert_eq!(record.targets, vec!["gpu".to_owned()]);
     assert_eq!(record.concurrency, Some(3));

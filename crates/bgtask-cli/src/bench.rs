@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bgtask::{
-    Client, ClientConfig, DynBroker, Incoming, KeyLimit, Published, SubmitOptions, Worker,
-    WorkerConfig,
+    Client, ClientConfig, DynBroker, Incoming, KeyLimit, Published, Status, SubmitOptions,
+    TaskContext, Worker, WorkerConfig,
 };
 use bytes::Bytes;
 use clap::Args;
@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::exit::{self, CliError, CliResult};
@@ -28,8 +28,8 @@ Measure throughput and latency. Submits --tasks tasks, --concurrency at a time, 
 object of about --payload bytes, to echo workers, and prints tasks per second and the latency
 (submit to reply) percentiles p50, p90, p99 and max.
 
---workers W starts W echo workers in this process (each sees every task; the first to accept
-runs it). --workers 0 uses external workers instead, e.g. in another terminal:
+--workers W starts W echo workers in this process (each task is offered to one of them, chosen
+by free capacity). --workers 0 uses external workers instead, e.g. in another terminal:
     bgtask worker --task bench --concurrency 64 -- cat
 (the embedded memory:// broker cannot reach other processes, so it needs W > 0).
 
@@ -478,25 +478,12 @@ async fn run_bgtask(broker: &DynBroker, settings: &Settings, plan: &Plan) -> Cli
     Ok(measured)
 }
 
-/// Accept every task and reply with its payload, at most `concurrency` at a time.
-async fn echo_worker(mut worker: Worker, concurrency: usize) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(task) = worker.next_task().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(Some(running)) = task.accept().await {
-                let body: Box<RawValue> = running.raw().to_owned();
-                if let Err(error) = running.success(&body).await {
-                    tracing::debug!(%error, "echo reply failed");
-                }
-            }
-        });
+/// Reply to every task with its payload, at most `concurrency` at a time (offers past that are
+/// declined and wait at the creator).
+async fn echo_worker(worker: Worker, concurrency: usize) {
+    let echo = |task: TaskContext| async move { (Status::Success, task.raw().to_owned()) };
+    if let Err(error) = worker.serve(concurrency, echo).await {
+        tracing::debug!(%error, "echo worker stopped");
     }
 }
 

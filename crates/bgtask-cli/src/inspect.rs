@@ -20,6 +20,8 @@ you name.";
 
 pub(crate) const EXAMPLES: &str = "\
 Examples:
+  bgtask inspect workers
+  bgtask inspect workers --json | jq '.[].in_flight'
   bgtask inspect
   bgtask inspect --task resize --key ana --key bo
   bgtask inspect --json | jq '.blacklisted[].value'";
@@ -31,7 +33,12 @@ Examples:
 
 /// `bgtask inspect` flags.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct InspectArgs {
+    /// What to show instead of the blacklist and key values.
+    #[command(subcommand)]
+    what: Option<InspectWhat>,
+
     /// The task name whose key values to show (with --key).
     #[arg(long, value_name = "NAME", requires = "keys")]
     task: Option<String>,
@@ -43,6 +50,18 @@ pub(crate) struct InspectArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+/// `bgtask inspect` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum InspectWhat {
+    /// The live workers, from their presence: id, host, pid, task names, targets, concurrency,
+    /// tasks in flight and when each was last heard from.
+    Workers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `bgtask blacklist` subcommands.
@@ -122,7 +141,80 @@ fn print_blacklist(namespace: &Namespace, entries: &[BlacklistEntry]) {
     }
 }
 
+/// `bgtask inspect workers`.
+async fn workers(settings: &Settings, as_json: bool) -> CliResult {
+    let broker = Settings::connect(settings.broker_url()).await?;
+    let namespace = Namespace::new(settings.config.namespace.clone())?;
+    let workers = bgtask::list_workers(&broker, &namespace).await?;
+    if as_json {
+        let out: Vec<_> = workers
+            .iter()
+            .map(|w| {
+                let r = &w.record;
+                json!({
+                    "id": r.id, "host": r.host, "pid": r.pid, "tasks": r.tasks,
+                    "targets": r.targets, "concurrency": r.concurrency,
+                    "in_flight": r.in_flight, "level": r.level,
+                    "last_seen_ms": w.last_seen.as_millis() as u64,
+                })
+            })
+            .collect();
+        out!("{:#}", serde_json::Value::Array(out));
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!("live workers in namespace {namespace}: {}", workers.len());
+    if workers.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let names = |w: &bgtask::ListedWorker| {
+        let mut names = w.record.tasks.join(",");
+        for target in &w.record.targets {
+            names.push_str(&format!(" @{target}"));
+        }
+        names
+    };
+    let host_w = workers
+        .iter()
+        .map(|w| w.record.host.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let names_w = workers
+        .iter()
+        .map(|w| names(w).len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    out!(
+        "  {:<8}  {:<host_w$}  {:>7}  {:<names_w$}  {:>11}  {:>9}  LAST SEEN",
+        "ID",
+        "HOST",
+        "PID",
+        "TASKS",
+        "CONCURRENCY",
+        "IN FLIGHT"
+    );
+    for w in &workers {
+        let r = &w.record;
+        let concurrency = r.concurrency.map_or("-".to_owned(), |c| c.to_string());
+        out!(
+            "  {:<8}  {:<host_w$}  {:>7}  {:<names_w$}  {:>11}  {:>9}  {} ago",
+            &r.id[..r.id.len().min(8)],
+            r.host,
+            r.pid,
+            names(w),
+            concurrency,
+            r.in_flight,
+            human(w.last_seen)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn run(settings: Settings, args: InspectArgs) -> CliResult {
+    if let Some(InspectWhat::Workers { json }) = args.what {
+        return workers(&settings, json).await;
+    }
     let (broker, namespace, blacklist) = blacklist_of(&settings).await?;
     let entries = blacklist.list().await?;
     let mut in_flight = Vec::new();

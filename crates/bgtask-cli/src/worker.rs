@@ -15,10 +15,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::exit::{CliError, CliResult};
 use crate::settings::{human, Settings};
@@ -149,7 +146,7 @@ pub(crate) async fn run(settings: Settings, args: WorkerArgs) -> CliResult {
         })
     };
 
-    serve(worker, runner.clone(), args.concurrency, grace).await;
+    serve(worker, runner.clone(), args.concurrency).await;
     signals.abort();
     let c = &runner.counts;
     eprintln!(
@@ -164,56 +161,18 @@ pub(crate) async fn run(settings: Settings, args: WorkerArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Take tasks while there is capacity until the worker is shut down, then drain: wait up to
-/// `grace` for the running programs, then kill them.
+/// Serve tasks on [`Worker::serve`] until the worker is shut down. At the end of the grace period
+/// `serve` cancels the running tasks, which kills their programs (see [`Runner::execute`]); a
+/// handler still running after that is aborted, and its program's group killed on drop.
 ///
-/// (Not [`Worker::run`]: its handlers return a `serde_json::Value`, which would reorder the keys
-/// and round the big numbers of a program's reply; here the reply is passed on byte for byte.)
-async fn serve(mut worker: Worker, runner: Arc<Runner>, concurrency: usize, grace: Duration) {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let kill = CancellationToken::new();
-    let mut running = JoinSet::new();
-    loop {
-        while running.try_join_next().is_some() {}
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let Some(task) = worker.next_task().await else {
-            break; // shut down
-        };
-        let (runner, kill) = (runner.clone(), kill.clone());
-        running.spawn(async move {
-            let _permit = permit;
-            let running = match task.accept().await {
-                Ok(Some(running)) => running,
-                Ok(None) => return, // another worker took it
-                Err(error) => {
-                    tracing::warn!(%error, "could not accept a task");
-                    return;
-                }
-            };
-            let (status, reply) = runner.execute(running.context(), kill).await;
-            if let Err(error) = running.complete(status, &reply).await {
-                tracing::warn!(%error, "could not complete a task");
-            }
-        });
-    }
-    let drained = tokio::time::timeout(grace, async {
-        while running.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        eprintln!(
-            "bgtask worker: {} task(s) still running after {}; killing them",
-            running.len(),
-            human(grace)
-        );
-        kill.cancel();
-        let _ = tokio::time::timeout(runner.kill_grace + Duration::from_secs(3), async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
-        running.shutdown().await;
+/// The reply is passed on byte for byte as raw JSON (no reordering of keys, no rounding).
+async fn serve(worker: Worker, runner: Arc<Runner>, concurrency: usize) {
+    let handler = move |task: TaskContext| {
+        let runner = runner.clone();
+        async move { runner.execute(task).await }
+    };
+    if let Err(error) = worker.serve(concurrency, handler).await {
+        tracing::warn!(%error, "the worker stopped");
     }
 }
 
@@ -284,9 +243,9 @@ impl Runner {
         groups.len()
     }
 
-    async fn execute(&self, task: TaskContext, kill: CancellationToken) -> (Status, Box<RawValue>) {
+    async fn execute(&self, task: TaskContext) -> (Status, Box<RawValue>) {
         let started = Instant::now();
-        let (status, reply) = match self.execute_inner(&task, kill).await {
+        let (status, reply) = match self.execute_inner(&task).await {
             Ok((status, reply)) => (status, reply),
             Err(failure) => (Status::Failed, raw(&failure)),
         };
@@ -317,7 +276,6 @@ impl Runner {
     async fn execute_inner(
         &self,
         task: &TaskContext,
-        kill: CancellationToken,
     ) -> Result<(Status, Box<RawValue>), serde_json::Value> {
         let remaining = task.deadline().saturating_duration_since(Instant::now());
         let deadline_ms = SystemTime::now()
@@ -375,7 +333,6 @@ impl Runner {
             },
             _ = tokio::time::sleep_until(task.deadline()) => End::Deadline,
             _ = task.cancelled() => End::Cancelled,
-            _ = kill.cancelled() => End::Cancelled,
         };
         let status = match end {
             End::Exited(status) => Some(status),

@@ -43,6 +43,13 @@ pub type DynBroker = Arc<dyn Broker>;
 ///
 /// **Delivery** is at most once: a message reaches the subscriptions that are active when it is
 /// published, and no others. Messages from one publisher on one channel arrive in order.
+///
+/// **What the protocol builds on these** (so a backend knows what is hot): directed offers are
+/// a publish on one worker's own channel (the receiver count, where known, tells a creator at
+/// once that the worker is gone); worker presence is one lease per worker on one key, renewed
+/// every heartbeat, whose note is the worker's record (JSON: a few hundred bytes, a few KiB for a
+/// worker of many task names), listed with [`leases`](Broker::leases) when a creator starts; the first-accept-wins arbiter is [`claim`](Broker::claim). Nothing else is
+/// asked of a backend: every backend, and any third-party one, gets scale-out unchanged.
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Publish `payload` on `channel` to every subscription that is active at this moment.

@@ -21,7 +21,7 @@ pub use client::{
     DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 pub use envelope::{Status, WIRE_VERSION};
-pub use presence::{list_workers, WorkerRecord};
+pub use presence::{list_workers, ListedWorker, WorkerRecord};
 pub use worker::{
     AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,
     Worker, WorkerConfig, WorkerEvent, WorkerStats,

@@ -141,19 +141,33 @@ pub(crate) fn parse_note(note: &str) -> Result<WorkerRecord> {
     Ok(record)
 }
 
+/// A live worker as the presence key lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListedWorker {
+    /// Its newest record.
+    pub record: WorkerRecord,
+    /// How long ago it announced that record (by the broker's clock).
+    pub last_seen: Duration,
+}
+
 /// The live workers of a namespace, as the presence key lists them (one per worker, newest
-/// record first), skipping notes that do not parse.
-pub async fn list_workers(broker: &DynBroker, namespace: &Namespace) -> Result<Vec<WorkerRecord>> {
+/// record first), skipping notes that do not parse. One broker call.
+pub async fn list_workers(broker: &DynBroker, namespace: &Namespace) -> Result<Vec<ListedWorker>> {
     let leases = broker.leases(&namespace.workers_key()).await?;
-    let mut records: Vec<WorkerRecord> = Vec::new();
+    let mut workers: Vec<ListedWorker> = Vec::new();
     for lease in leases.iter().rev() {
         if let Ok(record) = parse_note(&lease.note) {
-            if !records.iter().any(|r| r.id == record.id) {
-                records.push(record);
+            if !workers.iter().any(|w| w.record.id == record.id) {
+                let ttl = Duration::from_millis(record.ttl_ms);
+                workers.push(ListedWorker {
+                    last_seen: ttl.saturating_sub(lease.remaining),
+                    record,
+                });
             }
         }
     }
-    Ok(records)
+    Ok(workers)
 }
 
 /// The worker side: keeps the presence lease and sends the announcements.
