@@ -43,7 +43,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(broker: &str) -> Scratch {
-        let namespace = format!("crash-{}", &random_hex()[..16]);
+        let namespace = format!("crash-{}", &random_hex()[16..]);
         let dir = std::env::temp_dir().join(&namespace);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("sleeper.sh"), SLEEPER).unwrap();
