@@ -20,19 +20,17 @@ fn resident() -> u64 {
 async fn hundred_thousand_tasks_in_flight_and_a_flooded_worker_stay_bounded() {
     const TASKS: usize = 100_000;
     let broker: DynBroker = Arc::new(MemoryBroker::new());
-    // A worker that never takes anything: its subscription fills up and then drops (with a
-    // gap), instead of growing.
+    // A worker that never takes anything: its offers subscription fills up and then drops
+    // (with a gap), instead of growing. The creator's offers to it never time out, so every task
+    // stays in flight on the creator, with its offer (and the bytes kept to offer it again).
     let idle_worker = Worker::new(broker.clone(), WorkerConfig::for_tasks(["flood"]))
         .await
         .unwrap();
-    // A worker that sees every task and ignores it: the tasks stay in flight on the creator.
-    let mut ignoring = Worker::new(broker.clone(), WorkerConfig::for_tasks(["flood"]))
-        .await
-        .unwrap();
-    tokio::spawn(async move { while ignoring.next_task().await.is_some() {} });
-    let client = Client::new(broker.clone(), ClientConfig::default())
-        .await
-        .unwrap();
+    let config = ClientConfig {
+        offer_timeout: Duration::from_secs(600),
+        ..ClientConfig::default()
+    };
+    let client = Client::new(broker.clone(), config).await.unwrap();
     let before = resident();
     let mut handles = Vec::with_capacity(TASKS);
     for n in 0..TASKS {
