@@ -1,27 +1,41 @@
 //! [`DueQueue`]: one background timer for many short deadlines (offer timeouts on the creator,
 //! acceptance notices on the worker), instead of a spawned sleep per task.
+//!
+//! It is on the path of every task, so a push costs a lock and a heap insert, and wakes the timer
+//! task only when the new item is due before every other; the timer task fires everything due
+//! within [`SLACK`] at once, so under load it wakes at most a few hundred times a second,
+//! whatever the task rate.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Items handed to a callback when they fall due. Dropping every sender ends the timer task.
+/// How early an item may fire, so that items due close together fire in one wake-up.
+const SLACK: Duration = Duration::from_millis(5);
+
+/// Items handed to a callback when they fall due. The timer task ends when `stop` is
+/// cancelled.
 pub(crate) struct DueQueue<T> {
-    tx: mpsc::UnboundedSender<(Instant, T)>,
+    shared: Arc<Shared<T>>,
 }
 
-impl<T> Clone for DueQueue<T> {
-    fn clone(&self) -> Self {
-        DueQueue {
-            tx: self.tx.clone(),
-        }
-    }
+struct Shared<T> {
+    heap: Mutex<Heap<T>>,
+    /// Wakes the timer task: an item is due earlier than it sleeps for.
+    earlier: Notify,
 }
 
-/// An item with its due time, ordered by due time only.
+struct Heap<T> {
+    items: BinaryHeap<Reverse<Entry<T>>>,
+    seq: u64,
+}
+
+/// An item with its due time, ordered by due time (then arrival) only.
 struct Entry<T>(Instant, u64, T);
 
 impl<T> PartialEq for Entry<T> {
@@ -41,42 +55,67 @@ impl<T> Ord for Entry<T> {
     }
 }
 
+impl<T> Shared<T> {
+    fn heap(&self) -> MutexGuard<'_, Heap<T>> {
+        self.heap.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl<T: Send + 'static> DueQueue<T> {
-    /// Start the timer task: `on_due` runs (on that task) for each item at its due time, until
-    /// `stop` is cancelled or every sender is dropped.
+    /// Start the timer task: `on_due` runs (on that task) for each item at its due time (up to
+    /// [`SLACK`] early), until `stop` is cancelled.
     pub(crate) fn spawn<F>(stop: CancellationToken, mut on_due: F) -> DueQueue<T>
     where
         F: FnMut(T) + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, T)>();
+        let shared = Arc::new(Shared {
+            heap: Mutex::new(Heap {
+                items: BinaryHeap::new(),
+                seq: 0,
+            }),
+            earlier: Notify::new(),
+        });
+        let timer = shared.clone();
         tokio::spawn(async move {
-            let mut heap: BinaryHeap<Reverse<Entry<T>>> = BinaryHeap::new();
-            let mut seq = 0u64;
+            let mut due = Vec::new();
             loop {
-                // Everything already due, without touching the timer.
-                let now = Instant::now();
-                while heap.peek().is_some_and(|Reverse(e)| e.0 <= now) {
-                    if let Some(Reverse(Entry(_, _, item))) = heap.pop() {
-                        on_due(item);
+                let next = {
+                    let mut heap = timer.heap();
+                    let horizon = Instant::now() + SLACK;
+                    while heap.items.peek().is_some_and(|Reverse(e)| e.0 <= horizon) {
+                        if let Some(Reverse(Entry(_, _, item))) = heap.items.pop() {
+                            due.push(item);
+                        }
                     }
-                }
-                let next = heap.peek().map(|Reverse(e)| e.0);
-                let received = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    received = rx.recv() => received,
-                    _ = sleep_until(next) => continue,
+                    heap.items.peek().map(|Reverse(e)| e.0)
                 };
-                let Some((due, item)) = received else { return };
-                seq += 1;
-                heap.push(Reverse(Entry(due, seq, item)));
+                // Outside the lock: the callback may push.
+                for item in due.drain(..) {
+                    on_due(item);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = timer.earlier.notified() => {}
+                    _ = sleep_until(next) => {}
+                }
             }
         });
-        DueQueue { tx }
+        DueQueue { shared }
     }
 
     /// Hand `item` to the callback at `due`.
     pub(crate) fn push(&self, due: Instant, item: T) {
-        let _ = self.tx.send((due, item));
+        let wake = {
+            let mut heap = self.shared.heap();
+            heap.seq += 1;
+            let seq = heap.seq;
+            let earliest = heap.items.peek().map(|Reverse(e)| e.0);
+            heap.items.push(Reverse(Entry(due, seq, item)));
+            earliest.is_none_or(|earliest| due < earliest)
+        };
+        if wake {
+            self.shared.earlier.notify_one();
+        }
     }
 }
 
