@@ -244,8 +244,9 @@ pub(crate) struct Member {
     /// Its offers channel.
     pub(crate) channel: String,
     pub(crate) concurrency: Option<u64>,
-    /// In flight as the worker last reported (presence, or a `busy` decline).
-    pub(crate) reported: AtomicU64,
+    /// Tasks of other creators in flight on it, as of its last report (its announced
+    /// `in_flight` less this creator's offers to it then; a `busy` decline: all the rest).
+    pub(crate) others: AtomicU64,
     /// This creator's offers to it that are not answered by a completion yet.
     pub(crate) outstanding: AtomicU64,
     /// An offer to it went unanswered: skip it until it announces itself again.
@@ -259,10 +260,7 @@ impl Member {
     /// Free capacity as far as this creator can tell: `None` means unbounded (not stated).
     pub(crate) fn free(&self) -> Option<i64> {
         let concurrency = self.concurrency? as i64;
-        let load = self
-            .reported
-            .load(Ordering::Relaxed)
-            .max(self.outstanding.load(Ordering::Relaxed));
+        let load = self.others.load(Ordering::Relaxed) + self.outstanding.load(Ordering::Relaxed);
         Some(concurrency - load as i64)
     }
 
@@ -351,7 +349,10 @@ impl Roster {
         let expires = self.now_ms() + ttl.as_millis().min(u128::from(u32::MAX)) as u64;
         if let Some(member) = members.by_id.get(&record.id) {
             if member.concurrency == record.concurrency && member.routes == routes_of(record) {
-                member.reported.store(record.in_flight, Ordering::Relaxed);
+                let ours = member.outstanding.load(Ordering::Relaxed);
+                member
+                    .others
+                    .store(record.in_flight.saturating_sub(ours), Ordering::Relaxed);
                 member.expires.fetch_max(expires, Ordering::Relaxed);
                 member.suspect.store(false, Ordering::Relaxed);
                 return Some(member.clone());
@@ -363,7 +364,7 @@ impl Roster {
             id: record.id.clone(),
             channel: self.namespace.worker_channel(&record.id),
             concurrency: record.concurrency,
-            reported: AtomicU64::new(record.in_flight),
+            others: AtomicU64::new(record.in_flight),
             outstanding: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
             expires: AtomicU64::new(expires),

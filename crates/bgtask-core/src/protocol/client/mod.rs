@@ -920,8 +920,15 @@ impl Inner {
     }
 }
 
-/// Keep the roster from the presence channel until the client goes.
-async fn watch_presence(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscription) {
+/// Hand each item of `subscription` to `on_item` until the client goes or `on_item` says stop.
+async fn listen<F, Fut>(
+    inner: std::sync::Weak<Inner>,
+    mut subscription: crate::Subscription,
+    on_item: F,
+) where
+    F: Fn(Arc<Inner>, Option<Incoming>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let Some(stop) = inner.upgrade().map(|i| i.stop.clone()) else {
         return;
     };
@@ -931,6 +938,15 @@ async fn watch_presence(inner: std::sync::Weak<Inner>, mut subscription: crate::
             _ = stop.cancelled() => return,
         };
         let Some(inner) = inner.upgrade() else { return };
+        if !on_item(inner, item).await {
+            return;
+        }
+    }
+}
+
+/// Keep the roster from the presence channel.
+async fn watch_presence(inner: std::sync::Weak<Inner>, subscription: crate::Subscription) {
+    listen(inner, subscription, |inner, item| async move {
         match item {
             Some(Incoming::Message(bytes)) => inner.presence(&bytes),
             // Announcements may have been missed: list the workers again.
@@ -939,21 +955,16 @@ async fn watch_presence(inner: std::sync::Weak<Inner>, mut subscription: crate::
                     tracing::debug!(%error, "could not list the workers after a presence gap");
                 }
             }
-            None => return,
+            None => return false,
         }
-    }
+        true
+    })
+    .await
 }
 
-async fn dispatch(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscription) {
-    let Some(stop) = inner.upgrade().map(|i| i.stop.clone()) else {
-        return;
-    };
-    loop {
-        let item = tokio::select! {
-            item = subscription.next() => item,
-            _ = stop.cancelled() => return,
-        };
-        let Some(inner) = inner.upgrade() else { return };
+/// Route the replies of the reply channel.
+async fn dispatch(inner: std::sync::Weak<Inner>, subscription: crate::Subscription) {
+    listen(inner, subscription, |inner, item| async move {
         match item {
             Some(Incoming::Message(bytes)) => inner.handle(&bytes),
             Some(Incoming::Gap) => {
@@ -963,10 +974,12 @@ async fn dispatch(inner: std::sync::Weak<Inner>, mut subscription: crate::Subscr
             }
             None => {
                 tracing::error!(channel = %inner.reply_channel, "reply subscription ended");
-                return;
+                return false;
             }
         }
-    }
+        true
+    })
+    .await
 }
 
 /// Owns a submitted task's pending entry and key lease, and frees both exactly once: when the

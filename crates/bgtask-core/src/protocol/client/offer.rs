@@ -167,7 +167,10 @@ impl Inner {
             match reason {
                 "busy" => {
                     if let Some(concurrency) = current.concurrency {
-                        current.reported.store(concurrency, Ordering::Relaxed);
+                        let ours = current.outstanding.load(Ordering::Relaxed);
+                        current
+                            .others
+                            .store(concurrency.saturating_sub(ours), Ordering::Relaxed);
                     }
                     offer.busy.push(current);
                 }
