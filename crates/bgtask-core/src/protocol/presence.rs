@@ -170,13 +170,18 @@ pub async fn list_workers(broker: &DynBroker, namespace: &Namespace) -> Result<V
     Ok(workers)
 }
 
-/// The worker side: keeps the presence lease and sends the announcements.
+/// The worker side: keeps the presence leases and sends the announcements.
+///
+/// A beat adds a lease and leaves the older ones to expire on their own (one broker call per
+/// beat, not two: a release costs several JetStream requests on NATS); a leave releases every
+/// one still live, so a listing never shows a worker that left.
 pub(crate) struct Announcer {
     broker: DynBroker,
     channel: String,
     key: String,
     ttl: Duration,
-    lease: Mutex<Option<LeaseId>>,
+    /// The leases acquired within the last TTL, oldest first, with when each was acquired.
+    leases: Mutex<std::collections::VecDeque<(Instant, LeaseId)>>,
 }
 
 impl Announcer {
@@ -186,33 +191,47 @@ impl Announcer {
             channel: namespace.presence_channel(),
             key: namespace.workers_key(),
             ttl,
-            lease: Mutex::new(None),
+            leases: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
-    fn lease(&self) -> MutexGuard<'_, Option<LeaseId>> {
-        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    fn leases(&self) -> MutexGuard<'_, std::collections::VecDeque<(Instant, LeaseId)>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Renew the presence lease with `record` (a new lease first, then the old one released,
-    /// so the worker is never unlisted) and announce `event`.
+    /// The leases still live (acquired within the TTL), taken out of the list.
+    fn take_live(&self) -> Vec<LeaseId> {
+        let now = Instant::now();
+        self.leases()
+            .drain(..)
+            .filter(|(at, _)| now.duration_since(*at) < self.ttl)
+            .map(|(_, lease)| lease)
+            .collect()
+    }
+
+    /// Renew presence with `record` (a new lease; the older ones expire on their own) and
+    /// announce `event`; a leave releases every live lease instead.
     pub(crate) async fn announce(&self, event: Event, record: &WorkerRecord) -> Result<()> {
         let note = record.to_json();
         if event == Event::Leave {
-            let old = self.lease().take();
-            if let Some(old) = old {
-                self.broker.release(&self.key, &old).await?;
+            for lease in self.take_live() {
+                self.broker.release(&self.key, &lease).await?;
             }
         } else {
             let acquired = self
                 .broker
                 .acquire(&self.key, LeaseRequest::new(self.ttl).note(note.as_str()))
                 .await?;
-            let old = std::mem::replace(&mut *self.lease(), acquired.lease);
-            if let Some(old) = old {
-                if let Err(error) = self.broker.release(&self.key, &old).await {
-                    tracing::debug!(%error, "could not release an old presence lease; it expires");
-                }
+            let now = Instant::now();
+            let mut leases = self.leases();
+            while leases
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) >= self.ttl)
+            {
+                leases.pop_front();
+            }
+            if let Some(lease) = acquired.lease {
+                leases.push_back((now, lease));
             }
         }
         let mut message = Message::new(Kind::Presence, record.id.as_str());
@@ -224,10 +243,9 @@ impl Announcer {
         Ok(())
     }
 
-    /// The lease still held, for a leave announced without awaiting (on drop).
-    pub(crate) fn take_lease(&self) -> Option<(DynBroker, String, LeaseId)> {
-        let lease = self.lease().take()?;
-        Some((self.broker.clone(), self.key.clone(), lease))
+    /// The leases still live, for a leave done without awaiting (on drop).
+    pub(crate) fn take_leases(&self) -> (DynBroker, String, Vec<LeaseId>) {
+        (self.broker.clone(), self.key.clone(), self.take_live())
     }
 }
 

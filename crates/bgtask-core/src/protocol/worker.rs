@@ -177,12 +177,16 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.dropped.cancel();
-        if let Some((broker, key, lease)) = self.announcer.take_lease() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
+        let (broker, key, leases) = self.announcer.take_leases();
+        if leases.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for lease in leases {
                     let _ = broker.release(&key, &lease).await;
-                });
-            }
+                }
+            });
         }
     }
 }
