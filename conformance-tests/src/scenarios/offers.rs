@@ -228,10 +228,16 @@ pub async fn a_joining_worker_gets_offers_within_a_second(h: Harness) {
     let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let _first = counting_workers(&h, "join", 1, 8, &runs).await;
     let client = h.client().await;
+    // Tasks flow, 16 in flight (twice the first worker's concurrency), until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flow = {
-        let client = client.clone();
+        let (client, stop) = (client.clone(), stop.clone());
         tokio::spawn(async move {
-            futures::stream::iter(0..2_000u32)
+            futures::stream::iter(0..1_000_000u32)
+                .take_while(|_| {
+                    let go = !stop.load(std::sync::atomic::Ordering::Relaxed);
+                    async move { go }
+                })
                 .map(|n| {
                     let client = client.clone();
                     async move {
@@ -268,6 +274,7 @@ pub async fn a_joining_worker_gets_offers_within_a_second(h: Harness) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = flow.await.unwrap();
     assert!(results.iter().all(|r| r.is_ok()), "every task succeeded");
 }
