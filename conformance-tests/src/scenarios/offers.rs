@@ -39,6 +39,20 @@ async fn counting_workers(
     guards
 }
 
+/// Submit `count` tasks of `task`, `in_flight` at a time, and check that every one succeeded.
+async fn submit_all(client: &bgtask_core::Client, task: &str, count: u32, in_flight: usize) {
+    let results = futures::stream::iter(0..count)
+        .map(|n| {
+            let client = client.clone();
+            async move { client.submit(task, &json!({"n": n})).await?.reply().await }
+        })
+        .buffer_unordered(in_flight)
+        .collect::<Vec<_>>()
+        .await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "every task succeeded: {failed:?}");
+}
+
 /// A task is offered to one worker only: of four workers of its name, one receives it.
 pub async fn an_offer_reaches_one_worker_only(h: Harness) {
     let mut workers = Vec::new();
@@ -284,21 +298,7 @@ pub async fn tasks_spread_evenly(h: Harness) {
     let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let _workers = counting_workers(&h, "spread", 4, 4, &runs).await;
     let client = h.client().await;
-    let results = futures::stream::iter(0..400u32)
-        .map(|n| {
-            let client = client.clone();
-            async move {
-                client
-                    .submit("spread", &json!({"n": n}))
-                    .await?
-                    .reply()
-                    .await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    assert!(results.iter().all(|r| r.is_ok()), "every task succeeded");
+    submit_all(&client, "spread", 400, 16).await;
     let runs = runs.lock().unwrap();
     assert_eq!(runs.values().sum::<usize>(), 400);
     assert_eq!(runs.len(), 4, "every worker ran tasks: {runs:?}");
@@ -312,16 +312,7 @@ pub async fn full_workers_hold_tasks_back(h: Harness) {
     let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let _workers = counting_workers(&h, "full", 2, 2, &runs).await;
     let client = h.client().await;
-    let results = futures::stream::iter(0..100u32)
-        .map(|n| {
-            let client = client.clone();
-            async move { client.submit("full", &json!({"n": n})).await?.reply().await }
-        })
-        .buffer_unordered(20)
-        .collect::<Vec<_>>()
-        .await;
-    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failed.is_empty(), "{failed:?}");
+    submit_all(&client, "full", 100, 20).await;
     assert_eq!(runs.lock().unwrap().values().sum::<usize>(), 100);
 }
 

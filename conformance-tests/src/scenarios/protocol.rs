@@ -201,19 +201,28 @@ pub async fn thousand_tasks_ten_workers_exactly_once(h: Harness) {
     assert_eq!(client.stats().late, 0, "no reply arrived twice");
 }
 
-/// A task no worker takes ends with a timeout error, at its timeout.
-pub async fn ignored_task_times_out(h: Harness) {
-    let _worker = h.worker(h.worker_config(&["ignored"])).await;
-    let client = h.client().await;
+/// Submit a task of "ignored" with `options`; its reply must be a timeout error, and the time
+/// it took is returned.
+async fn times_out(client: &bgtask_core::Client, options: SubmitOptions) -> Duration {
     let started = Instant::now();
-    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
     let handle = client
         .submit_with("ignored", &json!({}), options)
         .await
         .unwrap();
     let err = handle.reply().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TimedOut);
-    let took = started.elapsed();
+    started.elapsed()
+}
+
+/// A task no worker takes ends with a timeout error, at its timeout.
+pub async fn ignored_task_times_out(h: Harness) {
+    let _worker = h.worker(h.worker_config(&["ignored"])).await;
+    let client = h.client().await;
+    let took = times_out(
+        &client,
+        SubmitOptions::new().timeout(Duration::from_millis(300)),
+    )
+    .await;
     assert!(
         took >= Duration::from_millis(300) && took < Duration::from_secs(2),
         "{took:?}"
@@ -229,17 +238,7 @@ pub async fn zero_or_negative_timeout_means_default(h: Harness) {
     };
     let client = h.client_on(h.broker().await, config).await;
     for millis in [0, -5] {
-        let started = Instant::now();
-        let options = SubmitOptions::new().timeout_ms(millis);
-        let err = client
-            .submit_with("ignored", &json!({}), options)
-            .await
-            .unwrap()
-            .reply()
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::TimedOut);
-        let took = started.elapsed();
+        let took = times_out(&client, SubmitOptions::new().timeout_ms(millis)).await;
         assert!(
             took >= Duration::from_millis(400) && took < Duration::from_secs(2),
             "{millis}: {took:?}"
@@ -251,17 +250,12 @@ pub async fn zero_or_negative_timeout_means_default(h: Harness) {
 pub async fn per_task_timeout_overrides_default(h: Harness) {
     let _worker = h.worker(h.worker_config(&["ignored"])).await;
     let client = h.client().await; // default 5 s
-    let started = Instant::now();
-    let options = SubmitOptions::new().timeout(Duration::from_millis(200));
-    let err = client
-        .submit_with("ignored", &json!({}), options)
-        .await
-        .unwrap()
-        .reply()
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::TimedOut);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    let took = times_out(
+        &client,
+        SubmitOptions::new().timeout(Duration::from_millis(200)),
+    )
+    .await;
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
 /// A reply after the creator gave up is dropped and counted; nothing runs twice.
@@ -613,15 +607,20 @@ pub async fn blacklist_after_threshold(h: Harness) {
     );
 }
 
-/// Lifting a blacklisting admits the value again at once.
-pub async fn blacklist_lift(h: Harness) {
-    let mut worker = h
-        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
-        .await;
+/// A worker of "bl" and a keyed client, after the worker blacklisted the key value "bad" for
+/// `duration`.
+async fn blacklisted_bad(h: &Harness, duration: Duration) -> (Worker, bgtask_core::Client) {
+    let mut worker = h.worker(quick_blacklist(h, "bl", duration)).await;
     let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
+        .client_on(h.broker().await, keyed(h, KeyLimit::Unlimited))
         .await;
     assert!(report_bad(&mut worker, &client, "bl", 4).await);
+    (worker, client)
+}
+
+/// Lifting a blacklisting admits the value again at once.
+pub async fn blacklist_lift(h: Harness) {
+    let (_worker, client) = blacklisted_bad(&h, Duration::from_secs(30)).await;
     assert!(client.blacklist().lift("bl", "bad").await.unwrap());
     assert!(!client.blacklist().lift("bl", "bad").await.unwrap());
     assert_eq!(client.blacklist().count().await.unwrap(), 0);
@@ -630,13 +629,7 @@ pub async fn blacklist_lift(h: Harness) {
 
 /// A blacklisting ends by itself after its duration.
 pub async fn blacklist_expires(h: Harness) {
-    let mut worker = h
-        .worker(quick_blacklist(&h, "bl", Duration::from_millis(500)))
-        .await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
-        .await;
-    assert!(report_bad(&mut worker, &client, "bl", 4).await);
+    let (_worker, client) = blacklisted_bad(&h, Duration::from_millis(500)).await;
     assert_eq!(
         client
             .submit("bl", &json!({"user": "bad"}))
@@ -761,13 +754,17 @@ pub async fn targeted_task_reaches_only_its_workers(h: Harness) {
         .is_none());
 }
 
-/// A creator's cancellation reaches the worker running the task.
-pub async fn cancel_is_observed_by_the_running_worker(h: Harness) {
-    let mut worker = h.worker(h.worker_config(&["long"])).await;
+/// A task of `task` with `timeout`, submitted by a new client and accepted by a new worker. The
+/// client and worker live on in the background (the handle and the running task hold them).
+async fn running_task(
+    h: &Harness,
+    task: &str,
+    timeout: Duration,
+) -> (bgtask_core::TaskHandle, bgtask_core::RunningTask) {
+    let mut worker = h.worker(h.worker_config(&[task])).await;
     let client = h.client().await;
-    let options = SubmitOptions::new().timeout(Duration::from_secs(20));
-    let mut handle = client
-        .submit_with("long", &json!({}), options)
+    let handle = client
+        .submit_with(task, &json!({}), SubmitOptions::new().timeout(timeout))
         .await
         .unwrap();
     let running = next_task(&mut worker, WAIT)
@@ -777,6 +774,12 @@ pub async fn cancel_is_observed_by_the_running_worker(h: Harness) {
         .await
         .unwrap()
         .unwrap();
+    (handle, running)
+}
+
+/// A creator's cancellation reaches the worker running the task.
+pub async fn cancel_is_observed_by_the_running_worker(h: Harness) {
+    let (mut handle, running) = running_task(&h, "long", Duration::from_secs(20)).await;
     assert!(handle.cancel().await);
     tokio::time::timeout(WAIT, running.cancelled())
         .await
@@ -1088,20 +1091,7 @@ pub async fn hostile_task_names_reach_only_their_workers(h: Harness) {
 /// When the creator stops waiting (timeout), the worker running the task is told, so it can
 /// stop; and the creator holds the task's claim, so no worker can accept it any more.
 pub async fn timed_out_task_is_cancelled_at_the_worker(h: Harness) {
-    let mut worker = h.worker(h.worker_config(&["slow"])).await;
-    let client = h.client().await;
-    let options = SubmitOptions::new().timeout(Duration::from_millis(300));
-    let handle = client
-        .submit_with("slow", &json!({}), options)
-        .await
-        .unwrap();
-    let running = next_task(&mut worker, WAIT)
-        .await
-        .unwrap()
-        .accept()
-        .await
-        .unwrap()
-        .unwrap();
+    let (handle, running) = running_task(&h, "slow", Duration::from_millis(300)).await;
     let id = handle.id().to_owned();
     assert_eq!(
         handle.reply().await.unwrap_err().kind(),
