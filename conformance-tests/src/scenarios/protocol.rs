@@ -576,12 +576,7 @@ async fn report_bad(
 /// More than `threshold` reports within the interval blacklist the value; submits for it fail
 /// with the reason and the time left; other values pass; the count is readable.
 pub async fn blacklist_after_threshold(h: Harness) {
-    let mut worker = h
-        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
-        .await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
-        .await;
+    let (mut worker, client) = blacklist_fixture(&h, Duration::from_secs(30)).await;
     assert!(
         report_bad(&mut worker, &client, "bl", 4).await,
         "the 4th report blacklists"
@@ -607,13 +602,19 @@ pub async fn blacklist_after_threshold(h: Harness) {
     );
 }
 
-/// A worker of "bl" and a keyed client, after the worker blacklisted the key value "bad" for
-/// `duration`.
-async fn blacklisted_bad(h: &Harness, duration: Duration) -> (Worker, bgtask_core::Client) {
-    let mut worker = h.worker(quick_blacklist(h, "bl", duration)).await;
+/// A worker of "bl" that blacklists after 3 reports for `duration`, and a keyed client.
+async fn blacklist_fixture(h: &Harness, duration: Duration) -> (Worker, bgtask_core::Client) {
+    let worker = h.worker(quick_blacklist(h, "bl", duration)).await;
     let client = h
         .client_on(h.broker().await, keyed(h, KeyLimit::Unlimited))
         .await;
+    (worker, client)
+}
+
+/// A worker of "bl" and a keyed client, after the worker blacklisted the key value "bad" for
+/// `duration`.
+async fn blacklisted_bad(h: &Harness, duration: Duration) -> (Worker, bgtask_core::Client) {
+    let (mut worker, client) = blacklist_fixture(h, duration).await;
     assert!(report_bad(&mut worker, &client, "bl", 4).await);
     (worker, client)
 }
@@ -645,12 +646,7 @@ pub async fn blacklist_expires(h: Harness) {
 
 /// Exactly `threshold` reports do not blacklist ("more than" the threshold does).
 pub async fn reports_at_threshold_do_not_blacklist(h: Harness) {
-    let mut worker = h
-        .worker(quick_blacklist(&h, "bl", Duration::from_secs(30)))
-        .await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
-        .await;
+    let (mut worker, client) = blacklist_fixture(&h, Duration::from_secs(30)).await;
     assert!(!report_bad(&mut worker, &client, "bl", 3).await);
     client.submit("bl", &json!({"user": "bad"})).await.unwrap();
     assert_eq!(client.blacklist().count().await.unwrap(), 0);
