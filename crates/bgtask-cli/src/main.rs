@@ -34,7 +34,8 @@ const LONG_ABOUT: &str = "\
 Distributed task execution over Redis, NATS, PostgreSQL or an embedded broker.
 
 Creators submit a JSON task under a task name and await its reply, with progress on the way;
-workers accept it (the first to accept wins), report progress, and complete it with Success,
+each task is offered to one worker chosen by free capacity, which accepts or declines it,
+reports progress, and completes it with Success,
 Error or Failed. Per-key admission control limits the tasks in flight per value of a task key,
 and blacklists values that workers keep reporting as bad.
 
