@@ -38,7 +38,7 @@
 //! schema is current (so a role without `CREATE` works once an administrator migrated; a
 //! broker of a newer version on an older schema needs `CREATE` on the schema, or an
 //! administrator to connect once first). The migrations: 1 creates `leases`, `payloads` and
-//! `acquire_lease`; 2 adds `claims`. The tables:
+//! `acquire_lease`; 2 adds `claims`; 3 adds `admit_lease`. The tables:
 //!
 //! - `leases (key bytea, key_hash bytea = sha256(key), id text, note bytea, seq bigint,
 //!   expires_at timestamptz)`, primary key `(key_hash, id)`: one row per live lease. Keys and
@@ -104,14 +104,21 @@
 //!
 //! # Leases
 //!
-//! [`acquire`](Broker::acquire) is one statement calling `acquire_lease`, a PL/pgSQL function
+//! [`acquire`](Broker::acquire) is one statement calling `acquire_lease` (through `admit_lease`
+//! without a flag, below), a PL/pgSQL function
 //! that takes a transaction-scoped advisory lock on the key (a hash of schema and key), reads
 //! the database clock (`clock_timestamp()`) after it holds the lock, deletes the key's expired
 //! leases, counts the live ones, inserts the new one if under the cap, and returns whether it
 //! did and the live count. The lock ends with the statement's transaction; session-level
 //! advisory locks, which misbehave with pooled connections, are never used. Every expiry is
 //! judged by the database's clock (`clock_timestamp()`, `statement_timestamp()`), never the
-//! client's. `release`, `leases` and `count` are single statements. TTLs are capped at about
+//! client's. `release`, `leases` and `count` are single statements. [`admit`](Broker::admit),
+//! every keyed task's admission, is one statement calling `admit_lease`, which reads the
+//! blacklist flag's oldest live lease and returns it if there is one, else calls `acquire_lease`.
+//! [`release_and_publish`](Broker::release_and_publish), a worker's reply to a keyed task, is one
+//! statement (`WITH released AS (DELETE …) SELECT … FROM (SELECT pg_notify(…))`): the
+//! notification goes out at commit, after the delete; a payload too large for one notification
+//! takes `release` then `publish`. TTLs are capped at about
 //! 100 years ([`MAX_TTL_MILLIS`]).
 //!
 //! # Claims
@@ -244,8 +251,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Published,
-    Result, Subscription,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest,
+    Published, Result, Subscription,
 };
 use bytes::Bytes;
 use sqlx::postgres::PgConnectOptions;
@@ -430,6 +437,48 @@ impl PostgresBroker {
 
 /// The driver's options for `config`: the URL without bgtask's own parameters, the
 /// application name, and the server-side statement timeout.
+/// A row of `admit_lease`: (flag id, flag note, flag seconds left, granted, live).
+type AdmitRow = (
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<f64>,
+    Option<bool>,
+    Option<i64>,
+);
+
+impl PostgresBroker {
+    /// One call of `admit_lease` for a new lease on `key` under `request`, refused if `flag` has
+    /// a live lease (no flag: a plain acquire). Returns the row and the id asked for.
+    async fn admit_lease(
+        &self,
+        what: &str,
+        flag: Option<&str>,
+        key: &str,
+        request: &LeaseRequest,
+    ) -> Result<(AdmitRow, LeaseId)> {
+        self.check_open(what)?;
+        let db = &self.inner.db;
+        let id = LeaseId::random();
+        let ttl = stored_ttl_millis(request.ttl_millis());
+        let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        let deadline = self.deadline();
+        let mut conn = db.conn(what, deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_as::<_, AdmitRow>(&db.statements.admit)
+                .bind(flag.map(str::as_bytes))
+                .bind(key.as_bytes())
+                .bind(id.as_str())
+                .bind(request.note.as_bytes())
+                .bind(ttl)
+                .bind(cap)
+                .fetch_one(&mut *conn),
+        )
+        .await;
+        Ok((db.settle(what, conn, result)?, id))
+    }
+}
+
 fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgConnectOptions> {
     let bad_url = |detail: String| {
         let detail = match secret.filter(|s| !s.is_empty()) {
@@ -497,6 +546,11 @@ async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
             Err(e) => tracing::debug!(error = %e, "postgres: cleanup failed; retrying later"),
         }
     }
+}
+
+/// Seconds left on a lease, as the database computed them, as a duration.
+fn remaining(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 fn rand_fraction() -> f64 {
@@ -572,29 +626,63 @@ impl Broker for PostgresBroker {
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
-        self.check_open("acquire")?;
+        let ((.., granted, live), id) = self.admit_lease("acquire", None, key, &request).await?;
+        Ok(Acquired {
+            lease: (granted == Some(true)).then_some(id),
+            live: u64::try_from(live.unwrap_or(0)).unwrap_or(0),
+        })
+    }
+
+    /// One statement calling `admit_lease` (see the crate docs, *Leases*).
+    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
+        let (row, id) = self.admit_lease("admit", Some(flag), key, &request).await?;
+        let (flag_id, flag_note, flag_left, granted, live) = row;
+        if let Some(flag_id) = flag_id {
+            return Ok(Admission::Blacklisted(LeaseInfo {
+                id: LeaseId::new(flag_id),
+                note: String::from_utf8_lossy(&flag_note.unwrap_or_default()).into_owned(),
+                remaining: remaining(flag_left.unwrap_or(0.0)),
+            }));
+        }
+        let live = u64::try_from(live.unwrap_or(0)).unwrap_or(0);
+        Ok(if granted == Some(true) {
+            Admission::Granted(id)
+        } else {
+            Admission::Full { live }
+        })
+    }
+
+    /// One statement: the delete, then `pg_notify`, which the database sends at commit, after
+    /// the delete. A payload too large for one notification takes the two calls.
+    async fn release_and_publish(
+        &self,
+        key: &str,
+        lease: &LeaseId,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Published, bool)> {
+        self.check_open("release and publish")?;
+        let id = wire::message_id();
+        let Some(text) = wire::encode_inline(&id, channel, &payload) else {
+            let released = self.release(key, lease).await?;
+            return Ok((self.publish(channel, payload).await?, released));
+        };
         let db = &self.inner.db;
-        let id = LeaseId::random();
-        let ttl = stored_ttl_millis(request.ttl_millis());
-        let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        let ident = self.channel_identifier(channel);
         let deadline = self.deadline();
-        let mut conn = db.conn("acquire", deadline).await?;
+        let mut conn = db.conn("release and publish", deadline).await?;
         let result = timeout_at(
             deadline,
-            sqlx::query_as::<_, (bool, i64)>(&db.statements.acquire)
+            sqlx::query_scalar::<_, Option<bool>>(&db.statements.release_and_notify)
                 .bind(key.as_bytes())
-                .bind(id.as_str())
-                .bind(request.note.as_bytes())
-                .bind(ttl)
-                .bind(cap)
+                .bind(lease.as_str())
+                .bind(&ident)
+                .bind(&text)
                 .fetch_one(&mut *conn),
         )
         .await;
-        let (granted, live) = db.settle("acquire", conn, result)?;
-        Ok(Acquired {
-            lease: granted.then_some(id),
-            live: u64::try_from(live).unwrap_or(0),
-        })
+        let released = db.settle("release and publish", conn, result)?;
+        Ok((Published::Unknown, released == Some(true)))
     }
 
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
@@ -631,7 +719,7 @@ impl Broker for PostgresBroker {
             .map(|(id, note, seconds)| LeaseInfo {
                 id: LeaseId::new(id),
                 note: String::from_utf8_lossy(&note).into_owned(),
-                remaining: Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX),
+                remaining: remaining(seconds),
             })
             .collect())
     }

@@ -79,6 +79,35 @@ COMMENT ON TABLE {s}.claims IS
     'bgtask claims: one row per claimed key (UTF-8 bytes), taken over once expired; expired rows are deleted by the brokers'' periodic cleanup';
 "#,
     ),
+    (
+        3,
+        "admit_lease: the blacklist check and the limit lease in one call",
+        r#"
+CREATE FUNCTION {s}.admit_lease(
+    p_flag bytea, p_key bytea, p_id text, p_note bytea, p_ttl_ms bigint, p_cap bigint,
+    OUT flag_id text, OUT flag_note bytea, OUT flag_left float8,
+    OUT granted boolean, OUT live bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    -- A live flag refuses, with its oldest lease; no lease is taken.
+    SELECT l.id, l.note, extract(epoch FROM l.expires_at - clock_timestamp())::float8
+        INTO flag_id, flag_note, flag_left
+        FROM {s}.leases l
+        WHERE l.key_hash = sha256(p_flag) AND l.key = p_flag AND l.expires_at > clock_timestamp()
+        ORDER BY l.seq
+        LIMIT 1;
+    IF flag_id IS NOT NULL THEN
+        granted := false;
+        RETURN;
+    END IF;
+    SELECT a.granted, a.live INTO granted, live
+        FROM {s}.acquire_lease(p_key, p_id, p_note, p_ttl_ms, p_cap) a;
+END
+$fn$;
+"#,
+    ),
 ];
 
 /// The latest migration version.
@@ -174,10 +203,16 @@ pub(crate) struct Statements {
     pub(crate) notify_by_reference: String,
     /// `$1` id, `$2` channel bytes → `data` when the row is that channel's, NULL otherwise.
     pub(crate) fetch_payload: String,
-    /// `$1` key, `$2` id, `$3` note, `$4` ttl in ms, `$5` cap or NULL → (granted, live).
-    pub(crate) acquire: String,
+    /// `$1` flag key or NULL, `$2` key, `$3` id, `$4` note, `$5` ttl in ms, `$6` cap or NULL →
+    /// (flag id, flag note, flag seconds left, granted, live): a flag id when blacklisted. With
+    /// no flag, a plain acquire.
+    pub(crate) admit: String,
     /// `$1` key, `$2` id → one row (was it live?) if the lease existed.
     pub(crate) release: String,
+    /// `$1` key, `$2` id, `$3` channel identifier, `$4` notification text → one row: was the
+    /// lease live (NULL if it did not exist). The notification goes out at commit, after the
+    /// delete.
+    pub(crate) release_and_notify: String,
     /// `$1` key → (id, note, seconds left) of the live leases, oldest first.
     pub(crate) leases: String,
     /// `$1` key → the number of live leases.
@@ -200,7 +235,13 @@ impl Statements {
                  SELECT pg_notify($5, $6) FROM row"),
             fetch_payload: r("SELECT CASE WHEN channel = $2 THEN data END \
                  FROM {s}.payloads WHERE id = $1"),
-            acquire: r("SELECT granted, live FROM {s}.acquire_lease($1, $2, $3, $4, $5)"),
+            admit: r("SELECT flag_id, flag_note, flag_left, granted, live \
+                 FROM {s}.admit_lease($1, $2, $3, $4, $5, $6)"),
+            release_and_notify: r("WITH released AS ( \
+                     DELETE FROM {s}.leases \
+                     WHERE key_hash = sha256($1) AND key = $1 AND id = $2 \
+                     RETURNING expires_at > clock_timestamp() AS live) \
+                 SELECT (SELECT live FROM released) FROM (SELECT pg_notify($3, $4)) AS sent"),
             release: r("DELETE FROM {s}.leases \
                  WHERE key_hash = sha256($1) AND key = $1 AND id = $2 \
                  RETURNING expires_at > clock_timestamp()"),
@@ -244,10 +285,10 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(render("{s}.t {lit}", "Jobs"), "\"Jobs\".t 'Jobs'");
         let statements = Statements::new("x");
-        assert!(statements.acquire.contains("\"x\".acquire_lease"));
+        assert!(statements.admit.contains("\"x\".admit_lease"));
         assert!(statements.claim.contains("\"x\".claims"));
         assert!(statements.cleanup.contains("\"x\".claims"));
-        assert_eq!(latest_version(), 2);
+        assert_eq!(latest_version(), 3);
         for (_, _, sql) in MIGRATIONS {
             let sql = render(sql, "x");
             assert!(!sql.contains("{s}") && !sql.contains("{lit}"));

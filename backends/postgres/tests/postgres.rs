@@ -75,7 +75,7 @@ async fn migrations_run_once_and_schemas_never_meet() {
         .fetch_all(&mut raw().await)
         .await
         .unwrap();
-    assert_eq!(rows, vec![(1, 2), (2, 2)]);
+    assert_eq!(rows, vec![(1, 3), (2, 3), (3, 3)]);
 
     let other = TestSchema::new();
     let elsewhere = other.broker().await;
@@ -783,12 +783,13 @@ async fn a_version_1_schema_is_migrated() {
         .lease
         .is_some());
     old.close();
-    // Migration 1 is never edited, so removing what migration 2 added leaves exactly a
+    // Migration 1 is never edited, so removing what migrations 2 and 3 added leaves exactly a
     // version-1 schema.
     let mut conn = raw().await;
     conn.execute(
         format!(
-            "DROP TABLE \"{0}\".claims; DELETE FROM \"{0}\".migrations WHERE version > 1",
+            "DROP FUNCTION \"{0}\".admit_lease; DROP TABLE \"{0}\".claims; \
+             DELETE FROM \"{0}\".migrations WHERE version > 1",
             schema.name
         )
         .as_str(),
@@ -802,7 +803,7 @@ async fn a_version_1_schema_is_migrated() {
         schema.name
     );
     let rows: Vec<(i32, i64)> = sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap();
-    assert_eq!(rows, vec![(1, 2), (2, 2)]);
+    assert_eq!(rows, vec![(1, 3), (2, 3), (3, 3)]);
     assert!(brokers[0]
         .acquire("k", request)
         .await

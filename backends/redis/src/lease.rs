@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use bgtask_core::{Acquired, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result};
+use bgtask_core::{
+    Acquired, Admission, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result,
+};
 use redis::Value;
 
 /// The prefix of the sorted set of a lease key: `bgl:{<key>}`.
@@ -40,7 +42,7 @@ pub(crate) fn keys(key: &str) -> (Vec<u8>, Vec<u8>) {
     (wrap(LEASES_PREFIX), wrap(NOTES_PREFIX))
 }
 
-/// The script behind `acquire`, `leases` and `count` (`release` is a plain transaction, see
+/// The script behind `acquire`, `admit`, `leases` and `count` (`release` is a plain transaction, see
 /// [`ReleaseReply`]). `KEYS[1]` is the sorted set (member = lease id,
 /// score = expiry in ms by the server's clock), `KEYS[2]` the hash (lease id -> "<seq>:<note>",
 /// plus the counter field `#seq` that orders leases by acquisition). `ARGV[1]` names the
@@ -54,31 +56,54 @@ local op = ARGV[1]
 
 local function int(n) return string.format('%d', n) end
 
--- Remove the expired leases and their notes.
+-- Remove the expired leases and their notes; returns how many there were.
 local function purge()
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', int(now))
-  if #expired == 0 then return end
+  if #expired == 0 then return 0 end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', int(now))
   for i = 1, #expired, 500 do
     redis.call('HDEL', notes, unpack(expired, i, math.min(i + 499, #expired)))
   end
+  return #expired
+end
+
+-- Drop the expired leases; under the cap (ARGV[4], -1 for none), add lease ARGV[2] of ARGV[3] ms
+-- with note ARGV[5]. Returns {1, live} when added, {0, live} when not. Every `redis.call` costs
+-- more than the command it runs, so a key without leases (most keyed tasks' limit key) takes
+-- the short way: nothing to purge, the order starts again at 1, the new lease is the longest.
+local function acquire()
+  local id, ttl, cap, note = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  local live = redis.call('ZCARD', leases)
+  if live > 0 then live = live - purge() end
+  if cap >= 0 and live >= cap then return {0, live} end
+  redis.call('ZADD', leases, int(now + ttl), id)
+  local keep = ttl
+  if live == 0 then
+    redis.call('HSET', notes, '#seq', 1, id, '1:' .. note)
+  else
+    local seq = redis.call('HINCRBY', notes, '#seq', 1)
+    redis.call('HSET', notes, id, int(seq) .. ':' .. note)
+    local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+    keep = tonumber(last[2]) - now
+  end
+  -- Both keys live as long as their longest live lease: never less. (A release does not
+  -- shorten them, so until the next acquire they may outlive it, never a lease acquired on them.)
+  redis.call('PEXPIRE', leases, int(keep))
+  redis.call('PEXPIRE', notes, int(keep))
+  return {1, live + 1}
 end
 
 if op == 'acquire' then
-  local id, ttl, cap, note = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  purge()
-  local live = redis.call('ZCARD', leases)
-  if cap >= 0 and live >= cap then return {0, live} end
-  redis.call('ZADD', leases, int(now + ttl), id)
-  local seq = redis.call('HINCRBY', notes, '#seq', 1)
-  redis.call('HSET', notes, id, int(seq) .. ':' .. note)
-  -- Both keys live as long as their longest live lease: never less. (A release does not
-  -- shorten them, so until the next acquire they may outlive it, never a lease acquired on them.)
-  local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
-  local keep = int(tonumber(last[2]) - now)
-  redis.call('PEXPIRE', leases, keep)
-  redis.call('PEXPIRE', notes, keep)
-  return {1, live + 1}
+  return acquire()
+elseif op == 'admit' then
+  -- KEYS[3], KEYS[4]: the blacklist flag's sorted set and hash. A live flag refuses, with its
+  -- lease: {2, id, remaining ms, "<seq>:<note>"}. Else acquire, as above.
+  local flag = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #flag > 0 then
+    local stored = redis.call('HGET', KEYS[4], flag[1]) or ''
+    return {2, flag[1], int(tonumber(flag[2]) - now), stored}
+  end
+  return acquire()
 elseif op == 'leases' then
   local items = redis.call('ZRANGEBYSCORE', leases, '(' .. int(now), '+inf', 'WITHSCORES')
   local out = {}
@@ -99,13 +124,29 @@ return redis.error_reply('bgtask: unknown lease operation')
 /// removed by `ZREM` and `HDEL`.
 pub(crate) type ReleaseReply = ((u64, u64), Option<f64>, u64, u64);
 
+/// The transaction of `release`: `TIME`, the lease's expiry (`ZSCORE`), `ZREM` and `HDEL`.
+pub(crate) fn release_pipe(key: &str, lease: &LeaseId) -> redis::Pipeline {
+    let (leases, notes) = keys(key);
+    let id = lease.as_str();
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("TIME")
+        .zscore(&leases, id)
+        .zrem(&leases, id)
+        .hdel(&notes, id);
+    pipe
+}
+
+/// The reply of `release_and_publish`: the release's replies, then `PUBLISH`'s receiver count.
+pub(crate) type ReleaseAndPublishReply = ((u64, u64), Option<f64>, u64, u64, u64);
+
 /// A `TIME` reply (seconds, microseconds) in milliseconds, as the script computes `now`.
 pub(crate) fn millis((seconds, micros): (u64, u64)) -> u64 {
     seconds.saturating_mul(1000).saturating_add(micros / 1000)
 }
 
-/// Build the arguments of an `acquire` call.
-pub(crate) fn acquire_args(id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>> {
+/// Build the arguments of an `acquire` call, or (`op` = `admit`) of an `admit` call.
+pub(crate) fn acquire_args(op: &str, id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>> {
     let ttl = request.ttl_millis().min(MAX_TTL_MILLIS);
     let cap = match request.cap {
         // Any cap beyond i64 is as good as none.
@@ -113,7 +154,7 @@ pub(crate) fn acquire_args(id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>>
         None => -1,
     };
     vec![
-        b"acquire".to_vec(),
+        op.as_bytes().to_vec(),
         id.as_str().as_bytes().to_vec(),
         ttl.to_string().into_bytes(),
         cap.to_string().into_bytes(),
@@ -159,6 +200,19 @@ pub(crate) fn parse_acquired(id: LeaseId, value: Value) -> Result<Acquired> {
         Some((0, live)) => Ok(Acquired { lease: None, live }),
         _ => Err(unexpected("acquire", &value)),
     }
+}
+
+/// Read the answer of `admit` (made with lease id `id`).
+pub(crate) fn parse_admission(id: LeaseId, value: Value) -> Result<Admission> {
+    if let Value::Array(items) = &value {
+        if items.len() == 4 && as_u64(&items[0]) == Some(2) {
+            let flag = parse_leases(Value::Array(items[1..].to_vec()))?;
+            if let Some(flag) = flag.into_iter().next() {
+                return Ok(Admission::Blacklisted(flag));
+            }
+        }
+    }
+    Ok(Admission::from(parse_acquired(id, value)?))
 }
 
 /// Read the answer of `count`.
@@ -235,10 +289,14 @@ mod tests {
     #[test]
     fn caps_arguments() {
         let id = LeaseId::new("x");
-        let args = acquire_args(&id, &LeaseRequest::new(Duration::MAX).cap(u64::MAX));
+        let args = acquire_args(
+            "acquire",
+            &id,
+            &LeaseRequest::new(Duration::MAX).cap(u64::MAX),
+        );
         assert_eq!(args[2], MAX_TTL_MILLIS.to_string().into_bytes());
         assert_eq!(args[3], b"-1");
-        let args = acquire_args(&id, &LeaseRequest::new(Duration::ZERO));
+        let args = acquire_args("acquire", &id, &LeaseRequest::new(Duration::ZERO));
         assert_eq!(args[2], b"1");
     }
 }

@@ -90,11 +90,15 @@
 //! One Lua script (loaded with `EVALSHA` and reloaded by `redis::Script` after a `NOSCRIPT`, e.g.
 //! when the server restarted) does `acquire`, `leases` and `count` atomically, reading the clock
 //! inside the script: `acquire` drops the expired leases, counts the live ones, and, under the
-//! cap, adds one. The two hot calls that need no decision skip the script, which costs far more
+//! cap, adds one. `admit` (every keyed task's admission) is one run of the same script on four
+//! keys: the blacklist flag's live lease, if any, refuses; else it acquires as `acquire` does.
+//! (On a Redis Cluster the flag and the limit key would have to share a hash slot.) The two hot calls that need no decision skip the script, which costs far more
 //! on the server than the commands it runs:
 //!
 //! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
-//!   expiry is after `TIME`);
+//!   expiry is after `TIME`); `release_and_publish` (a worker's reply to a keyed task) is the
+//!   same transaction with the `PUBLISH` at its end, one round trip, the slot free before the
+//!   reply goes out;
 //! - `leases` and `count` first ask `EXISTS bgl:{K}`; a key without leases (every blacklist
 //!   check of a value that is not blacklisted) costs that one command.
 //!
@@ -142,8 +146,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Published,
-    Result, Subscription,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest,
+    Published, Result, Subscription,
 };
 use bytes::Bytes;
 use redis::Value;
@@ -275,16 +279,27 @@ impl RedisBroker {
             .map(|n| n > 0)
     }
 
-    /// Run the lease script with operation `args[0]` on lease key `key`.
-    async fn lease_script(&self, what: &str, key: &str, args: Vec<Vec<u8>>) -> Result<Value> {
+    /// Run the lease script with operation `args[0]` on lease key `key` (and, for `admit`, on
+    /// the blacklist flag `flag`).
+    async fn lease_script(
+        &self,
+        what: &str,
+        key: &str,
+        flag: Option<&str>,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Value> {
         self.check_open(what)?;
         let (leases, notes) = lease::keys(key);
+        let flag = flag.map(lease::keys);
         let script = &self.inner.script;
         self.inner
             .commands
             .run(what, |mut conn| async move {
                 let mut invocation = script.prepare_invoke();
                 invocation.key(leases).key(notes);
+                if let Some((flag_leases, flag_notes)) = flag {
+                    invocation.key(flag_leases).key(flag_notes);
+                }
                 for arg in args {
                     invocation.arg(arg);
                 }
@@ -329,29 +344,52 @@ impl Broker for RedisBroker {
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
         let id = LeaseId::random();
-        let args = lease::acquire_args(&id, &request);
-        let value = self.lease_script("acquire", key, args).await?;
+        let args = lease::acquire_args("acquire", &id, &request);
+        let value = self.lease_script("acquire", key, None, args).await?;
         lease::parse_acquired(id, value)
+    }
+
+    /// One script run: the flag check and the acquire (see the crate docs, *Lease layout*).
+    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
+        let id = LeaseId::random();
+        let args = lease::acquire_args("admit", &id, &request);
+        let value = self.lease_script("admit", key, Some(flag), args).await?;
+        lease::parse_admission(id, value)
+    }
+
+    /// One `MULTI`/`EXEC`: the release's commands (see [`release`](Broker::release)), then
+    /// `PUBLISH`. One round trip, and the release is applied before the message goes out.
+    async fn release_and_publish(
+        &self,
+        key: &str,
+        lease: &LeaseId,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Published, bool)> {
+        self.check_open("release and publish")?;
+        let mut pipe = lease::release_pipe(key, lease);
+        pipe.publish(channel, payload.as_ref());
+        let (time, expiry, _, _, receivers): lease::ReleaseAndPublishReply = self
+            .inner
+            .commands
+            .run("release and publish", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        let released = expiry.is_some_and(|expiry| expiry > lease::millis(time) as f64);
+        Ok((Published::Receivers(receivers), released))
     }
 
     /// One `MULTI`/`EXEC` (`TIME`, `ZSCORE`, `ZREM`, `HDEL`), no script: the hot path of every
     /// keyed task's end.
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
         self.check_open("release")?;
-        let (leases, notes) = lease::keys(key);
-        let id = lease.as_str();
+        let pipe = lease::release_pipe(key, lease);
         let (time, expiry, ..): lease::ReleaseReply = self
             .inner
             .commands
             .run("release", |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("TIME")
-                    .zscore(&leases, id)
-                    .zrem(&leases, id)
-                    .hdel(&notes, id)
-                    .query_async(&mut conn)
-                    .await
+                pipe.query_async(&mut conn).await
             })
             .await?;
         Ok(expiry.is_some_and(|expiry| expiry > lease::millis(time) as f64))
@@ -362,7 +400,7 @@ impl Broker for RedisBroker {
             return Ok(Vec::new());
         }
         let value = self
-            .lease_script("leases", key, vec![b"leases".to_vec()])
+            .lease_script("leases", key, None, vec![b"leases".to_vec()])
             .await?;
         lease::parse_leases(value)
     }
@@ -372,7 +410,7 @@ impl Broker for RedisBroker {
             return Ok(0);
         }
         let value = self
-            .lease_script("count", key, vec![b"count".to_vec()])
+            .lease_script("count", key, None, vec![b"count".to_vec()])
             .await?;
         lease::parse_count(value)
     }

@@ -2,6 +2,7 @@
 //!
 //! Each takes a [`Harness`](crate::Harness) and panics on failure.
 
+pub mod admission;
 pub mod broker;
 pub mod faults;
 pub mod offers;

@@ -48,8 +48,12 @@ pub type DynBroker = Arc<dyn Broker>;
 /// a publish on one worker's own channel (the receiver count, where known, tells a creator at
 /// once that the worker is gone); worker presence is one lease per worker on one key, renewed
 /// every heartbeat, whose note is the worker's record (JSON: a few hundred bytes, a few KiB for a
-/// worker of many task names), listed with [`leases`](Broker::leases) when a creator starts; the first-accept-wins arbiter is [`claim`](Broker::claim). Nothing else is
-/// asked of a backend: every backend, and any third-party one, gets scale-out unchanged.
+/// worker of many task names), listed with [`leases`](Broker::leases) when a creator starts; the first-accept-wins arbiter is
+/// [`claim`](Broker::claim). A keyed task adds [`admit`](Broker::admit) at the creator (blacklist
+/// check and limit lease) and [`release_and_publish`](Broker::release_and_publish) at the worker
+/// (the limit lease freed with the reply). Both are provided from the other methods, so nothing
+/// else is asked of a backend: every backend, and any third-party one, gets scale-out and keyed
+/// tasks unchanged, and overrides them only to save round trips.
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Publish `payload` on `channel` to every subscription that is active at this moment.
@@ -113,8 +117,71 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(acquired.lease.is_some())
     }
 
+    /// Admit one keyed task in one step: refuse it if `flag` (the key value's blacklist flag) has
+    /// a live lease, else [`acquire`](Broker::acquire) a lease on `key` (its limit key) under
+    /// `request`.
+    ///
+    /// # Behaviour
+    ///
+    /// - Blacklisted: [`Admission::Blacklisted`] with the flag's oldest live lease; no lease is
+    ///   taken (a backend that checks and acquires at once gives back what it took before it
+    ///   returns).
+    /// - Otherwise exactly as [`acquire`](Broker::acquire) on `key`: [`Admission::Granted`] with
+    ///   the new lease, or [`Admission::Full`] with the live count. The cap is exact under any
+    ///   number of concurrent callers.
+    ///
+    /// This is the creator's hot call for every keyed task. The provided implementation is
+    /// [`leases`](Broker::leases) then [`acquire`](Broker::acquire): two round trips, which a
+    /// backend overrides with one where it can (Redis: one script; PostgreSQL: one statement).
+    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
+        if let Some(flag) = self.leases(flag).await?.into_iter().next() {
+            return Ok(Admission::Blacklisted(flag));
+        }
+        Ok(Admission::from(self.acquire(key, request).await?))
+    }
+
+    /// [`Release`](Broker::release) `lease` of `key`, then [`publish`](Broker::publish)
+    /// `payload` on `channel`: how a worker completes a keyed task, freeing its slot in the same
+    /// step as it sends the reply.
+    ///
+    /// # Behaviour
+    ///
+    /// - Ordered: a subscriber that receives the message and then looks at `key` finds the lease
+    ///   gone.
+    /// - An error means the message may not have been published: the caller publishes it
+    ///   without the release (the lease then expires on its own or its owner releases it).
+    /// - Returns what the publish returned and whether the lease was live.
+    ///
+    /// The provided implementation is the two calls in that order; a backend overrides it with
+    /// one round trip where it can (Redis: one transaction; PostgreSQL: one statement).
+    async fn release_and_publish(
+        &self,
+        key: &str,
+        lease: &LeaseId,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Published, bool)> {
+        let released = self.release(key, lease).await?;
+        let published = self.publish(channel, payload).await?;
+        Ok((published, released))
+    }
+
     /// What this backend can and cannot do.
     fn capabilities(&self) -> Capabilities;
+}
+
+/// The outcome of [`Broker::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Not blacklisted, and under the limit: the lease taken.
+    Granted(LeaseId),
+    /// Not blacklisted, but the limit key already has `live` leases, at or over the cap.
+    Full {
+        /// Live leases on the limit key.
+        live: u64,
+    },
+    /// The blacklist key has a live lease: this one (its note is the reason).
+    Blacklisted(LeaseInfo),
 }
 
 /// What a backend declares it can do; the conformance suite checks what is declared.
@@ -269,6 +336,18 @@ impl LeaseId {
 impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl From<Acquired> for Admission {
+    /// An acquire on the limit key, as an admission: the lease granted, or the key full.
+    fn from(acquired: Acquired) -> Self {
+        match acquired.lease {
+            Some(lease) => Admission::Granted(lease),
+            None => Admission::Full {
+                live: acquired.live,
+            },
+        }
     }
 }
 

@@ -12,8 +12,8 @@ pub mod names;
 pub mod protocol;
 
 pub use broker::{
-    Acquired, Broker, Capabilities, DynBroker, Incoming, LeaseId, LeaseInfo, LeaseRequest,
-    Published, Subscription,
+    Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, LeaseId, LeaseInfo,
+    LeaseRequest, Published, Subscription,
 };
 pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
 pub use memory::MemoryBroker;

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::broker::{
-    Acquired, Broker, Capabilities, Incoming, LeaseId, LeaseInfo, LeaseRequest, Published,
-    Subscription,
+    Acquired, Admission, Broker, Capabilities, Incoming, LeaseId, LeaseInfo, LeaseRequest,
+    Published, Subscription,
 };
 use crate::error::Result;
 
@@ -55,6 +55,16 @@ struct Lease {
     id: LeaseId,
     note: String,
     expires: Instant,
+}
+
+impl Lease {
+    fn info(&self, now: Instant) -> LeaseInfo {
+        LeaseInfo {
+            id: self.id.clone(),
+            note: self.note.clone(),
+            remaining: self.expires - now,
+        }
+    }
 }
 
 impl MemoryBroker {
@@ -130,6 +140,34 @@ fn pop_due<K: Ord>(
 }
 
 impl State {
+    /// [`Broker::acquire`] on this state.
+    fn acquire(&mut self, key: &str, request: LeaseRequest, now: Instant) -> Acquired {
+        let expires = expiry(now, request.ttl_millis());
+        self.expire(now);
+        let list = match live_leases(&mut self.leases, key, now) {
+            Some(list) => list,
+            None => self.leases.entry(key.to_owned()).or_default(),
+        };
+        let live = list.len() as u64;
+        if request.cap.is_some_and(|cap| live >= cap) {
+            return Acquired { lease: None, live };
+        }
+        let id = LeaseId::random();
+        let extends = list.iter().all(|l| l.expires < expires);
+        list.push(Lease {
+            id: id.clone(),
+            note: request.note,
+            expires,
+        });
+        if extends {
+            self.expiries.push(Reverse((expires, key.to_owned())));
+        }
+        Acquired {
+            lease: Some(id),
+            live: live + 1,
+        }
+    }
+
     /// Drop the claims that expired, by their expiry queue.
     fn expire_claims(&mut self, now: Instant) {
         let claims = &mut self.claims;
@@ -208,32 +246,18 @@ impl Broker for MemoryBroker {
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+        Ok(self.state().acquire(key, request, Instant::now()))
+    }
+
+    /// The check and the acquire under one lock.
+    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
         let now = Instant::now();
-        let expires = expiry(now, request.ttl_millis());
         let mut state = self.state();
-        state.expire(now);
-        let list = match live_leases(&mut state.leases, key, now) {
-            Some(list) => list,
-            None => state.leases.entry(key.to_owned()).or_default(),
-        };
-        let live = list.len() as u64;
-        if request.cap.is_some_and(|cap| live >= cap) {
-            return Ok(Acquired { lease: None, live });
+        let flagged = live_leases(&mut state.leases, flag, now).and_then(|list| list.first());
+        if let Some(flag) = flagged.map(|l| l.info(now)) {
+            return Ok(Admission::Blacklisted(flag));
         }
-        let id = LeaseId::random();
-        let extends = list.iter().all(|l| l.expires < expires);
-        list.push(Lease {
-            id: id.clone(),
-            note: request.note,
-            expires,
-        });
-        if extends {
-            state.expiries.push(Reverse((expires, key.to_owned())));
-        }
-        Ok(Acquired {
-            lease: Some(id),
-            live: live + 1,
-        })
+        Ok(Admission::from(state.acquire(key, request, now)))
     }
 
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
@@ -255,15 +279,7 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         let mut state = self.state();
         Ok(live_leases(&mut state.leases, key, now)
-            .map(|list| {
-                list.iter()
-                    .map(|l| LeaseInfo {
-                        id: l.id.clone(),
-                        note: l.note.clone(),
-                        remaining: l.expires - now,
-                    })
-                    .collect()
-            })
+            .map(|list| list.iter().map(|l| l.info(now)).collect())
             .unwrap_or_default())
     }
 

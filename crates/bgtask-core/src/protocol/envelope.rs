@@ -134,6 +134,19 @@ pub(crate) struct Message<'a> {
         deserialize_with = "borrowed_str"
     )]
     pub(crate) reason: Option<Cow<'a, str>>,
+    /// On a keyed task: the creator's lease on the key value's limit key, which the worker
+    /// releases with its `done` (see [`Broker::release_and_publish`](crate::Broker::release_and_publish)).
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "borrowed_str"
+    )]
+    pub(crate) lease: Option<Cow<'a, str>>,
+    /// On a `done`: the worker released the task's `lease` before sending it, so the creator
+    /// need not.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) released: bool,
     /// The task's payload, a progress value or a reply. JSON `null` is a value here, not an
     /// absent field. Always the last field, so [`Message::encode_with_body`] can append it.
     #[serde(
@@ -224,6 +237,8 @@ impl<'a> Message<'a> {
             offer_ms: None,
             target: None,
             reason: None,
+            lease: None,
+            released: false,
             body: None,
         }
     }
@@ -319,6 +334,12 @@ impl<'a> Message<'a> {
         }
         if let Some(reason) = &self.reason {
             string(out, ",\"reason\":", reason);
+        }
+        if let Some(lease) = &self.lease {
+            string(out, ",\"lease\":", lease);
+        }
+        if self.released {
+            out.extend_from_slice(b",\"released\":true");
         }
     }
 
@@ -435,6 +456,8 @@ mod tests {
         full.offer_ms = Some(250);
         full.target = Some("gpu".into());
         full.reason = Some("busy".into());
+        full.lease = Some("l\"1".into());
+        full.released = true;
         full.body = Some(&body);
         let mut empty = Message::new(Kind::Cancel, "x");
         empty.status = Some(Status::Success);

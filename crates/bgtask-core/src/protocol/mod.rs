@@ -1,6 +1,7 @@
 //! The task protocol, built on [`Broker`](crate::Broker) only: [`Client`] (creators),
 //! [`Worker`] (workers), [`Blacklist`], and the wire format.
 
+mod admission;
 mod blacklist;
 mod client;
 mod due;
@@ -52,7 +53,7 @@ pub(crate) mod fuzz {
         let Ok(raw) = serde_json::from_str::<&serde_json::value::RawValue>(text) else {
             return;
         };
-        let _ = super::client::extract_key_value(raw, key);
+        let _ = super::admission::extract_key_value(raw, key);
     }
 }
 
@@ -125,9 +126,9 @@ pub(crate) mod bench {
     }
 
     /// The value of the top-level property `key` of a payload, as a creator extracts its task
-    /// key (`client::extract_key_value`).
+    /// key (`admission::extract_key_value`).
     pub fn extract_key_value(payload: &RawValue, key: &str) -> Result<String> {
-        super::client::extract_key_value(payload, key)
+        super::admission::extract_key_value(payload, key)
     }
 }
 

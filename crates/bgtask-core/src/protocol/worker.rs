@@ -19,13 +19,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::check_payload_size;
 use super::blacklist::{Blacklist, BlacklistConfig};
-use super::client::check_payload_size;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
 use super::presence::{Announcer, Event, WorkerRecord};
 use super::{decode_raw, duration_ms, Counter};
-use crate::broker::{DynBroker, Incoming, Subscription};
+use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{random_id, validate_name, Namespace, PROTOCOL_LEVEL};
 
@@ -475,6 +475,10 @@ impl Worker {
             reply_to: reply_to.into_owned(),
             deadline: received + timeout,
             broadcast: message.broadcast,
+            lease: message
+                .lease
+                .filter(|_| !message.broadcast && message.key.is_some())
+                .map(Cow::into_owned),
             key: message.key.map(Cow::into_owned),
             meta: message.meta.map(ToOwned::to_owned),
             body: body.to_owned(),
@@ -739,6 +743,8 @@ struct Shared {
     deadline: Instant,
     broadcast: bool,
     key: Option<String>,
+    /// The creator's lease on the key value's limit key, released with the `done`.
+    lease: Option<String>,
     meta: Option<Box<RawValue>>,
     body: Box<RawValue>,
     cancel: CancellationToken,
@@ -1063,13 +1069,33 @@ impl RunningTask {
 }
 
 async fn send_done<T: Serialize + ?Sized>(shared: &Shared, status: Status, body: &T) -> Result<()> {
+    let worker = &shared.worker;
     let mut message = Message::new(Kind::Done, shared.id.as_str());
-    message.worker = Some(Cow::Borrowed(shared.worker.worker_id.as_str()));
+    message.worker = Some(Cow::Borrowed(worker.worker_id.as_str()));
     message.status = Some(status);
-    shared
-        .worker
-        .publish_reply(&shared.reply_to, message, "reply", body)
-        .await
+    let (Some(lease), Some(value)) = (&shared.lease, &shared.key) else {
+        return worker
+            .publish_reply(&shared.reply_to, message, "reply", body)
+            .await;
+    };
+    // Free the task's slot in the same step as the reply, and say so, so the creator need not.
+    message.released = true;
+    let encoded = message.encode_with_body(body)?;
+    check_payload_size("reply", encoded.body.len(), worker.config.max_payload)?;
+    let limit_key = worker.namespace.limit_key(&shared.task, value);
+    let lease = LeaseId::new(lease.as_str());
+    let sent = worker
+        .broker
+        .release_and_publish(&limit_key, &lease, &shared.reply_to, encoded.bytes.into())
+        .await;
+    if let Err(error) = sent {
+        tracing::debug!(%error, "could not release the key lease with the reply; the creator will");
+        message.released = false;
+        return worker
+            .publish_reply(&shared.reply_to, message, "reply", body)
+            .await;
+    }
+    Ok(())
 }
 
 impl Drop for RunningTask {

@@ -3,7 +3,7 @@
 mod offer;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,12 +19,13 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{self, check_payload_size, extract_key_value, KeyLease};
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
 use super::presence::{self, Charge, Event, Roster, Route};
 use super::{duration_millis, duration_ms, Counter, KeyLimit, Reply};
-use crate::broker::{DynBroker, Incoming, LeaseId, LeaseRequest, Published};
+use crate::broker::{DynBroker, Incoming, Published};
 use crate::error::{Error, ErrorDetail, ErrorKind, Result};
 use crate::names::{id_to_hex, random_id, validate_name, Namespace};
 
@@ -208,6 +209,8 @@ struct Slot {
     state: Mutex<SlotState>,
     /// `notify_one` after every change: a stored permit means no wake-up is ever lost.
     changed: Notify,
+    /// The worker released the task's key lease with its reply.
+    released: AtomicBool,
 }
 
 #[derive(Default)]
@@ -569,12 +572,42 @@ impl Client {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let id = rand::random::<u128>();
         let id_hex = id_to_hex(id);
-        let deadline_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_add(timeout)
-            .as_millis() as u64;
+        let deadline_ms = duration_millis(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .saturating_add(timeout),
+        );
 
+        let task_key = match &options.task_key {
+            Some(key) => key.as_deref(),
+            None => inner.config.task_key.as_deref(),
+        };
+        let (mut key_value, mut lease, mut body) = (None, None, None);
+        if let Some(key) = task_key {
+            // The key value goes in the envelope (before the body), so serialize the payload on
+            // its own first; this path pays one copy of it. Everything is checked before the
+            // admission, so a refused task never holds a slot.
+            let raw = serde_json::value::to_raw_value(payload).map_err(|e| {
+                Error::invalid_input("value is not serializable as JSON").with_source(e)
+            })?;
+            check_payload_size("task payload", raw.get().len(), inner.config.max_payload)?;
+            let value = extract_key_value(&raw, key)?;
+            validate_name("task key value", &value)?;
+            let limit = options.limit.unwrap_or(inner.config.per_key_limit);
+            let ttl = timeout + inner.config.lease_margin;
+            lease = admission::admit(
+                &inner.broker,
+                &inner.namespace,
+                (task, &value),
+                limit,
+                ttl,
+                &id_hex,
+            )
+            .await?;
+            key_value = Some(value);
+            body = Some(raw);
+        }
         // The envelope, with the payload serialized straight into it.
         let mut message = Message::new(Kind::Task, id_hex.as_str());
         message.task = Some(Cow::Borrowed(task));
@@ -587,59 +620,25 @@ impl Client {
             message.offer_ms = Some(duration_millis(inner.config.offer_timeout).max(1));
             message.target = options.target.as_deref().map(Cow::Borrowed);
         }
-        let task_key = match &options.task_key {
-            Some(key) => key.as_deref(),
-            None => inner.config.task_key.as_deref(),
-        };
-        let mut key_value = None;
-        let encoded = match task_key {
-            None => message.encode_with_body(payload)?,
-            Some(key) => {
-                // The key value goes in the envelope (before the body), so serialize the payload
-                // on its own first; this path pays one copy of it.
-                let body = serde_json::value::to_raw_value(payload).map_err(|e| {
-                    Error::invalid_input("value is not serializable as JSON").with_source(e)
-                })?;
-                check_payload_size("task payload", body.get().len(), inner.config.max_payload)?;
-                let value = extract_key_value(&body, key)?;
-                validate_name("task key value", &value)?;
-                key_value = Some(value);
-                message.key = key_value.as_deref().map(Cow::Borrowed);
-                message.encode_with_body(&*body)?
-            }
-        };
-        check_payload_size("task payload", encoded.body.len(), inner.config.max_payload)?;
-
-        let mut lease = None;
-        if let Some(value) = &key_value {
-            if let Some(entry) = inner.blacklist.check(task, value).await? {
-                return Err(entry.to_error());
-            }
-            let limit = options.limit.unwrap_or(inner.config.per_key_limit);
-            if let KeyLimit::Max(max) = limit {
-                let key = inner.namespace.limit_key(task, value);
-                let request = LeaseRequest::new(timeout + inner.config.lease_margin)
-                    .cap(max)
-                    .note(id_hex.as_str());
-                let acquired = inner.broker.acquire(&key, request).await?;
-                match acquired.lease {
-                    Some(l) => lease = Some((key, l)),
-                    None => {
-                        return Err(Error::new(
-                            ErrorKind::LimitReached,
-                            format!(
-                                "{} tasks of {task:?} with key value {value:?} are in flight; the limit is {max}",
-                                acquired.live
-                            ),
-                        )
-                        .with_detail(ErrorDetail::Limit {
-                            in_flight: acquired.live,
-                            limit: max,
-                        }))
-                    }
-                }
-            }
+        message.key = key_value.as_deref().map(Cow::Borrowed);
+        if !broadcast {
+            // The worker that runs it frees the slot with its reply.
+            message.lease = lease.as_ref().map(|(_, l)| Cow::Borrowed(l.as_str()));
         }
+        let encoded = match &body {
+            Some(raw) => message.encode_with_body(&**raw),
+            None => message.encode_with_body(payload).and_then(|encoded| {
+                let size = encoded.body.len();
+                check_payload_size("task payload", size, inner.config.max_payload).map(|()| encoded)
+            }),
+        };
+        let encoded = match encoded {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                inner.release_in_background(lease);
+                return Err(error);
+            }
+        };
 
         let slot = Arc::new(Slot::default());
         let bytes = bytes::Bytes::from(encoded.bytes);
@@ -675,6 +674,7 @@ impl Client {
             task: task.to_owned(),
             deadline,
             lease,
+            slot: slot.clone(),
             armed: true,
         };
         if broadcast {
@@ -701,35 +701,6 @@ impl Client {
     }
 }
 
-pub(crate) fn check_payload_size(what: &str, size: usize, max: usize) -> Result<()> {
-    if size > max {
-        return Err(Error::new(
-            ErrorKind::TooLarge,
-            format!("{what} is {size} bytes; the limit is {max}"),
-        ));
-    }
-    Ok(())
-}
-
-/// The task key's value in a task payload: a string as is, anything else as its JSON text.
-pub(crate) fn extract_key_value(body: &RawValue, key: &str) -> Result<String> {
-    let object: BTreeMap<Cow<'_, str>, &RawValue> =
-        serde_json::from_str(body.get()).map_err(|_| {
-            Error::invalid_input(format!(
-                "a task with the task key {key:?} must be a JSON object"
-            ))
-        })?;
-    let raw = object.get(key).ok_or_else(|| {
-        Error::invalid_input(format!(
-            "the task has no top-level property {key:?} (its task key)"
-        ))
-    })?;
-    Ok(match serde_json::from_str::<String>(raw.get()) {
-        Ok(s) => s,
-        Err(_) => raw.get().to_owned(),
-    })
-}
-
 impl Drop for Inner {
     /// The last clone of the client is gone: stop the dispatcher, which drops the subscription.
     fn drop(&mut self) {
@@ -738,6 +709,22 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    /// Release a key lease on a task of its own, which a caller may await; a failure is logged
+    /// (the lease expires on its own).
+    fn release_in_background(
+        &self,
+        lease: Option<KeyLease>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (key, lease) = lease?;
+        let broker = self.broker.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(runtime.spawn(async move {
+            if let Err(error) = broker.release(&key, &lease).await {
+                tracing::warn!(%error, key, "could not release a key lease; it expires on its own");
+            }
+        }))
+    }
+
     fn pending(&self) -> MutexGuard<'_, PendingMap> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -834,6 +821,7 @@ impl Inner {
             let slot = p.slot.clone();
             let ends = message.kind == Kind::Done && !p.broadcast;
             if ends {
+                slot.released.store(message.released, Ordering::Relaxed);
                 let ended = pending.remove(&id)?;
                 freed = ended.offer.and_then(|o| o.current).map(|c| c.0.clone());
             } else if let Some(offer) = p.offer.as_mut() {
@@ -983,17 +971,28 @@ async fn dispatch(inner: std::sync::Weak<Inner>, subscription: crate::Subscripti
 }
 
 /// Owns a submitted task's pending entry and key lease, and frees both exactly once: when the
-/// task ends, or when its handle is dropped.
+/// task ends, or when its handle is dropped. A worker that completes the task frees the lease
+/// with its reply (`released`); the guard releases it otherwise.
 struct TaskGuard {
     client: Arc<Inner>,
     id: u128,
     task: String,
     deadline: Instant,
-    lease: Option<(String, LeaseId)>,
+    lease: Option<KeyLease>,
+    slot: Arc<Slot>,
     armed: bool,
 }
 
 impl TaskGuard {
+    /// The lease still to release: none if the worker released it with its reply.
+    fn take_lease(&mut self) -> Option<KeyLease> {
+        let lease = self.lease.take();
+        if self.slot.released.load(Ordering::Relaxed) {
+            return None;
+        }
+        lease
+    }
+
     /// Forget the pending entry and release the key lease: awaited until the task's deadline
     /// (at least [`FINISH_GRACE`]), then left to finish in the background, so a slow broker
     /// never makes a task call wait past its deadline.
@@ -1003,13 +1002,8 @@ impl TaskGuard {
         }
         self.armed = false;
         self.client.pending().remove(&self.id);
-        if let Some((key, lease)) = self.lease.take() {
-            let broker = self.client.broker.clone();
-            let release = tokio::spawn(async move {
-                if let Err(error) = broker.release(&key, &lease).await {
-                    tracing::warn!(%error, key, "could not release a key lease; it expires on its own");
-                }
-            });
+        let lease = self.take_lease();
+        if let Some(release) = self.client.release_in_background(lease) {
             let wait = self
                 .deadline
                 .saturating_duration_since(Instant::now())
@@ -1025,16 +1019,8 @@ impl Drop for TaskGuard {
             return;
         }
         self.client.pending().remove(&self.id);
-        if let Some((key, lease)) = self.lease.take() {
-            let broker = self.client.broker.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if let Err(error) = broker.release(&key, &lease).await {
-                        tracing::warn!(%error, key, "could not release a key lease; it expires on its own");
-                    }
-                });
-            }
-        }
+        let lease = self.take_lease();
+        self.client.release_in_background(lease);
     }
 }
 
