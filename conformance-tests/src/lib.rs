@@ -146,6 +146,7 @@ macro_rules! for_each_scenario {
             offers::an_offer_reaches_one_worker_only,
             offers::a_decline_goes_to_the_next_worker,
             offers::an_unanswered_offer_is_offered_again,
+            offers::a_slow_worker_keeps_its_offers,
             offers::all_declines_are_a_clear_error,
             offers::presence_expires_after_a_crash,
             offers::a_joining_worker_gets_offers_within_a_second,

@@ -164,6 +164,33 @@ pub async fn an_unanswered_offer_is_offered_again(h: Harness) {
     );
 }
 
+/// The only worker is slow to read its offers (a burst larger than it reads within the offer
+/// time) but present: the creator waits for it instead of failing the task, without offering the
+/// task to it twice, and gets its reply.
+pub async fn a_slow_worker_keeps_its_offers(h: Harness) {
+    let mut slow = RawWorker::announce(&h, &["slow"], 8, Duration::from_secs(30)).await;
+    let config = ClientConfig {
+        offer_timeout: Duration::from_millis(200),
+        ..h.client_config()
+    };
+    let client = h.client_on(h.broker().await, config).await;
+    let handle = client.submit("slow", &json!({"n": 1})).await.unwrap();
+    // Three offer times pass before the worker reads its offers.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let offer = slow.next_offer(WAIT).await.expect("the task is offered");
+    assert!(
+        slow.next_offer(Duration::from_millis(100)).await.is_none(),
+        "offered once"
+    );
+    slow.answer(
+        &offer,
+        "done",
+        json!({"status": "success", "body": {"ok": 1}}),
+    )
+    .await;
+    assert_eq!(handle.reply().await.unwrap().json(), json!({"ok": 1}));
+}
+
 /// When every live worker declines, the creator ends the task with `NoWorker` (detail
 /// `Declined`) before its deadline, and holds its claim so no worker runs it later.
 pub async fn all_declines_are_a_clear_error(h: Harness) {

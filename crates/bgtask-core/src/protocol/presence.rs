@@ -399,6 +399,11 @@ impl Roster {
         Some(member)
     }
 
+    /// Whether `member`'s presence has not expired.
+    pub(crate) fn is_live(&self, member: &Member) -> bool {
+        member.expires.load(Ordering::Relaxed) > self.now_ms()
+    }
+
     /// Whether `route` has a live worker (suspects count: they may only be slow).
     pub(crate) fn has_live(&self, route: &Route) -> bool {
         let now = self.now_ms();

@@ -142,8 +142,24 @@ impl Inner {
                 return;
             }
             if let Some(charge) = offer.current.take() {
-                charge.0.suspect.store(true, Ordering::Relaxed);
-                offer.refused.push(charge.0.clone());
+                let member = charge.0.clone();
+                member.suspect.store(true, Ordering::Relaxed);
+                // Nobody else to offer it to, and the worker is still present: it may only be
+                // behind (a burst larger than it reads within the offer time). Wait for it
+                // another offer time instead of failing the task; a worker that crashed leaves
+                // presence within its TTL, and the task then ends as no worker.
+                let mut others = offer.excluded();
+                others.push(member.clone());
+                if self.roster.is_live(&member)
+                    && matches!(self.roster.choose(&offer.route, &others), Choice::Nobody)
+                {
+                    offer.current = Some(charge);
+                    let due = Instant::now() + self.config.offer_timeout;
+                    drop(pending);
+                    self.offer_timers.push(due, (id, attempt));
+                    return;
+                }
+                offer.refused.push(member);
             }
             self.next_offer(&mut pending, id)
         };
