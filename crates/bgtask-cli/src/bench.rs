@@ -103,6 +103,15 @@ pub(crate) struct BenchArgs {
     compare: bool,
 }
 
+/// The process's peak resident memory so far (Linux `VmHWM`), for memory per task in flight:
+/// compare runs at two concurrencies. `None` where `/proc` does not say.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The results of one run.
 struct Measured {
     mode: &'static str,
@@ -302,6 +311,7 @@ pub(crate) async fn run(settings: Settings, args: BenchArgs) -> CliResult {
             "workers": plan.workers,
             "key": plan.key,
             "key_values": plan.key.as_ref().map(|_| plan.key_values),
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         for run in &runs {
             out[run.mode] = run.to_json();

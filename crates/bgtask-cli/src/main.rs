@@ -28,6 +28,12 @@ use tracing_subscriber::EnvFilter;
 use crate::exit::{CliError, CliResult};
 use crate::settings::{parse_duration, Settings};
 
+/// mimalloc instead of the system allocator: a task allocates a few dozen small buffers across
+/// the runtime's threads, and glibc's malloc spent a quarter of `bgtask bench`'s CPU on them
+/// (docs/performance.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ABOUT: &str = "Distributed task execution over Redis, NATS, PostgreSQL or an embedded broker";
 
 const LONG_ABOUT: &str = "\
