@@ -238,7 +238,7 @@ impl RawWorker {
         let record = serde_json::json!({
             "id": id, "host": "raw", "pid": 1, "tasks": tasks, "targets": [],
             "concurrency": concurrency, "in_flight": 0, "level": "v1",
-            "ttl_ms": ttl.as_millis() as u64, "started_ms": 0,
+            "ttl_ms": u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), "started_ms": 0,
         });
         let raw = RawWorker {
             id,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::error::timed_out;
+use crate::error::no_answer;
 use crate::js::{stream_missing, Cas, Got, Js, Stored};
 use crate::stream::Stream;
 use crate::subject::Subjects;
@@ -152,7 +152,7 @@ impl Claims {
         };
         match tokio::time::timeout(store.op_timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(timed_out("a claim", store.op_timeout)),
+            Err(_) => Err(no_answer("a claim", store.op_timeout)),
         }
     }
 }
@@ -201,7 +201,7 @@ impl Drop for Turn {
                     .await
                 {
                     Ok(result) => result,
-                    Err(_) => Err(timed_out("a claim", store.op_timeout)),
+                    Err(_) => Err(no_answer("a claim", store.op_timeout)),
                 };
             let mut first = true;
             for waiter in batch {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bgtask_core::{Error, ErrorKind, Result};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::timed_out;
+use crate::error::no_answer;
 use crate::js::{Cas, Got, Js};
 
 /// What one reading of the clock gave: the server's time (`None`: the stream is gone).
@@ -92,7 +92,7 @@ async fn run_clock(
                 Ok(now)
             }
             Ok(Err(e)) => Err(Arc::new(e)),
-            Err(_) => Err(Arc::new(timed_out("a clock reading", op_timeout))),
+            Err(_) => Err(Arc::new(no_answer("a clock reading", op_timeout))),
         };
         for waiter in waiting {
             let _ = waiter.send(reading.clone());

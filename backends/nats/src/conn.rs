@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Credentials, NatsConfig};
-use crate::error::{closed, disconnected, from_connect, from_publish, from_subscribe, timed_out};
+use crate::error::{closed, disconnected, from_connect, from_publish, from_subscribe, no_answer};
 
 /// The wait before reconnection attempt `attempt` (1 for the first): none for the first, then
 /// 50 ms doubling up to `max`.
@@ -192,7 +192,7 @@ pub(crate) async fn connect(config: &NatsConfig, shared: &Arc<Shared>) -> Result
     match tokio::time::timeout(bound, options.connect(target.servers)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(from_connect(&shown, e)),
-        Err(_) => Err(timed_out(&format!("connect to {shown}"), bound)),
+        Err(_) => Err(no_answer(&format!("connect to {shown}"), bound)),
     }
 }
 
@@ -263,7 +263,7 @@ impl Barrier {
         };
         match tokio::time::timeout(bound, barrier.wait()).await {
             Ok(result) => result?,
-            Err(_) => return Err(timed_out("the first round trip", bound)),
+            Err(_) => return Err(no_answer("the first round trip", bound)),
         }
         Ok(barrier)
     }

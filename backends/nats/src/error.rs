@@ -82,8 +82,9 @@ pub(crate) fn from_request(what: &str, e: RequestError) -> Error {
     Error::new(kind, format!("nats: {what} failed")).with_source(e)
 }
 
-/// The error of an operation that did not finish within `bound`.
-pub(crate) fn timed_out(what: &str, bound: Duration) -> Error {
+/// The error of an operation that did not finish within `bound`: `Unavailable`, as the `Broker`
+/// contract asks of a silent broker (`TimedOut` is kept for a task passing its deadline).
+pub(crate) fn no_answer(what: &str, bound: Duration) -> Error {
     Error::new(
         ErrorKind::Unavailable,
         format!("nats server did not answer {what} within {bound:?}"),
@@ -125,7 +126,7 @@ mod tests {
         let late = RequestError::new(RequestErrorKind::TimedOut);
         assert_eq!(from_request("get", late).kind(), ErrorKind::Unavailable);
         assert_eq!(
-            timed_out("x", Duration::from_secs(1)).kind(),
+            no_answer("x", Duration::from_secs(1)).kind(),
             ErrorKind::Unavailable
         );
     }

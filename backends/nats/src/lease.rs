@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::error::timed_out;
+use crate::error::no_answer;
 use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored};
 use crate::stream::Stream;
 use crate::subject::Subjects;
@@ -527,7 +527,7 @@ impl Leases {
         };
         match tokio::time::timeout_at(deadline, work).await {
             Ok(result) => result,
-            Err(_) => Err(timed_out(what, self.op_timeout)),
+            Err(_) => Err(no_answer(what, self.op_timeout)),
         }
     }
 

@@ -323,7 +323,7 @@ pub use config::{
 
 use claim::Claims;
 use conn::{ensure_connected, Barrier, Lifeline, Shared};
-use error::{closed, from_publish, from_subscribe, timed_out};
+use error::{closed, from_publish, from_subscribe, no_answer};
 use js::Js;
 use lease::Leases;
 use subject::Subjects;
@@ -398,7 +398,7 @@ impl NatsBroker {
         let (barrier, leases, claims) =
             match tokio::time::timeout(config.connect_timeout, setup).await {
                 Ok(result) => result?,
-                Err(_) => return Err(timed_out("the connection setup", config.connect_timeout)),
+                Err(_) => return Err(no_answer("the connection setup", config.connect_timeout)),
             };
         let lifeline =
             conn::watch_reconnects(&client, barrier.clone(), shared.clone(), config.op_timeout);
@@ -490,7 +490,7 @@ impl NatsBroker {
         let bound = self.inner.config.op_timeout;
         match tokio::time::timeout(bound, work).await {
             Ok(result) => result,
-            Err(_) => Err(timed_out(what, bound)),
+            Err(_) => Err(no_answer(what, bound)),
         }
     }
 }

@@ -346,7 +346,7 @@ async fn small_server_max_payload_is_read_from_info_and_chunks_never_mix() {
             .into()
     };
     let sends = (0..10u8).map(|i| {
-        let (publisher, payload) = (if i % 2 == 0 { &a } else { &b }, make(i + 1));
+        let (publisher, payload) = (if i.is_multiple_of(2) { &a } else { &b }, make(i + 1));
         async move { publisher.publish("big", payload).await.unwrap() }
     });
     futures::future::join_all(sends).await;

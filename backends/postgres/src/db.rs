@@ -6,7 +6,7 @@ use bgtask_core::{Error, Result};
 use bytes::Bytes;
 use tokio::time::{error::Elapsed, timeout_at, Instant};
 
-use crate::error::{closed, from_sqlx, poisons_connection, timed_out};
+use crate::error::{closed, from_sqlx, no_answer, poisons_connection};
 use crate::pool::{AcquireError, Conn, Pool};
 use crate::schema::Statements;
 
@@ -40,7 +40,7 @@ impl Db {
             Ok(conn) => Ok(conn),
             Err(AcquireError::Timeout) => {
                 tracing::debug!(what, "postgres: no connection in time");
-                Err(timed_out(what, self.op_timeout))
+                Err(no_answer(what, self.op_timeout))
             }
             Err(AcquireError::Connect(e)) => {
                 tracing::debug!(what, error = %e, "postgres: cannot connect");
@@ -80,7 +80,7 @@ impl Db {
             Err(_) => {
                 tracing::debug!(what, "postgres: no answer in time");
                 drop(conn);
-                Err(timed_out(what, self.op_timeout))
+                Err(no_answer(what, self.op_timeout))
             }
         }
     }

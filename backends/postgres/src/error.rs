@@ -93,8 +93,9 @@ pub(crate) fn poisons_connection(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The error of an operation that did not finish within `bound`.
-pub(crate) fn timed_out(what: &str, bound: Duration) -> Error {
+/// The error of an operation that did not finish within `bound`: `Unavailable`, as the `Broker`
+/// contract asks of a silent broker (`TimedOut` is kept for a task passing its deadline).
+pub(crate) fn no_answer(what: &str, bound: Duration) -> Error {
     Error::new(
         ErrorKind::Unavailable,
         format!("postgres did not answer {what} within {bound:?}"),

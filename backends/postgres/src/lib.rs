@@ -267,7 +267,7 @@ pub use config::{
 };
 
 use db::Db;
-use error::{closed, from_sqlx, timed_out};
+use error::{closed, from_sqlx, no_answer};
 use listener::{ListenerHandle, ListenerSettings};
 
 /// The longest lease or claim TTL: about 100 years (longer ones are shortened to this).
@@ -343,7 +343,7 @@ impl PostgresBroker {
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(from_sqlx("migrate the schema", e, secret.as_deref())),
-            Err(_) => return Err(timed_out("migrate the schema", config.op_timeout * 2)),
+            Err(_) => return Err(no_answer("migrate the schema", config.op_timeout * 2)),
         }
 
         let pool = pool::Pool::new(

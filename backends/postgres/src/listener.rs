@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 use tokio::time::{timeout, MissedTickBehavior};
 
 use crate::db::{Db, Fetched};
-use crate::error::{closed, from_sqlx, timed_out};
+use crate::error::{closed, from_sqlx, no_answer};
 use crate::wire::{self, Notice};
 
 /// The first wait after a failed connection attempt; it doubles up to `max_backoff`.
@@ -263,7 +263,7 @@ impl ListenerHandle {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err(closed("subscribe")),
-            Err(_) => return Err(timed_out("subscribe", self.op_timeout)),
+            Err(_) => return Err(no_answer("subscribe", self.op_timeout)),
         }
         let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
             loop {
@@ -654,7 +654,7 @@ impl Supervisor {
                 }
                 Err(why) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(reason = %why, failures, "postgres: listener reconnect failed");
                     } else {
                         tracing::debug!(reason = %why, failures, "postgres: listener reconnect failed");

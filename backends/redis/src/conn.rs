@@ -9,7 +9,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::RedisConfig;
-use crate::error::{from_redis, poisons_connection, timed_out};
+use crate::error::{from_redis, no_answer, poisons_connection};
 
 /// The first wait after a failed connection attempt; it doubles up to `max_backoff`.
 pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
@@ -86,7 +86,7 @@ impl Commands {
         }
         let _connecting = timeout_at(deadline, self.connecting.lock())
             .await
-            .map_err(|_| timed_out("connect", self.op_timeout))?;
+            .map_err(|_| no_answer("connect", self.op_timeout))?;
         let retry_at = {
             let state = self.state();
             if let Some(current) = state.current.clone() {
@@ -182,7 +182,7 @@ impl Commands {
                 if let Some(generation) = used {
                     self.invalidate(generation);
                 }
-                Err(timed_out(what, self.op_timeout))
+                Err(no_answer(what, self.op_timeout))
             }
         }
     }

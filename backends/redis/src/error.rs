@@ -65,8 +65,9 @@ pub(crate) fn poisons_connection(e: &RedisError) -> bool {
     e.is_unrecoverable_error() || e.is_io_error() || e.is_timeout()
 }
 
-/// The error of an operation that did not finish within `bound`.
-pub(crate) fn timed_out(what: &str, bound: Duration) -> Error {
+/// The error of an operation that did not finish within `bound`: `Unavailable`, as the `Broker`
+/// contract asks of a silent broker (`TimedOut` is kept for a task passing its deadline).
+pub(crate) fn no_answer(what: &str, bound: Duration) -> Error {
     Error::new(
         ErrorKind::Unavailable,
         format!("redis did not answer {what} within {bound:?}"),

@@ -226,7 +226,7 @@ pub(crate) fn parse_leases(value: Value) -> Result<Vec<LeaseInfo>> {
     let Value::Array(items) = &value else {
         return Err(unexpected("leases", &value));
     };
-    if items.len() % 3 != 0 {
+    if !items.len().is_multiple_of(3) {
         return Err(unexpected("leases", &value));
     }
     let mut leases = Vec::with_capacity(items.len() / 3);

@@ -16,7 +16,7 @@ use tokio::time::{timeout, MissedTickBehavior};
 
 use crate::config::RedisConfig;
 use crate::conn::backoff;
-use crate::error::{closed, from_redis, timed_out};
+use crate::error::{closed, from_redis, no_answer};
 
 /// A request to the supervisor.
 enum Command {
@@ -192,7 +192,7 @@ impl PubSubHandle {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
                 Ok(Err(_)) => return Err(closed("subscribe")),
-                Err(_) => return Err(timed_out("subscribe", self.op_timeout)),
+                Err(_) => return Err(no_answer("subscribe", self.op_timeout)),
             }
         }
         let stream = SubscriptionStream { rx, _guard: guard };
@@ -507,7 +507,7 @@ impl Supervisor {
                 }
                 Err(why) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(reason = %why, failures, "redis: pub/sub reconnect failed");
                     } else {
                         tracing::debug!(reason = %why, failures, "redis: pub/sub reconnect failed");

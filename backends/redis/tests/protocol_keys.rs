@@ -28,7 +28,7 @@ async fn thousand_tasks_half_timed_out_leave_no_key_without_ttl() {
         shutdowns.push(worker.shutdown_handle());
         tokio::spawn(worker.run(64, |task| async move {
             let n = task.json()["n"].as_u64().unwrap();
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 task.report_bad_key("test report").await?;
             }
             if n % 2 == 1 {

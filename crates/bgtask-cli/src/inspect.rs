@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::exit::{CliError, CliResult};
-use crate::settings::{human, Settings};
+use crate::settings::{human, millis, Settings};
 
 pub(crate) const LONG_ABOUT: &str = "\
 Show the state of a namespace: every blacklisted key value, with the reason the reporting worker
@@ -100,7 +100,7 @@ fn entry_json(e: &BlacklistEntry) -> serde_json::Value {
         "task": e.task,
         "value": e.value,
         "reason": e.reason,
-        "remaining_ms": e.remaining.as_millis() as u64,
+        "remaining_ms": millis(e.remaining),
     })
 }
 
@@ -155,7 +155,7 @@ async fn workers(settings: &Settings, as_json: bool) -> CliResult {
                     "id": r.id, "host": r.host, "pid": r.pid, "tasks": r.tasks,
                     "targets": r.targets, "concurrency": r.concurrency,
                     "in_flight": r.in_flight, "level": r.level,
-                    "last_seen_ms": w.last_seen.as_millis() as u64,
+                    "last_seen_ms": millis(w.last_seen),
                 })
             })
             .collect();
@@ -235,7 +235,7 @@ pub(crate) async fn run(settings: Settings, args: InspectArgs) -> CliResult {
                 "count": leases.len(),
                 "tasks": leases.iter().map(|l| json!({
                     "id": l.note,
-                    "lease_remaining_ms": l.remaining.as_millis() as u64,
+                    "lease_remaining_ms": millis(l.remaining),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });

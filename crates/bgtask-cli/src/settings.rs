@@ -85,6 +85,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// `d` in whole milliseconds for JSON output, saturating (never truncated modulo 2^64).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// `d` for people: `850 ms`, `1.2 s`, `3 min 5 s`, `1 h 0 min`.
 pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();

@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::exit::{CliError, CliResult};
-use crate::settings::{human, Settings};
+use crate::settings::{human, millis, Settings};
 
 pub(crate) const LONG_ABOUT: &str = "\
 Serve tasks by running PROGRAM once per task. PROGRAM is run directly, never through a shell
@@ -375,7 +375,7 @@ impl Runner {
                 tokio::time::sleep_until(task.deadline() + AFTER_DEADLINE).await;
                 return Err(json!({
                     "error": "timed out: the program was killed at the task's deadline",
-                    "timeout_ms": remaining.as_millis() as u64,
+                    "timeout_ms": millis(remaining),
                     "stderr": tail,
                 }));
             }

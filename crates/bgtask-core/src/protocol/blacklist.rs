@@ -154,9 +154,23 @@ impl Blacklist {
         }))
     }
 
-    /// How many key values are blacklisted in the namespace, over all task names.
+    /// How many key values are blacklisted in the namespace, over all task names: one broker
+    /// call (the index), where [`list`](Self::list) also reads each value's flag. A value lifted
+    /// by [`lift`](Self::lift) leaves the index at once; one whose flag was released by other
+    /// means counts until its index entry expires.
     pub async fn count(&self) -> Result<u64> {
-        Ok(self.list().await?.len() as u64)
+        let index = self
+            .broker
+            .leases(&self.namespace.blacklist_index_key())
+            .await?;
+        let mut values: Vec<(String, String)> = index
+            .into_iter()
+            .filter_map(|lease| serde_json::from_str::<IndexNote>(&lease.note).ok())
+            .map(|note| (note.task, note.value))
+            .collect();
+        values.sort_unstable();
+        values.dedup();
+        Ok(values.len() as u64)
     }
 
     /// Every blacklisted key value of the namespace.

@@ -346,7 +346,7 @@ impl Roster {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        super::duration_millis(self.epoch.elapsed())
     }
 
     /// Apply an announcement (or a listed lease, as a join with `ttl` left). Returns the member

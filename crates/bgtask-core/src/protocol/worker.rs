@@ -340,10 +340,11 @@ impl Worker {
             reply_prefix: namespace.reply_channel(""),
             announcer: Announcer::new(broker.clone(), &namespace, config.presence_ttl),
             host: host_name(),
-            started_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as u64,
+            started_ms: super::duration_millis(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
             concurrency: AtomicUsize::new(config.concurrency.unwrap_or(0)),
             declined_busy: AtomicBool::new(false),
             beat_now: Arc::new(Notify::new()),
