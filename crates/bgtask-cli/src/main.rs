@@ -16,6 +16,7 @@ mod exit;
 mod inspect;
 mod settings;
 mod submit;
+mod supervisor;
 mod worker;
 
 use std::path::PathBuf;
@@ -143,6 +144,13 @@ unless --namespace is given.",
 }
 
 fn main() -> ExitCode {
+    // The helper a worker starts so that its programs die with it (not a user command).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == supervisor::SUBCOMMAND)
+    {
+        return supervisor::run();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::exit::{CliError, CliResult};
 use crate::settings::{human, millis, Settings};
+use crate::supervisor::Supervisor;
 
 pub(crate) const LONG_ABOUT: &str = "\
 Serve tasks by running PROGRAM once per task. PROGRAM is run directly, never through a shell
@@ -41,7 +42,8 @@ The program's side of the contract:
 
 At the task's deadline, or when the creator cancels it, the whole process group gets SIGTERM,
 then SIGKILL after --kill-grace; the task completes as Failed. When the program exits, whatever
-it left running in its process group is killed.
+it left running in its process group is killed, also when the worker itself is SIGKILLed (a
+helper process, `bgtask supervise-programs`, kills the groups left when the worker dies).
 
 Ctrl-C (or SIGTERM) drains: no new tasks are taken, running ones get up to the configured
 shutdown grace (worker.shutdown_grace_ms, default 10 s) to finish, then are killed. A second
@@ -104,6 +106,7 @@ pub(crate) async fn run(settings: Settings, args: WorkerArgs) -> CliResult {
         quiet: args.quiet,
         max_payload: settings.config.worker.max_payload,
         groups: Mutex::new(HashSet::new()),
+        supervisor: Supervisor::start(),
         counts: Counts::default(),
     });
 
@@ -192,6 +195,8 @@ struct Runner {
     max_payload: usize,
     /// Process groups of the programs running now.
     groups: Mutex<HashSet<i32>>,
+    /// Kills those groups if this process dies without doing it (SIGKILL).
+    supervisor: Option<Supervisor>,
     counts: Counts,
 }
 
@@ -213,6 +218,9 @@ impl Drop for Group<'_> {
     fn drop(&mut self) {
         signal_group(self.pgid, Signal::SIGKILL);
         self.runner.groups().remove(&self.pgid);
+        if let Some(supervisor) = &self.runner.supervisor {
+            supervisor.ended(self.pgid);
+        }
     }
 }
 
@@ -307,6 +315,9 @@ impl Runner {
             .map_err(|e| json!({"error": format!("cannot start {:?}: {e}", self.program)}))?;
         let pgid = child.id().map_or(0, |id| id as i32);
         self.groups().insert(pgid);
+        if let Some(supervisor) = &self.supervisor {
+            supervisor.started(pgid);
+        }
         let _group = Group { pgid, runner: self };
 
         if let Some(mut stdin) = child.stdin.take() {

@@ -1,8 +1,8 @@
 //! Crashes, with real processes and SIGKILL, on every networked backend (Redis, NATS,
 //! PostgreSQL; URLs from BGTASK_REDIS_URL, BGTASK_NATS_URL, BGTASK_POSTGRES_URL):
 //!
-//! - a worker process killed mid-task: the creator gets a timeout (exit 3) and the key's
-//!   capacity comes back;
+//! - a worker process killed mid-task: its program dies with it (within 2 s), the creator gets
+//!   a timeout (exit 3) and the key's capacity comes back;
 //! - a creator process killed with a task in flight, 20 times: the key's capacity comes back
 //!   within the lease TTL and nothing accumulates.
 //!
@@ -168,14 +168,44 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Kill the sleepers a SIGKILLed worker left behind (nobody is left to kill them).
+/// The pids of the sleepers the worker started.
+fn sleepers(scratch: &Scratch) -> Vec<String> {
+    std::fs::read_dir(&scratch.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("started."))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|pid| pid.trim().to_owned())
+        .collect()
+}
+
+/// Whether process `pid` runs (a zombie, dead but not reaped yet, does not).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Kill the sleepers still running (so a failed assertion leaves nothing behind).
 fn reap_sleepers(scratch: &Scratch) {
-    for entry in std::fs::read_dir(&scratch.dir).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("started.") {
-            if let Ok(pid) = std::fs::read_to_string(entry.path()) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
-        }
+    for pid in sleepers(scratch) {
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+    }
+}
+
+/// A SIGKILLed worker's programs die with it: none of its sleepers runs 2 s later.
+fn assert_sleepers_gone(scratch: &Scratch) {
+    let pids = sleepers(scratch);
+    assert!(!pids.is_empty(), "the worker started a sleeper");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|pid| running(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<&String> = pids.iter().filter(|pid| running(pid)).collect();
+    if !left.is_empty() {
+        reap_sleepers(scratch);
+        panic!("the SIGKILLed worker's programs still run 2 s later: pids {left:?}");
     }
 }
 
@@ -187,9 +217,9 @@ fn worker_killed_mid_task(broker: String) {
     scratch.wait_started(1);
     assert_eq!(scratch.in_flight(), 1);
     kill9(&mut worker);
+    assert_sleepers_gone(&scratch);
     let status = creator.wait().unwrap();
     let took = submitted.elapsed();
-    reap_sleepers(&scratch);
     assert_eq!(status.code(), Some(3), "the creator should time out");
     assert!(took < Duration::from_secs(8), "the creator took {took:?}");
     // The creator released the key on its timeout; at the latest the lease expires 1 s later.
