@@ -10,6 +10,7 @@ pub mod error;
 pub mod memory;
 pub mod names;
 pub mod protocol;
+mod status;
 
 pub use broker::{
     Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, LeaseId, LeaseInfo,

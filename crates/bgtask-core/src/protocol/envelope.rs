@@ -10,40 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
+pub(crate) use crate::status::Status;
 
 /// The only wire version this crate speaks (the `v` field).
 pub const WIRE_VERSION: u32 = 1;
-
-/// How a worker completed a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// The task did what it was asked.
-    Success,
-    /// The task ran and reports an error; the creator gets
-    /// [`ErrorKind::TaskError`](crate::ErrorKind::TaskError).
-    Error,
-    /// The task could not run; the creator gets
-    /// [`ErrorKind::TaskFailed`](crate::ErrorKind::TaskFailed).
-    Failed,
-}
-
-impl Status {
-    /// The lowercase wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Success => "success",
-            Status::Error => "error",
-            Status::Failed => "failed",
-        }
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The kind of a wire message (the `kind` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,19 +16,20 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+pub use crate::status::Status;
 pub use blacklist::{Blacklist, BlacklistConfig, BlacklistEntry};
 pub use client::{
     BroadcastHandle, Client, ClientConfig, ClientEvent, ClientStats, SubmitOptions, TaskHandle,
     DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
-pub use envelope::{Status, WIRE_VERSION};
+pub use envelope::WIRE_VERSION;
 pub use presence::{list_workers, ListedWorker, WorkerRecord};
 pub use worker::{
     AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,
     Worker, WorkerConfig, WorkerEvent, WorkerStats,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorDetail, ErrorKind, Result};
 
 /// What the fuzz targets drive: the decoders that see untrusted bytes.
 pub(crate) mod fuzz {
@@ -201,6 +202,29 @@ impl Reply {
     /// The reply deserialized into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
         decode_raw(&self.body, "reply")
+    }
+}
+
+impl Reply {
+    /// Turn a wire completion into the creator's result.
+    pub(crate) fn from_wire(status: Status, worker: String, body: Box<RawValue>) -> Result<Reply> {
+        let kind = match status {
+            Status::Success => return Ok(Reply { worker, body }),
+            Status::Error => ErrorKind::TaskError,
+            Status::Failed => ErrorKind::TaskFailed,
+        };
+        let mut shown: String = body.get().chars().take(200).collect();
+        if shown.len() < body.get().len() {
+            shown.push('…');
+        }
+        Err(
+            Error::new(kind, format!("worker {worker} reported {status}: {shown}")).with_detail(
+                ErrorDetail::Reply {
+                    status,
+                    reply: body,
+                },
+            ),
+        )
     }
 }
 

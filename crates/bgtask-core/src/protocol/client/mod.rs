@@ -26,7 +26,7 @@ use super::envelope::{Kind, Message, Status};
 use super::presence::{self, Charge, Event, Roster, Route};
 use super::{duration_millis, duration_ms, Counter, KeyLimit, Reply};
 use crate::broker::{DynBroker, Incoming, Published};
-use crate::error::{Error, ErrorDetail, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::names::{id_to_hex, random_id, validate_name, Namespace};
 
 /// The default task timeout.
@@ -1217,28 +1217,5 @@ impl BroadcastHandle {
             replies.push(reply);
         }
         replies
-    }
-}
-
-impl Reply {
-    /// Turn a wire completion into the creator's result.
-    fn from_wire(status: Status, worker: String, body: Box<RawValue>) -> Result<Reply> {
-        let kind = match status {
-            Status::Success => return Ok(Reply { worker, body }),
-            Status::Error => ErrorKind::TaskError,
-            Status::Failed => ErrorKind::TaskFailed,
-        };
-        let mut shown: String = body.get().chars().take(200).collect();
-        if shown.len() < body.get().len() {
-            shown.push('…');
-        }
-        Err(
-            Error::new(kind, format!("worker {worker} reported {status}: {shown}")).with_detail(
-                ErrorDetail::Reply {
-                    status,
-                    reply: body,
-                },
-            ),
-        )
     }
 }
