@@ -144,13 +144,15 @@ impl Inner {
             if let Some(charge) = offer.current.take() {
                 let member = charge.0.clone();
                 member.suspect.store(true, Ordering::Relaxed);
-                // Nobody else to offer it to, and the worker is still present: it may only be
-                // behind (a burst larger than it reads within the offer time). Wait for it
-                // another offer time instead of failing the task; a worker that crashed leaves
-                // presence within its TTL, and the task then ends as no worker.
+                // Nobody else to offer it to (none has room, none said busy), and the worker is
+                // still present: it may only be behind (a burst larger than it reads within the
+                // offer time). Wait for it another offer time instead of failing the task; a
+                // worker that crashed leaves presence within its TTL, and the task then ends as
+                // no worker. (With a busy worker, the task waits for its room instead.)
                 let mut others = offer.excluded();
                 others.push(member.clone());
-                if self.roster.is_live(&member)
+                if offer.busy.is_empty()
+                    && self.roster.is_live(&member)
                     && matches!(self.roster.choose(&offer.route, &others), Choice::Nobody)
                 {
                     offer.current = Some(charge);
