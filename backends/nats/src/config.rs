@@ -57,7 +57,8 @@ pub struct NatsConfig {
     /// intervals. (The NATS clients' own default is two minutes.) Default 2 s.
     pub ping_interval: Duration,
     /// The longest wait between two reconnection attempts: the first attempt after a lost
-    /// connection is immediate, the next waits 50 ms, doubling up to this. Reconnection never
+    /// connection is immediate, the next waits 50 ms, doubling up to this, each wait jittered
+    /// between half and all of its step (`bgtask_core::backoff`). Reconnection never
     /// gives up. Default 2 s.
     pub max_backoff: Duration,
     /// How many messages one subscription buffers for a slow reader; past that the client drops

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event};
+use bgtask_core::backoff::reconnect_delay;
 use bgtask_core::Result;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -13,16 +14,6 @@ use tokio::sync::{watch, Mutex};
 
 use crate::config::{Credentials, NatsConfig};
 use crate::error::{closed, disconnected, from_connect, from_publish, from_subscribe, no_answer};
-
-/// The wait before reconnection attempt `attempt` (1 for the first): none for the first, then
-/// 50 ms doubling up to `max`.
-pub(crate) fn backoff(attempt: usize, max: Duration) -> Duration {
-    if attempt <= 1 {
-        return Duration::ZERO;
-    }
-    let exponent = u32::try_from(attempt - 2).unwrap_or(u32::MAX).min(20);
-    Duration::from_millis(50u64 << exponent).min(max)
-}
 
 /// State shared by a broker, its subscriptions and the client's event callback.
 #[derive(Debug)]
@@ -162,7 +153,11 @@ pub(crate) async fn connect(config: &NatsConfig, shared: &Arc<Shared>) -> Result
         .ping_interval(config.ping_interval)
         .request_timeout(Some(config.op_timeout))
         .subscription_capacity(config.subscription_buffer)
-        .reconnect_delay_callback(move |attempt| backoff(attempt, max_backoff))
+        .reconnect_delay_callback(move |attempt| {
+            // async-nats counts attempts from 1: the first goes at once.
+            let failures = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+            reconnect_delay(failures, max_backoff)
+        })
         .event_callback(move |event| {
             if let Some(shared) = events.upgrade() {
                 shared.on_event(&event);
@@ -286,21 +281,5 @@ impl Barrier {
             .await
             .map_err(|_| closed("wait for the server"))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_starts_at_once_and_doubles_up_to_the_cap() {
-        let max = Duration::from_secs(2);
-        assert_eq!(backoff(0, max), Duration::ZERO);
-        assert_eq!(backoff(1, max), Duration::ZERO);
-        assert_eq!(backoff(2, max), Duration::from_millis(50));
-        assert_eq!(backoff(3, max), Duration::from_millis(100));
-        assert_eq!(backoff(10, max), max);
-        assert_eq!(backoff(usize::MAX, max), max);
     }
 }

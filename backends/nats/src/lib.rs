@@ -38,7 +38,8 @@
 //! subscriptions. The client pings the server every [`ping_interval`](NatsConfig::ping_interval)
 //! (2 s; the NATS default is 2 minutes) and drops a connection that leaves three pings
 //! unanswered, so a half-open connection is found within seconds. It reconnects forever: at
-//! once, then after 50 ms doubling up to [`max_backoff`](NatsConfig::max_backoff), and
+//! once, then after 50 ms doubling up to [`max_backoff`](NatsConfig::max_backoff) (each wait
+//! jittered, [`bgtask_core::backoff`]), and
 //! resubscribes every live subscription by itself. The connection closes when the last clone
 //! and the last subscription are dropped, or at once with [`NatsBroker::close`].
 //!

@@ -91,7 +91,8 @@
 //! [`liveness_interval`](PostgresConfig::liveness_interval), answered within
 //! [`op_timeout`](PostgresConfig::op_timeout)) fails: sqlx sets no TCP keepalive, so without it
 //! a half-open connection would wait forever. It reconnects forever, with backoff from 50 ms
-//! doubling up to [`max_backoff`](PostgresConfig::max_backoff) (attempts start at most that
+//! doubling up to [`max_backoff`](PostgresConfig::max_backoff), jittered
+//! ([`bgtask_core::backoff`]) (attempts start at most that
 //! often; time spent in a failed attempt counts toward the wait), LISTENs every channel that has
 //! subscribers again, and only then yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) on each subscription that existed
 //! during the outage. sqlx's own `recv()` would reconnect silently; it is not used. While

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bgtask_core::backoff::reconnect_delay;
 use bgtask_core::{Error, ErrorKind, Incoming, Result, Subscription};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -16,15 +17,6 @@ use tokio::time::{timeout, MissedTickBehavior};
 use crate::db::{Db, Fetched};
 use crate::error::{closed, from_sqlx, no_answer};
 use crate::wire::{self, Notice};
-
-/// The first wait after a failed connection attempt; it doubles up to `max_backoff`.
-pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-
-/// The wait before attempt number `failures + 1`, after `failures` failed ones.
-pub(crate) fn backoff(failures: u32, max: Duration) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    INITIAL_BACKOFF.saturating_mul(factor).min(max)
-}
 
 /// Settings of the supervisor.
 pub(crate) struct ListenerSettings {
@@ -622,7 +614,7 @@ impl Supervisor {
             if failures > 0 {
                 // Attempts start at most every `backoff`: time spent in a failed attempt (a
                 // connect that hung until its timeout) counts toward the wait.
-                let wait = backoff(failures, self.settings.max_backoff)
+                let wait = reconnect_delay(failures, self.settings.max_backoff)
                     .saturating_sub(last_attempt.elapsed());
                 let wait = tokio::time::sleep(wait);
                 tokio::pin!(wait);
@@ -738,18 +730,4 @@ async fn attempt(
         }
     }
     Ok(listener)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let max = Duration::from_secs(2);
-        assert_eq!(backoff(1, max), Duration::from_millis(50));
-        assert_eq!(backoff(2, max), Duration::from_millis(100));
-        assert_eq!(backoff(10, max), max);
-        assert_eq!(backoff(u32::MAX, max), max);
-    }
 }

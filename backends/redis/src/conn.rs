@@ -8,17 +8,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::time::{timeout, timeout_at, Instant};
 
+use bgtask_core::backoff::reconnect_delay;
+
 use crate::config::RedisConfig;
 use crate::error::{from_redis, no_answer, poisons_connection};
-
-/// The first wait after a failed connection attempt; it doubles up to `max_backoff`.
-pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-
-/// The wait before attempt number `failures + 1`, after `failures` failed ones.
-pub(crate) fn backoff(failures: u32, max: Duration) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    INITIAL_BACKOFF.saturating_mul(factor).min(max)
-}
 
 /// A shared multiplexed connection that is reconnected on demand.
 ///
@@ -122,7 +115,8 @@ impl Commands {
             }
             failed => {
                 state.failures = state.failures.saturating_add(1);
-                state.retry_at = Some(Instant::now() + backoff(state.failures, self.max_backoff));
+                state.retry_at =
+                    Some(Instant::now() + reconnect_delay(state.failures, self.max_backoff));
                 Err(match failed {
                     Ok(Err(e)) => from_redis("connect", e),
                     _ => Error::new(
@@ -185,20 +179,5 @@ impl Commands {
                 Err(no_answer(what, self.op_timeout))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let max = Duration::from_secs(2);
-        assert_eq!(backoff(1, max), Duration::from_millis(50));
-        assert_eq!(backoff(2, max), Duration::from_millis(100));
-        assert_eq!(backoff(3, max), Duration::from_millis(200));
-        assert_eq!(backoff(10, max), max);
-        assert_eq!(backoff(u32::MAX, max), max);
     }
 }

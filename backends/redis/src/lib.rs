@@ -35,7 +35,7 @@
 //! - **Commands** (publish, claims and the lease operations) go over one multiplexed
 //!   connection. Any I/O error, and any operation that gets no answer in time, drops it; the next
 //!   operation opens a new one. After a failed attempt the next one waits (50 ms, doubling up to
-//!   [`max_backoff`](RedisConfig::max_backoff)); an operation that cannot get a connection
+//!   [`max_backoff`](RedisConfig::max_backoff), jittered: [`bgtask_core::backoff`]); an operation that cannot get a connection
 //!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer. When
 //!   the subscription connection (below) is found lost, the command connection is dropped as
 //!   well, so the first command after an outage does not fail on a dead socket. Nothing is

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout, MissedTickBehavior};
 
 use crate::config::RedisConfig;
-use crate::conn::backoff;
 use crate::error::{closed, from_redis, no_answer};
+use bgtask_core::backoff::reconnect_delay;
 
 /// A request to the supervisor.
 enum Command {
@@ -474,7 +474,7 @@ impl Supervisor {
         let mut failures = 0u32;
         loop {
             if failures > 0 {
-                let wait = tokio::time::sleep(backoff(failures, self.max_backoff));
+                let wait = tokio::time::sleep(reconnect_delay(failures, self.max_backoff));
                 tokio::pin!(wait);
                 loop {
                     tokio::select! {

@@ -5,6 +5,7 @@
 //! depend on this crate and on `bgtask-conformance`.
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod broker;
 pub mod error;
 pub mod memory;
