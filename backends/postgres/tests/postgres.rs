@@ -22,7 +22,7 @@ use serde_json::json;
 use sqlx::{Connection, Executor};
 use tokio::time::{sleep, timeout, Instant};
 
-use common::{connect, listener_pid, raw, server_addr, TestSchema};
+use common::{connect, listener_pid, notify, raw, server_addr, TestSchema};
 
 use bgtask_conformance::{
     expect_message as next_message, expect_next as next, expect_silence as silent, ARRIVES,
@@ -326,12 +326,7 @@ async fn identical_notifications_are_never_merged() {
     let mut conn = raw().await;
     let mut tx = conn.begin().await.unwrap();
     for _ in 0..2 {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&ident)
-            .bind(&text)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        notify(&mut *tx, &ident, &text).await;
     }
     tx.commit().await.unwrap();
     assert_eq!(next_message(&mut sub).await.as_ref(), b"dup");
@@ -341,12 +336,7 @@ async fn identical_notifications_are_never_merged() {
     let mut tx = conn.begin().await.unwrap();
     for _ in 0..2 {
         let text = wire::encode_inline(&wire::message_id(), "same", b"dup").unwrap();
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&ident)
-            .bind(&text)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        notify(&mut *tx, &ident, &text).await;
     }
     tx.commit().await.unwrap();
     assert_eq!(next_message(&mut sub).await.as_ref(), b"dup");
@@ -449,12 +439,7 @@ async fn a_colliding_name_is_dropped() {
     let ident = broker.channel_identifier("mine");
     let mut conn = raw().await;
     let foreign = wire::encode_inline(&wire::message_id(), "theirs", b"inline").unwrap();
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(&ident)
-        .bind(&foreign)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    notify(&mut conn, &ident, &foreign).await;
     let id = wire::message_id();
     let insert = format!(
         "INSERT INTO \"{}\".payloads (id, channel, data, expires_at) \
@@ -468,12 +453,7 @@ async fn a_colliding_name_is_dropped() {
         .execute(&mut conn)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(&ident)
-        .bind(wire::encode_reference(&id))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    notify(&mut conn, &ident, &wire::encode_reference(&id)).await;
     // Not bgtask's format at all.
     sqlx::query("SELECT pg_notify($1, 'hello')")
         .bind(&ident)

@@ -28,6 +28,17 @@ async fn next_task(worker: &mut Worker, wait: Duration) -> Option<bgtask_core::A
         .flatten()
 }
 
+/// The next task `worker` sees within [`WAIT`], accepted.
+async fn accept_next(worker: &mut Worker) -> bgtask_core::RunningTask {
+    next_task(worker, WAIT)
+        .await
+        .expect("a task arrives")
+        .accept()
+        .await
+        .expect("accept")
+        .expect("the claim is granted")
+}
+
 /// A task's payload reaches a worker and its reply comes back.
 pub async fn submit_and_reply(h: Harness) {
     let _workers = h.echo_workers("echo", 1).await;
@@ -680,13 +691,7 @@ pub async fn oversized_reply_is_refused(h: Harness) {
     let mut worker = h.worker(config).await;
     let client = h.client().await;
     let handle = client.submit("big", &json!({})).await.unwrap();
-    let running = next_task(&mut worker, WAIT)
-        .await
-        .unwrap()
-        .accept()
-        .await
-        .unwrap()
-        .unwrap();
+    let running = accept_next(&mut worker).await;
     let err = running.success(&json!("y".repeat(2000))).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TooLarge);
     let err = handle.reply().await.unwrap_err();
@@ -763,13 +768,7 @@ async fn running_task(
         .submit_with(task, &json!({}), SubmitOptions::new().timeout(timeout))
         .await
         .unwrap();
-    let running = next_task(&mut worker, WAIT)
-        .await
-        .unwrap()
-        .accept()
-        .await
-        .unwrap()
-        .unwrap();
+    let running = accept_next(&mut worker).await;
     (handle, running)
 }
 

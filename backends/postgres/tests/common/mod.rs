@@ -8,6 +8,19 @@ use std::time::Duration;
 use bgtask_postgres::{PostgresBroker, PostgresConfig};
 use sqlx::{Connection, PgConnection};
 
+/// `pg_notify(ident, text)` on `conn` (a connection or a transaction), as a raw peer would.
+pub async fn notify<'c, E>(conn: E, ident: &str, text: &str)
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(ident)
+        .bind(text)
+        .execute(conn)
+        .await
+        .expect("pg_notify");
+}
+
 /// The environment variable naming the test server.
 pub const URL_VAR: &str = "BGTASK_POSTGRES_URL";
 /// The test server when the variable is not set.

@@ -282,6 +282,16 @@ impl Member {
         Some(concurrency - load as i64)
     }
 
+    /// One of this creator's tasks on it ended. Its last report may have counted that task as
+    /// another creator's (reported before the task ended, read after): take one off the
+    /// estimate, so a stale report does not starve the worker until its next one. Guessing low
+    /// costs at most a `busy` decline, which corrects the estimate at once.
+    pub(crate) fn completed_one(&self) {
+        let _ = self
+            .others
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
     fn score(&self) -> i64 {
         self.free().unwrap_or(i64::MAX / 2)
             - self.outstanding.load(Ordering::Relaxed) as i64

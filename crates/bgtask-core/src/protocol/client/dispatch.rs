@@ -99,6 +99,7 @@ impl Inner {
         });
         // A task of ours on that worker ended: it has room for one held back.
         if let Some(member) = freed {
+            member.completed_one();
             if !self.parked().is_empty() {
                 self.unpark_for(&member);
             }
