@@ -544,7 +544,7 @@ impl Client {
                 .push(Instant::now() + inner.config.offer_timeout, (id, 1));
             let published = inner.broker.publish(&offer_channel, bytes).await?;
             if published.nobody() {
-                inner.unanswered(id, 1);
+                inner.undelivered(id, 1);
             }
         } else {
             inner.park(route, id);

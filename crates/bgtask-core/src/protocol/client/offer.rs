@@ -123,16 +123,26 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(async move {
             match inner.broker.publish(&send.channel, send.bytes).await {
-                Ok(published) if published.nobody() => inner.unanswered(send.id, send.attempt),
+                Ok(published) if published.nobody() => inner.undelivered(send.id, send.attempt),
                 Ok(_) => {}
                 Err(error) => tracing::debug!(%error, "could not send an offer; it times out"),
             }
         });
     }
 
-    /// The offer `attempt` of task `id` went unanswered (its timeout passed, or nobody
-    /// listens on that worker's channel): mark the worker suspect and move on.
+    /// The offer `attempt` of task `id` got no answer within its offer time: mark the worker
+    /// suspect and move on (or, if it is the only one left and still present, wait for it).
     pub(super) fn unanswered(self: &Arc<Self>, id: u128, attempt: u32) {
+        self.no_answer(id, attempt, true);
+    }
+
+    /// The broker counted nobody on the worker's channel for offer `attempt` of task `id`: it
+    /// will never answer, so move on at once (no waiting for it).
+    pub(super) fn undelivered(self: &Arc<Self>, id: u128, attempt: u32) {
+        self.no_answer(id, attempt, false);
+    }
+
+    fn no_answer(self: &Arc<Self>, id: u128, attempt: u32, delivered: bool) {
         let send = {
             let mut pending = self.pending();
             let Some(offer) = pending.get_mut(&id).and_then(|p| p.offer.as_mut()) else {
@@ -151,7 +161,8 @@ impl Inner {
                 // no worker. (With a busy worker, the task waits for its room instead.)
                 let mut others = offer.excluded();
                 others.push(member.clone());
-                if offer.busy.is_empty()
+                if delivered
+                    && offer.busy.is_empty()
                     && self.roster.is_live(&member)
                     && matches!(self.roster.choose(&offer.route, &others), Choice::Nobody)
                 {
