@@ -17,7 +17,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The default payload limit of tasks and replies: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
-/// Settings of a [`Client`]. Every field has a default; see each field.
+/// Settings of a [`Client`](crate::Client). Every field has a default; see each field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
@@ -57,7 +57,7 @@ impl Default for ClientConfig {
     }
 }
 
-/// Per-task options of [`Client::submit_with`]; unset fields take the client's configuration.
+/// Per-task options of [`Client::submit_with`](crate::Client::submit_with); unset fields take the client's configuration.
 #[derive(Debug, Clone, Default)]
 pub struct SubmitOptions {
     pub(super) timeout: Option<Duration>,
@@ -118,7 +118,7 @@ impl SubmitOptions {
     }
 }
 
-/// Something that happened on a client, for monitoring (see [`Client::events`]).
+/// Something that happened on a client, for monitoring (see [`Client::events`](crate::Client::events)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientEvent {
