@@ -71,8 +71,8 @@ impl Drop for TaskGuard {
 
 /// What a submit leaves for its handle.
 pub(super) struct Submitted {
+    /// Also holds the task's slot, where its progress and reply arrive.
     pub(super) guard: TaskGuard,
-    pub(super) slot: Arc<Slot>,
     /// The task's one timer, armed for its deadline.
     pub(super) sleep: Pin<Box<Sleep>>,
     pub(super) timeout: Duration,
@@ -82,7 +82,7 @@ impl Submitted {
     /// Wait for the slot to change or the deadline. Returns false at the deadline.
     async fn wait(&mut self) -> bool {
         tokio::select! {
-            _ = self.slot.changed.notified() => true,
+            _ = self.guard.slot.changed.notified() => true,
             _ = &mut self.sleep => false,
         }
     }
@@ -134,7 +134,7 @@ impl TaskHandle {
             // Past the deadline, nothing that arrives counts: a reply racing the timeout loses.
             let expired = Instant::now() >= self.submitted.guard.deadline;
             if !expired {
-                let mut state = self.submitted.slot.lock();
+                let mut state = self.submitted.guard.slot.lock();
                 if let Some(progress) = state.progress.pop_front() {
                     return Some(progress);
                 }
@@ -238,7 +238,7 @@ impl BroadcastHandle {
     pub async fn next_reply(&mut self) -> Option<Result<Reply>> {
         loop {
             {
-                let mut state = self.submitted.slot.lock();
+                let mut state = self.submitted.guard.slot.lock();
                 state.progress.clear();
                 if let Some(reply) = state.replies.pop_front() {
                     return Some(reply);

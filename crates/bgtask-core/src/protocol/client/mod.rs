@@ -367,10 +367,8 @@ impl Client {
                 ),
             )),
         };
-        let (guard, slot) = admitted?;
         Ok(Submitted {
-            guard,
-            slot,
+            guard: admitted?,
             sleep,
             timeout,
         })
@@ -383,7 +381,7 @@ impl Client {
         options: &SubmitOptions,
         broadcast: bool,
         deadline: Instant,
-    ) -> Result<(TaskGuard, Arc<Slot>)> {
+    ) -> Result<TaskGuard> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::closed("the client was shut down"));
@@ -550,7 +548,7 @@ impl Client {
             inner.park(route, id);
         }
         inner.counters.submitted.incr();
-        Ok((guard, slot))
+        Ok(guard)
     }
 }
 

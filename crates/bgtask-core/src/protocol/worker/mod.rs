@@ -21,7 +21,7 @@ use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
 use super::presence::{Announcer, Event, WorkerRecord};
 use super::Counter;
-use crate::broker::{DynBroker, Incoming, Subscription};
+use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{random_id, validate_name, Namespace, PROTOCOL_LEVEL};
 
@@ -160,10 +160,21 @@ impl Inner {
         what: &str,
         body: &T,
     ) -> Result<()> {
+        let bytes = self.encode_reply(&message, what, body)?;
+        self.broker.publish(reply_to, bytes).await?;
+        Ok(())
+    }
+
+    /// `message` with `body`, encoded, unless the body (`what`) is over the payload limit.
+    fn encode_reply<T: Serialize + ?Sized>(
+        &self,
+        message: &Message<'_>,
+        what: &str,
+        body: &T,
+    ) -> Result<bytes::Bytes> {
         let encoded = message.encode_with_body(body)?;
         check_payload_size(what, encoded.body.len(), self.config.max_payload)?;
-        self.broker.publish(reply_to, encoded.bytes.into()).await?;
-        Ok(())
+        Ok(encoded.bytes.into())
     }
 }
 
@@ -374,7 +385,7 @@ impl Worker {
             lease: message
                 .lease
                 .filter(|_| !message.broadcast && message.key.is_some())
-                .map(Cow::into_owned),
+                .map(|lease| LeaseId::new(lease.into_owned())),
             key: message.key.map(Cow::into_owned),
             meta: message.meta.map(ToOwned::to_owned),
             body: body.to_owned(),

@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use super::Inner;
 use crate::broker::LeaseId;
 use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::admission::check_payload_size;
 use crate::protocol::decode_raw;
 use crate::protocol::envelope::{Kind, Message, Status};
 
@@ -29,7 +28,7 @@ pub(super) struct Shared {
     pub(super) broadcast: bool,
     pub(super) key: Option<String>,
     /// The creator's lease on the key value's limit key, released with the `done`.
-    pub(super) lease: Option<String>,
+    pub(super) lease: Option<LeaseId>,
     pub(super) meta: Option<Box<RawValue>>,
     pub(super) body: Box<RawValue>,
     pub(super) cancel: CancellationToken,
@@ -373,13 +372,11 @@ async fn send_done<T: Serialize + ?Sized>(shared: &Shared, status: Status, body:
     };
     // Free the task's slot in the same step as the reply, and say so, so the creator need not.
     message.released = true;
-    let encoded = message.encode_with_body(body)?;
-    check_payload_size("reply", encoded.body.len(), worker.config.max_payload)?;
+    let bytes = worker.encode_reply(&message, "reply", body)?;
     let limit_key = worker.namespace.limit_key(&shared.task, value);
-    let lease = LeaseId::new(lease.as_str());
     let sent = worker
         .broker
-        .release_and_publish(&limit_key, &lease, &shared.reply_to, encoded.bytes.into())
+        .release_and_publish(&limit_key, lease, &shared.reply_to, bytes)
         .await;
     if let Err(error) = sent {
         tracing::debug!(%error, "could not release the key lease with the reply; the creator will");
