@@ -99,6 +99,8 @@ macro_rules! for_each_scenario {
             admission::release_and_publish_frees_the_slot_before_delivery,
             admission::the_worker_frees_the_slot_with_its_reply,
             admission::the_creator_releases_unless_the_worker_did,
+            listing::list_keys_pages_in_order,
+            listing::keys_in_flight_lists_running_tasks,
             protocol::submit_and_reply,
             protocol::submit_returns_the_id_at_once,
             protocol::typed_call_round_trip,

@@ -111,6 +111,19 @@ struct StreamReply {
     config: Option<StreamConfigIn>,
 }
 
+/// A `STREAM.INFO` reply asked for subjects: one page of them, and how many there are.
+#[derive(Debug, Deserialize)]
+struct SubjectsReply {
+    error: Option<ApiError>,
+    state: Option<SubjectsState>,
+    total: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SubjectsState {
+    subjects: Option<std::collections::HashMap<String, u64>>,
+}
+
 #[derive(Debug, Deserialize)]
 struct MsgGetReply {
     error: Option<ApiError>,
@@ -252,6 +265,32 @@ impl Js {
             )
             .with_source(e)
         })
+    }
+
+    /// Every subject of the stream that matches `filter` and holds a message: `STREAM.INFO`
+    /// with `subjects_filter`, page after page (the server sends a bounded number per reply).
+    pub(crate) async fn subjects(&self, filter: &str) -> Result<Vec<String>> {
+        let what = format!("list the {} subjects", self.holds);
+        let mut subjects = Vec::new();
+        loop {
+            let body = serde_json::json!({"subjects_filter": filter, "offset": subjects.len()});
+            let reply: SubjectsReply = self
+                .api(
+                    &what,
+                    format!("$JS.API.STREAM.INFO.{}", self.stream),
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            if let Some(error) = reply.error {
+                return Err(api_error(&what, Some(error), ErrorKind::Unavailable));
+            }
+            let page = reply.state.and_then(|s| s.subjects).unwrap_or_default();
+            let got = page.len();
+            subjects.extend(page.into_keys());
+            if got == 0 || reply.total.is_none_or(|total| subjects.len() >= total) {
+                return Ok(subjects);
+            }
+        }
     }
 
     /// Create the stream, or find the one that exists, and check that it is usable:

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use bgtask_core::{Acquired, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest, Result};
+use bgtask_core::{
+    Acquired, Error, ErrorKind, KeyCount, KeyPage, LeaseId, LeaseInfo, LeaseRequest, Result,
+    MAX_KEY_PAGE,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -495,6 +498,43 @@ impl Leases {
             Ok(Outcome::Done(state.live(now).len() as u64))
         })
         .await
+    }
+
+    /// The lease keys under `prefix` with live leases: the stream's lease subjects (one
+    /// `STREAM.INFO` per server page), then a read of each candidate key's record, 16 at a
+    /// time, until the page is full.
+    pub(crate) async fn list_keys(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage> {
+        let subjects = self
+            .store
+            .js
+            .subjects(&self.subjects.lease_filter())
+            .await?;
+        let mut candidates: Vec<String> = subjects
+            .iter()
+            .filter_map(|s| self.subjects.lease_key(s))
+            .filter(|key| key.starts_with(prefix) && after.is_none_or(|a| key.as_str() > a))
+            .collect();
+        candidates.sort_unstable();
+        let limit = limit.clamp(1, MAX_KEY_PAGE);
+        let mut found = Vec::new();
+        for chunk in candidates.chunks(16) {
+            let counts = futures::future::join_all(chunk.iter().map(|key| self.count(key))).await;
+            for (key, live) in chunk.iter().zip(counts) {
+                found.push(KeyCount {
+                    key: key.clone(),
+                    live: live?,
+                });
+            }
+            if found.iter().filter(|k| k.live > 0).count() > limit {
+                break;
+            }
+        }
+        Ok(KeyPage::collect(found, prefix, after, limit))
     }
 
     /// Run `attempt` until it is done, within `op_timeout`: after a conflict, again after a

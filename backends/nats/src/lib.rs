@@ -311,8 +311,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest,
-    Published, Result, Subscription,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyPage, LeaseId, LeaseInfo,
+    LeaseRequest, Published, Result, Subscription,
 };
 use bytes::Bytes;
 
@@ -621,6 +621,14 @@ impl Broker for NatsBroker {
         self.inner.leases.count(key).await
     }
 
+    /// The lease stream's subjects, then each candidate key's record (see
+    /// [Leases](crate#leases)).
+    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
+        self.check_open("list lease keys")?;
+        ensure_connected(&self.inner.client, "list lease keys")?;
+        self.inner.leases.list_keys(prefix, after, limit).await
+    }
+
     /// One write in the common case: see [Claims](crate#claims).
     async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.check_open("claim")?;
@@ -629,6 +637,6 @@ impl Broker for NatsBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, true)
+        Capabilities::new(false, true).with_key_listing()
     }
 }

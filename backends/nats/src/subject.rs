@@ -55,6 +55,18 @@ impl Subjects {
         format!("{}.lease.*", self.prefix)
     }
 
+    /// The lease key whose subject is `subject` (the inverse of [`lease`](Self::lease)), if it
+    /// is one.
+    pub(crate) fn lease_key(&self, subject: &str) -> Option<String> {
+        let token = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".lease.")?;
+        if token == "_" {
+            return Some(String::new());
+        }
+        String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()
+    }
+
     /// `<prefix>.clock`: where the backend reads the lease stream's clock.
     pub(crate) fn clock(&self) -> String {
         format!("{}.clock", self.prefix)
@@ -132,6 +144,17 @@ mod tests {
         let err = s.channel(&"x".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidName);
         assert!(s.channel(&"x".repeat(MAX_NAME_BYTES)).is_ok());
+    }
+
+    #[test]
+    fn lease_subjects_map_back_to_their_keys() {
+        let subjects = Subjects::new("bg.x");
+        for key in ["", "a", "ns:v1:limit:4:echo:ü *>"] {
+            let subject = subjects.lease(key).unwrap();
+            assert_eq!(subjects.lease_key(&subject).as_deref(), Some(key));
+        }
+        assert_eq!(subjects.lease_key("bg.x.claim.YQ"), None);
+        assert_eq!(subjects.lease_key("bg.y.lease.YQ"), None);
     }
 
     #[test]

@@ -252,8 +252,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest,
-    Published, Result, Subscription,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, LeaseId,
+    LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
 };
 use bytes::Bytes;
 use sqlx::postgres::PgConnectOptions;
@@ -740,6 +740,32 @@ impl Broker for PostgresBroker {
         Ok(u64::try_from(db.settle("count", conn, result)?).unwrap_or(0))
     }
 
+    /// One statement over the live leases, grouped by key, in key order.
+    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
+        self.check_open("list keys")?;
+        let db = &self.inner.db;
+        let limit = limit.clamp(1, MAX_KEY_PAGE);
+        let deadline = self.deadline();
+        let mut conn = db.conn("list keys", deadline).await?;
+        let result = timeout_at(
+            deadline,
+            sqlx::query_as::<_, (Vec<u8>, i64)>(&db.statements.list_keys)
+                .bind(prefix.as_bytes())
+                .bind(after.map(str::as_bytes))
+                .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+                .fetch_all(&mut *conn),
+        )
+        .await;
+        let rows = db.settle("list keys", conn, result)?;
+        let keys = rows.into_iter().filter_map(|(key, live)| {
+            Some(KeyCount {
+                key: String::from_utf8(key).ok()?,
+                live: u64::try_from(live).unwrap_or(0),
+            })
+        });
+        Ok(KeyPage::collect(keys, prefix, after, limit))
+    }
+
     /// One statement on the `claims` table, judged by the database clock (see the crate docs,
     /// *Claims*).
     async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
@@ -760,7 +786,7 @@ impl Broker for PostgresBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, true)
+        Capabilities::new(false, true).with_key_listing()
     }
 }
 

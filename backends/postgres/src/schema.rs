@@ -217,6 +217,9 @@ pub(crate) struct Statements {
     pub(crate) leases: String,
     /// `$1` key → the number of live leases.
     pub(crate) count: String,
+    /// `$1` key prefix, `$2` the key to start after or NULL, `$3` most rows → (key, live
+    /// leases) of the keys with live leases, in key order (a scan of the live leases).
+    pub(crate) list_keys: String,
     /// `$1` key, `$2` ttl in ms → one row when the claim was taken, none when it is held.
     pub(crate) claim: String,
     /// → (lease rows deleted, payload rows deleted, claim rows deleted).
@@ -252,6 +255,11 @@ impl Statements {
                  ORDER BY seq"),
             count: r("SELECT count(*) FROM {s}.leases \
                  WHERE key_hash = sha256($1) AND key = $1 AND expires_at > statement_timestamp()"),
+            list_keys: r("SELECT key, count(*) FROM {s}.leases \
+                 WHERE expires_at > statement_timestamp() \
+                     AND substring(key FROM 1 FOR length($1)) = $1 \
+                     AND ($2::bytea IS NULL OR key > $2) \
+                 GROUP BY key ORDER BY key LIMIT $3"),
             // A live claim that the snapshot sees answers `false` with a read only; otherwise
             // the insert's arbiter index decides: one inserter wins, and the others wait for it
             // and find its row live, or take over an expired row (the row lock and the

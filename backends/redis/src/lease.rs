@@ -26,6 +26,29 @@ pub(crate) fn claim_key(key: &str) -> Vec<u8> {
     k
 }
 
+/// The `SCAN MATCH` pattern of the lease sorted sets whose key starts with `prefix`: the
+/// prefix with Redis's glob characters escaped, then `*`.
+pub(crate) fn scan_pattern(prefix: &str) -> Vec<u8> {
+    let mut pattern = Vec::with_capacity(LEASES_PREFIX.len() + prefix.len() + 2);
+    pattern.extend_from_slice(LEASES_PREFIX.as_bytes());
+    for &b in prefix.as_bytes() {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            pattern.push(b'\\');
+        }
+        pattern.push(b);
+    }
+    pattern.push(b'*');
+    pattern
+}
+
+/// The lease key of a Redis key that [`scan_pattern`] matched (`bgl:{<key>}`), if it is one.
+pub(crate) fn lease_key_of(redis_key: &[u8]) -> Option<String> {
+    let inner = redis_key
+        .strip_prefix(LEASES_PREFIX.as_bytes())?
+        .strip_suffix(b"}")?;
+    String::from_utf8(inner.to_vec()).ok()
+}
+
 /// The longest TTL the backend stores, about 69 years; longer ones are capped to it. It keeps
 /// every expiry an exact integer in Lua's doubles.
 pub const MAX_TTL_MILLIS: u64 = 1 << 41;
@@ -259,6 +282,17 @@ pub(crate) fn parse_leases(value: Value) -> Result<Vec<LeaseInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_patterns_escape_globs_and_keys_come_back() {
+        assert_eq!(
+            scan_pattern("a*b?[c]\\"),
+            b"bgl:{a\\*b\\?\\[c\\]\\\\*".to_vec()
+        );
+        let (leases, notes) = keys("ns:v1:limit:1:t:}x");
+        assert_eq!(lease_key_of(&leases).as_deref(), Some("ns:v1:limit:1:t:}x"));
+        assert_eq!(lease_key_of(&notes), None);
+    }
 
     #[test]
     fn keys_are_prefixed_and_distinct() {

@@ -146,8 +146,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, LeaseId, LeaseInfo, LeaseRequest,
-    Published, Result, Subscription,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, LeaseId,
+    LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
 };
 use bytes::Bytes;
 use redis::Value;
@@ -277,6 +277,38 @@ impl RedisBroker {
             })
             .await
             .map(|n| n > 0)
+    }
+
+    /// The live leases of each of `keys`, by the server's clock: `TIME`, then one pipeline of
+    /// `ZCOUNT bgl:{key} (now +inf`.
+    async fn live_counts(&self, keys: &[String]) -> Result<Vec<KeyCount>> {
+        let time: (u64, u64) = self
+            .inner
+            .commands
+            .run("list keys", |mut conn| async move {
+                redis::cmd("TIME").query_async(&mut conn).await
+            })
+            .await?;
+        let now = lease::millis(time);
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.zcount(lease::keys(key).0, format!("({now}"), "+inf");
+        }
+        let counts: Vec<u64> = self
+            .inner
+            .commands
+            .run("list keys", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(keys
+            .iter()
+            .zip(counts)
+            .map(|(key, live)| KeyCount {
+                key: key.clone(),
+                live,
+            })
+            .collect())
     }
 
     /// Run the lease script with operation `args[0]` on lease key `key` (and, for `admit`, on
@@ -436,7 +468,52 @@ impl Broker for RedisBroker {
             .map(|set| set.is_some())
     }
 
+    /// An incremental `SCAN … MATCH bgl:{<prefix>* TYPE zset` over the keyspace (never one
+    /// blocking command), then `TIME` and one pipelined `ZCOUNT` per matching key.
+    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
+        self.check_open("list keys")?;
+        let pattern = lease::scan_pattern(prefix);
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let pattern = pattern.clone();
+            let (next, batch): (u64, Vec<Vec<u8>>) = self
+                .inner
+                .commands
+                .run("list keys", |mut conn| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("TYPE")
+                        .arg("zset")
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            found.extend(batch.iter().filter_map(|k| lease::lease_key_of(k)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.retain(|key| after.is_none_or(|after| key.as_str() > after));
+        found.sort_unstable();
+        found.dedup();
+        // Counted one page at a time, a little over `limit` for the keys that expire meanwhile.
+        let mut page = Vec::new();
+        for chunk in found.chunks(limit.clamp(1, MAX_KEY_PAGE) + 1) {
+            page.extend(self.live_counts(chunk).await?);
+            if page.iter().filter(|k: &&KeyCount| k.live > 0).count() > limit {
+                break;
+            }
+        }
+        Ok(KeyPage::collect(page, prefix, after, limit))
+    }
+
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true)
+        Capabilities::new(true, true).with_key_listing()
     }
 }

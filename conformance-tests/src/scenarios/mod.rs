@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod broker;
 pub mod faults;
+pub mod listing;
 pub mod offers;
 pub mod protocol;
 

@@ -15,13 +15,14 @@ gave and the time until the blacklisting ends on its own; and, for the key value
 --task NAME --key VALUE, the tasks in flight (live leases of the per-key limit), each with its
 task id and the time until its lease expires.
 
-The broker keeps no list of key values in use, so in-flight counts are shown only for the values
-you name.";
+`bgtask inspect keys` lists the key values with tasks in flight without naming them (on every
+bundled backend), a page at a time; `bgtask inspect workers` lists the live workers.";
 
 pub(crate) const EXAMPLES: &str = "\
 Examples:
   bgtask inspect workers
   bgtask inspect workers --json | jq '.[].in_flight'
+  bgtask inspect keys --task resize --limit 20
   bgtask inspect
   bgtask inspect --task resize --key ana --key bo
   bgtask inspect --json | jq '.blacklisted[].value'";
@@ -58,6 +59,22 @@ pub(crate) enum InspectWhat {
     /// The live workers, from their presence: id, host, pid, task names, targets, concurrency,
     /// tasks in flight and when each was last heard from.
     Workers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The key values with tasks in flight (live leases of the per-key limit), found without
+    /// naming them: a page of key values in key order, with the cursor of the next page.
+    Keys {
+        /// Only the key values of this task name.
+        #[arg(long, value_name = "NAME")]
+        task: Option<String>,
+        /// Start after this cursor (the `next` of the previous page).
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// At most this many key values (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -211,9 +228,94 @@ async fn workers(settings: &Settings, as_json: bool) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bgtask inspect keys`.
+async fn keys(
+    settings: &Settings,
+    task: Option<&str>,
+    after: Option<&str>,
+    limit: u64,
+    as_json: bool,
+) -> CliResult {
+    let broker = Settings::connect(settings.broker_url()).await?;
+    let namespace = Namespace::new(settings.config.namespace.clone())?;
+    let limit = usize::try_from(limit).unwrap_or(bgtask::MAX_KEY_PAGE);
+    let page = bgtask::keys_in_flight(&broker, &namespace, task, after, limit).await?;
+    if as_json {
+        let out = json!({
+            "namespace": namespace.as_str(),
+            "keys": page.keys.iter().map(|k| json!({
+                "task": k.task, "value": k.value, "in_flight": k.in_flight,
+            })).collect::<Vec<_>>(),
+            "next": page.next,
+        });
+        out!("{out:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!(
+        "key values with tasks in flight in namespace {namespace}: {}{}",
+        page.keys.len(),
+        if page.next.is_some() {
+            " (more follow)"
+        } else {
+            ""
+        }
+    );
+    if !page.keys.is_empty() {
+        let task_w = page
+            .keys
+            .iter()
+            .map(|k| k.task.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let value_w = page
+            .keys
+            .iter()
+            .map(|k| k.value.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        out!("  {:<task_w$}  {:<value_w$}  IN FLIGHT", "TASK", "VALUE");
+        for k in &page.keys {
+            out!(
+                "  {:<task_w$}  {:<value_w$}  {}",
+                k.task,
+                k.value,
+                k.in_flight
+            );
+        }
+    }
+    if let Some(next) = &page.next {
+        out!(
+            "next page: bgtask inspect keys --after {}",
+            shell_word(next)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `text` as one shell word, in single quotes when it needs them.
+fn shell_word(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+    {
+        return text.to_owned();
+    }
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 pub(crate) async fn run(settings: Settings, args: InspectArgs) -> CliResult {
-    if let Some(InspectWhat::Workers { json }) = args.what {
-        return workers(&settings, json).await;
+    match &args.what {
+        Some(InspectWhat::Workers { json }) => return workers(&settings, *json).await,
+        Some(InspectWhat::Keys {
+            task,
+            after,
+            limit,
+            json,
+        }) => return keys(&settings, task.as_deref(), after.as_deref(), *limit, *json).await,
+        None => {}
     }
     let (broker, namespace, blacklist) = blacklist_of(&settings).await?;
     let entries = blacklist.list().await?;

@@ -166,8 +166,86 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok((published, released))
     }
 
+    /// One page of the lease keys that start with `prefix` and have at least one live lease,
+    /// each with its number of live leases: how an operator sees which key values have tasks in
+    /// flight without naming them. Claim keys are not leases and are never listed.
+    ///
+    /// # Behaviour
+    ///
+    /// - Keys in ascending byte order, strictly after `after` when given, at most `limit` of
+    ///   them (`limit` is clamped to 1..=[`MAX_KEY_PAGE`]).
+    /// - [`KeyPage::next`] is the cursor of the next page (pass it as `after`), `None` when the
+    ///   listing is complete. A key that is live for the whole listing appears exactly once; a
+    ///   key acquired or expiring meanwhile may or may not appear.
+    /// - Bounded in time like every operation, and incremental on the server (never one long
+    ///   blocking command); a page may cost a pass over every lease key the backend stores
+    ///   (Redis: `SCAN`; NATS: the lease stream's subjects), so this is an operator's call,
+    ///   not a per-task one.
+    ///
+    /// Not every broker can enumerate keys, so the provided implementation returns an error of
+    /// kind [`Unsupported`](crate::ErrorKind::Unsupported), and a backend that lists keys
+    /// overrides it and declares [`Capabilities::lists_keys`].
+    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
+        let _ = (prefix, after, limit);
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("the {self:?} broker cannot list lease keys"),
+        ))
+    }
+
     /// What this backend can and cannot do.
     fn capabilities(&self) -> Capabilities;
+}
+
+/// The most keys one [`Broker::list_keys`] page holds.
+pub const MAX_KEY_PAGE: usize = 1000;
+
+/// One page of [`Broker::list_keys`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    /// The keys of this page, in ascending byte order.
+    pub keys: Vec<KeyCount>,
+    /// Where the next page starts (pass as `after`), or `None` when this was the last.
+    pub next: Option<String>,
+}
+
+impl KeyPage {
+    /// The page of `keys` that [`Broker::list_keys`]`(prefix, after, limit)` answers: those
+    /// that start with `prefix`, come after `after` and have live leases, sorted and cut to
+    /// `limit` (clamped to 1..=[`MAX_KEY_PAGE`]). What every backend builds its answer with.
+    pub fn collect(
+        keys: impl IntoIterator<Item = KeyCount>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KeyPage {
+        let limit = limit.clamp(1, MAX_KEY_PAGE);
+        let mut keys: Vec<KeyCount> = keys
+            .into_iter()
+            .filter(|k| {
+                k.live > 0
+                    && k.key.starts_with(prefix)
+                    && after.is_none_or(|after| k.key.as_str() > after)
+            })
+            .collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        keys.dedup_by(|a, b| a.key == b.key);
+        if keys.len() <= limit {
+            return KeyPage { keys, next: None };
+        }
+        keys.truncate(limit);
+        let next = keys.last().map(|k| k.key.clone());
+        KeyPage { keys, next }
+    }
+}
+
+/// One key of a [`KeyPage`] and its number of live leases (at least 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCount {
+    /// The lease key, as given to [`Broker::acquire`].
+    pub key: String,
+    /// Its live leases when it was read.
+    pub live: u64,
 }
 
 /// The outcome of [`Broker::admit`].
@@ -192,15 +270,24 @@ pub struct Capabilities {
     pub receiver_counts: bool,
     /// The broker is reached over a network connection (and so can suffer outages).
     pub networked: bool,
+    /// [`Broker::list_keys`] lists keys (rather than returning `Unsupported`).
+    pub lists_keys: bool,
 }
 
 impl Capabilities {
-    /// Capabilities with every flag set as given.
+    /// Capabilities with the flags given and [`lists_keys`](Capabilities::lists_keys) off.
     pub fn new(receiver_counts: bool, networked: bool) -> Self {
         Capabilities {
             receiver_counts,
             networked,
+            lists_keys: false,
         }
+    }
+
+    /// The same capabilities, with [`lists_keys`](Capabilities::lists_keys) on.
+    pub fn with_key_listing(mut self) -> Self {
+        self.lists_keys = true;
+        self
     }
 }
 

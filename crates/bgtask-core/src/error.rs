@@ -50,6 +50,8 @@ pub enum ErrorKind {
     Config,
     /// Authentication with the broker failed.
     Auth,
+    /// The backend does not offer this operation (see [`Capabilities`](crate::Capabilities)).
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -71,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Closed => "closed",
             ErrorKind::Config => "config",
             ErrorKind::Auth => "auth",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

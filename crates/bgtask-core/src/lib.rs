@@ -14,8 +14,8 @@ pub mod protocol;
 mod status;
 
 pub use broker::{
-    Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, LeaseId, LeaseInfo,
-    LeaseRequest, Published, Subscription,
+    Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, KeyCount, KeyPage, LeaseId,
+    LeaseInfo, LeaseRequest, Published, Subscription, MAX_KEY_PAGE,
 };
 pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
 pub use memory::MemoryBroker;

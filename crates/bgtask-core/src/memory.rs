@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::broker::{
-    Acquired, Admission, Broker, Capabilities, Incoming, LeaseId, LeaseInfo, LeaseRequest,
-    Published, Subscription,
+    Acquired, Admission, Broker, Capabilities, Incoming, KeyCount, KeyPage, LeaseId, LeaseInfo,
+    LeaseRequest, Published, Subscription,
 };
 use crate::error::Result;
 
@@ -303,14 +303,77 @@ impl Broker for MemoryBroker {
         Ok(true)
     }
 
+    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
+        let now = Instant::now();
+        let state = self.state();
+        let keys = state
+            .leases
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, list)| KeyCount {
+                key: key.clone(),
+                live: list.iter().filter(|l| l.expires > now).count() as u64,
+            });
+        Ok(KeyPage::collect(keys, prefix, after, limit))
+    }
+
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, false)
+        Capabilities::new(true, false).with_key_listing()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broker with only the required methods: what a third-party backend gets by default.
+    #[derive(Debug)]
+    struct Plain(MemoryBroker);
+
+    #[async_trait]
+    impl Broker for Plain {
+        async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
+            self.0.publish(channel, payload).await
+        }
+        async fn subscribe(&self, channel: &str) -> Result<Subscription> {
+            self.0.subscribe(channel).await
+        }
+        async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
+            self.0.acquire(key, request).await
+        }
+        async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
+            self.0.release(key, lease).await
+        }
+        async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
+            self.0.leases(key).await
+        }
+        async fn count(&self, key: &str) -> Result<u64> {
+            self.0.count(key).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new(true, false)
+        }
+    }
+
+    #[tokio::test]
+    async fn without_an_override_listing_keys_is_unsupported() {
+        let plain = Plain(MemoryBroker::new());
+        plain
+            .acquire("k", LeaseRequest::new(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(!plain.capabilities().lists_keys);
+        let err = plain.list_keys("", None, 10).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Unsupported);
+        let page = plain.0.list_keys("", None, 10).await.unwrap();
+        assert_eq!(
+            page.keys,
+            [KeyCount {
+                key: "k".into(),
+                live: 1
+            }]
+        );
+    }
 
     #[tokio::test]
     async fn a_ttl_beyond_the_clock_is_a_long_lease_not_a_panic() {

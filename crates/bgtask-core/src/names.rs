@@ -173,6 +173,29 @@ impl Namespace {
         self.keyed("limit", task, value)
     }
 
+    /// The prefix every [`limit_key`](Self::limit_key) of the namespace starts with, or of one
+    /// task name's limit keys: for listing the key values in flight.
+    pub fn limit_prefix(&self, task: Option<&str>) -> String {
+        match task {
+            Some(task) => self.keyed("limit", task, ""),
+            None => concat(&[&self.0, ":", PROTOCOL_LEVEL, ":limit:"]),
+        }
+    }
+
+    /// The task name and key value of a [`limit_key`](Self::limit_key) of this namespace, or
+    /// `None` for any other key.
+    pub fn parse_limit_key(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(self.limit_prefix(None).as_str())?;
+        let (length, rest) = rest.split_once(':')?;
+        if length.is_empty() || !length.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let length: usize = length.parse().ok()?;
+        let task = rest.get(..length)?;
+        let value = rest.get(length..)?.strip_prefix(':')?;
+        Some((task.to_owned(), value.to_owned()))
+    }
+
     /// The recent failure reports of one key value.
     pub fn failures_key(&self, task: &str, value: &str) -> String {
         self.keyed("failures", task, value)
@@ -204,6 +227,39 @@ impl std::fmt::Display for Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limit_keys_parse_back() {
+        let ns = Namespace::new("app").unwrap();
+        for (task, value) in [
+            ("echo", "u"),
+            ("a:b", "c"),
+            ("a", "b:c"),
+            ("é", ""),
+            ("t", "::"),
+        ] {
+            let key = ns.limit_key(task, value);
+            assert!(key.starts_with(&ns.limit_prefix(None)));
+            assert!(key.starts_with(&ns.limit_prefix(Some(task))));
+            assert_eq!(
+                ns.parse_limit_key(&key),
+                Some((task.to_owned(), value.to_owned()))
+            );
+        }
+        assert!(!ns
+            .limit_key("ab", "c")
+            .starts_with(&ns.limit_prefix(Some("a"))));
+        for other in [
+            ns.claim_key("x"),
+            ns.blacklist_key("t", "v"),
+            "app:v1:limit:9:t:v".to_owned(),
+            "app:v1:limit::t:v".to_owned(),
+            "app:v1:limit:+1:t:v".to_owned(),
+            "other:v1:limit:1:t:v".to_owned(),
+        ] {
+            assert_eq!(ns.parse_limit_key(&other), None, "{other}");
+        }
+    }
 
     #[test]
     fn ids_are_32_hex_digits() {

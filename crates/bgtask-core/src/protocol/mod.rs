@@ -6,6 +6,7 @@ mod blacklist;
 mod client;
 mod due;
 mod envelope;
+mod inflight;
 mod presence;
 mod worker;
 
@@ -23,6 +24,7 @@ pub use client::{
     DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 pub use envelope::WIRE_VERSION;
+pub use inflight::{keys_in_flight, KeyInFlight, KeysInFlight};
 pub use presence::{list_workers, ListedWorker, WorkerRecord};
 pub use worker::{
     AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,
