@@ -112,6 +112,11 @@ async fn blacklist_of(settings: &Settings) -> CliResult<(bgtask::DynBroker, Name
     Ok((broker, namespace, blacklist))
 }
 
+/// The width of a table column: its widest cell, at least `header` (the header's width).
+fn column_width<T>(rows: &[T], cell: impl Fn(&T) -> usize, header: usize) -> usize {
+    rows.iter().map(cell).max().unwrap_or(0).max(header)
+}
+
 fn entry_json(e: &BlacklistEntry) -> serde_json::Value {
     json!({
         "task": e.task,
@@ -129,18 +134,8 @@ fn print_blacklist(namespace: &Namespace, entries: &[BlacklistEntry]) {
     if entries.is_empty() {
         return;
     }
-    let task_w = entries
-        .iter()
-        .map(|e| e.task.len())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let value_w = entries
-        .iter()
-        .map(|e| e.value.len())
-        .max()
-        .unwrap_or(0)
-        .max(5);
+    let task_w = column_width(entries, |e| e.task.len(), 4);
+    let value_w = column_width(entries, |e| e.value.len(), 5);
     out!(
         "  {:<task_w$}  {:<value_w$}  {:>12}  REASON",
         "TASK",
@@ -190,18 +185,8 @@ async fn workers(settings: &Settings, as_json: bool) -> CliResult {
         }
         names
     };
-    let host_w = workers
-        .iter()
-        .map(|w| w.record.host.len())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let names_w = workers
-        .iter()
-        .map(|w| names(w).len())
-        .max()
-        .unwrap_or(0)
-        .max(5);
+    let host_w = column_width(&workers, |w| w.record.host.len(), 4);
+    let names_w = column_width(&workers, |w| names(w).len(), 5);
     out!(
         "  {:<8}  {:<host_w$}  {:>7}  {:<names_w$}  {:>11}  {:>9}  LAST SEEN",
         "ID",
@@ -261,20 +246,8 @@ async fn keys(
         }
     );
     if !page.keys.is_empty() {
-        let task_w = page
-            .keys
-            .iter()
-            .map(|k| k.task.len())
-            .max()
-            .unwrap_or(0)
-            .max(4);
-        let value_w = page
-            .keys
-            .iter()
-            .map(|k| k.value.len())
-            .max()
-            .unwrap_or(0)
-            .max(5);
+        let task_w = column_width(&page.keys, |k| k.task.len(), 4);
+        let value_w = column_width(&page.keys, |k| k.value.len(), 5);
         out!("  {:<task_w$}  {:<value_w$}  IN FLIGHT", "TASK", "VALUE");
         for k in &page.keys {
             out!(
@@ -347,7 +320,7 @@ pub(crate) async fn run(settings: Settings, args: InspectArgs) -> CliResult {
     print_blacklist(&namespace, &entries);
     if let Some(task) = &args.task {
         out!("\ntasks in flight of {task:?} (live leases of the per-key limit):");
-        let value_w = args.keys.iter().map(|v| v.len()).max().unwrap_or(0).max(5);
+        let value_w = column_width(&args.keys, |v| v.len(), 5);
         out!(
             "  {:<value_w$}  {:>9}  TASKS (id, lease time left)",
             "VALUE",
