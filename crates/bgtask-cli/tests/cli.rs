@@ -398,6 +398,16 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
                 .any(|l| l.trim_start().starts_with("ana") && l.contains(" 1 "))
     });
     assert!(in_flight, "inspect never showed ana's task in flight");
+    // The same task, found without naming its key value.
+    let run = s.bgtask(&["inspect", "keys", "--task", "job", "--json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let keys: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        keys["keys"],
+        serde_json::json!([{"task": "job", "value": "ana", "in_flight": 1}]),
+        "{run:?}"
+    );
+    assert_eq!(keys["next"], serde_json::Value::Null, "{run:?}");
     let run = s.bgtask(&[
         "submit",
         "--task",
