@@ -81,7 +81,15 @@ impl Shared {
         match event {
             Event::Connected => {
                 tracing::info!("nats: connected");
-                self.connected.send_modify(|n| *n = n.wrapping_add(1));
+                // The client reports its first connection too: only the later ones count.
+                let mut before = 0;
+                self.connected.send_modify(|n| {
+                    before = *n;
+                    *n = n.wrapping_add(1);
+                });
+                if before > 0 {
+                    bgtask_core::metrics::broker_reconnected("nats");
+                }
             }
             Event::Disconnected => tracing::warn!("nats: connection lost; reconnecting"),
             Event::SlowConsumer(_) => {

@@ -641,6 +641,7 @@ impl Supervisor {
                         failures,
                         "postgres: listener connection restored"
                     );
+                    bgtask_core::metrics::broker_reconnected("postgres");
                     self.restored();
                     return Some(listener);
                 }

@@ -111,6 +111,9 @@ impl Commands {
                 state.retry_at = None;
                 state.current = Some((state.generation, conn.clone()));
                 tracing::debug!(generation = state.generation, "redis: connected");
+                if state.generation > 1 {
+                    bgtask_core::metrics::broker_reconnected("redis");
+                }
                 Ok((state.generation, conn))
             }
             failed => {

@@ -502,6 +502,7 @@ impl Supervisor {
                         channels = self.shared.registry().channels.len(),
                         "redis: pub/sub connection restored"
                     );
+                    bgtask_core::metrics::broker_reconnected("redis");
                     self.restored();
                     return Some(conn);
                 }

@@ -101,6 +101,9 @@ pub(crate) struct BenchArgs {
     /// Measure bgtask and the baseline, and print the ratio.
     #[arg(long)]
     compare: bool,
+
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 /// The process's peak resident memory so far (Linux `VmHWM`), for memory per task in flight:
@@ -222,6 +225,7 @@ impl Plan {
 }
 
 pub(crate) async fn run(settings: Settings, args: BenchArgs) -> CliResult {
+    args.metrics.serve()?;
     if args.tasks == 0 || args.concurrency == 0 {
         return Err(CliError::usage(
             "--tasks and --concurrency must be at least 1",

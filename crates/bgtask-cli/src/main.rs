@@ -14,6 +14,7 @@ mod bench;
 mod demo;
 mod exit;
 mod inspect;
+mod metrics;
 mod settings;
 mod submit;
 mod supervisor;

@@ -83,12 +83,16 @@ pub(crate) struct WorkerArgs {
     #[arg(long, short = 'q')]
     quiet: bool,
 
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
+
     /// The program to run per task, and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     program: Vec<String>,
 }
 
 pub(crate) async fn run(settings: Settings, args: WorkerArgs) -> CliResult {
+    args.metrics.serve()?;
     let mut config = settings.config.worker_config();
     config.tasks = args.tasks.clone();
     config.targets = args.targets.clone();

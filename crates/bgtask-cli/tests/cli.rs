@@ -676,3 +676,94 @@ fn every_command_has_help_with_examples() {
     let run = bgtask(&["frobnicate"], None, &dir);
     assert_eq!(run.code, 64, "{run:?}");
 }
+
+/// A free loopback port, for a listener the test asks the binary to open.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `GET /metrics` on `addr` over plain HTTP/1.0: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1."), "{head}");
+    assert!(head.contains(" 200 "), "{head}");
+    body.to_owned()
+}
+
+/// The value of the series `name` whose labels include every one of `labels` (`k="v"`).
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+        (series_name == name && labels.iter().all(|l| rest.contains(l)))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn the_worker_serves_prometheus_metrics_of_the_tasks_it_ran() {
+    let s = Scratch::new("metrics", "");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let worker = s.worker(&["--metrics-addr", &addr]);
+
+    for (mode, code) in [("ok", 0), ("ok", 0), ("error", 1), ("fail", 2)] {
+        let run = s.bgtask(&[
+            "submit",
+            "--task",
+            "job",
+            &format!(r#"{{"mode":"{mode}"}}"#),
+        ]);
+        assert_eq!(run.code, code, "{run:?}");
+    }
+    // The worker counts a completion as it sends the reply: scrape until all four are in.
+    let mut text = String::new();
+    let counted = wait_until(Duration::from_secs(10), || {
+        text = scrape(&addr);
+        sample(
+            &text,
+            "bgtask_worker_tasks_accepted_total",
+            &[r#"task="job""#],
+        ) == Some(4.0)
+    });
+    assert!(counted, "{text}");
+    let completed = |status: &str| {
+        let status = format!(r#"status="{status}""#);
+        let labels = [r#"task="job""#, status.as_str()];
+        sample(&text, "bgtask_worker_tasks_completed_total", &labels)
+    };
+    assert_eq!(completed("success"), Some(2.0), "{text}");
+    assert_eq!(completed("error"), Some(1.0), "{text}");
+    assert_eq!(completed("failed"), Some(1.0), "{text}");
+    let running = sample(&text, "bgtask_worker_tasks_running", &[r#"task="job""#]);
+    assert_eq!(running, Some(0.0), "{text}");
+    assert!(
+        text.contains("# TYPE bgtask_worker_tasks_completed_total counter"),
+        "{text}"
+    );
+
+    // The address is taken now: a second worker says so and exits with a usage error.
+    let script = s.dir.join("task.sh").display().to_string();
+    let run = s.bgtask(&[
+        "worker",
+        "--task",
+        "job",
+        "--metrics-addr",
+        &addr,
+        "--",
+        "sh",
+        &script,
+    ]);
+    assert_eq!(run.code, 64, "{run:?}");
+    assert!(run.stderr.contains("cannot serve metrics"), "{run:?}");
+    drop(worker);
+}

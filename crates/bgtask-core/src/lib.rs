@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod broker;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod names;
 pub mod protocol;
 mod status;

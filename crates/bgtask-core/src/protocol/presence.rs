@@ -409,6 +409,17 @@ impl Roster {
         Some(member)
     }
 
+    /// How many workers' presence has not expired.
+    pub(crate) fn live_count(&self) -> usize {
+        let now = self.now_ms();
+        let members = self.members();
+        members
+            .by_id
+            .values()
+            .filter(|m| m.expires.load(Ordering::Relaxed) > now)
+            .count()
+    }
+
     /// Whether `member`'s presence has not expired.
     pub(crate) fn is_live(&self, member: &Member) -> bool {
         member.expires.load(Ordering::Relaxed) > self.now_ms()

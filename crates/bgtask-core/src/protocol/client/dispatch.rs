@@ -23,6 +23,7 @@ impl Inner {
             Ok((event, record)) => {
                 let ttl = Duration::from_millis(record.ttl_ms.min(u64::from(u32::MAX)));
                 let member = self.roster.apply(event, &record, ttl);
+                self.count_workers();
                 if let Some(member) = member {
                     if member.free().is_none_or(|f| f > 0) && !self.parked().is_empty() {
                         self.unpark_for(&member);
@@ -30,7 +31,7 @@ impl Inner {
                 }
             }
             Err(error) => {
-                self.counters.malformed.incr();
+                self.counters.count_malformed();
                 tracing::debug!(%error, "dropped a malformed presence message");
             }
         }
@@ -41,7 +42,7 @@ impl Inner {
         let message = match Message::decode(bytes) {
             Ok(m) => m,
             Err(error) => {
-                self.counters.malformed.incr();
+                self.counters.count_malformed();
                 tracing::warn!(channel = %self.reply_channel, %error, "dropped a malformed reply message");
                 self.emit(|| ClientEvent::Malformed {
                     error: error.to_string(),
@@ -63,18 +64,17 @@ impl Inner {
                     let Some(offer) = pending.get_mut(&id).and_then(|p| p.offer.as_mut()) else {
                         return false;
                     };
-                    offer.answered = true;
-                    offer.bytes = None;
+                    offer.answer();
                     true
                 });
                 if !answered {
-                    self.counters.late.incr();
+                    self.counters.count_late();
                     tracing::debug!(id = %message.id, kind = ?message.kind, "dropped an answer for no offer of ours");
                 }
                 return;
             }
             _ => {
-                self.counters.malformed.incr();
+                self.counters.count_malformed();
                 tracing::warn!(channel = %self.reply_channel, kind = ?message.kind, "dropped a message of the wrong kind on a reply channel");
                 return;
             }
@@ -89,11 +89,13 @@ impl Inner {
             let ends = message.kind == Kind::Done && !p.broadcast;
             if ends {
                 slot.released.store(message.released, Ordering::Relaxed);
-                let ended = pending.remove(&id)?;
-                freed = ended.offer.and_then(|o| o.current).map(|c| c.0.clone());
+                let mut ended = pending.remove(&id)?;
+                freed = ended.offer.as_mut().and_then(|offer| {
+                    offer.answer();
+                    offer.current.as_ref().map(|c| c.0.clone())
+                });
             } else if let Some(offer) = p.offer.as_mut() {
-                offer.answered = true;
-                offer.bytes = None;
+                offer.answer();
             }
             Some(slot)
         });
@@ -105,7 +107,7 @@ impl Inner {
             }
         }
         let Some(slot) = routed else {
-            self.counters.late.incr();
+            self.counters.count_late();
             tracing::debug!(id = %message.id, "dropped a reply that arrived after its task ended");
             return;
         };
@@ -120,7 +122,7 @@ impl Inner {
                 }
             });
             if dropped {
-                self.counters.dropped.incr();
+                self.counters.count_dropped();
             }
             self.emit(|| ClientEvent::Progress { id: id() });
         } else {
@@ -136,7 +138,7 @@ impl Inner {
                 }
             });
             if dropped {
-                self.counters.dropped.incr();
+                self.counters.count_dropped();
             }
             self.emit(|| ClientEvent::Done { id: id(), status });
         }
@@ -227,7 +229,7 @@ pub(super) async fn dispatch(inner: std::sync::Weak<Inner>, subscription: crate:
         match item {
             Some(Incoming::Message(bytes)) => inner.handle(&bytes),
             Some(Incoming::Gap) => {
-                inner.counters.gaps.incr();
+                inner.counters.count_gap();
                 tracing::warn!(channel = %inner.reply_channel, "reply subscription resumed; replies may have been missed");
                 inner.emit(|| ClientEvent::Gap);
             }

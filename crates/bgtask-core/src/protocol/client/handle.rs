@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{ClientEvent, Inner, Slot, FINISH_GRACE};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics;
 use crate::protocol::admission::KeyLease;
 use crate::protocol::Reply;
 
@@ -22,6 +23,8 @@ pub(super) struct TaskGuard {
     pub(super) client: Arc<Inner>,
     pub(super) id: u128,
     pub(super) task: String,
+    /// When the task was published, for the reply histogram.
+    pub(super) submitted: Instant,
     pub(super) deadline: Instant,
     pub(super) lease: Option<KeyLease>,
     pub(super) slot: Arc<Slot>,
@@ -29,6 +32,13 @@ pub(super) struct TaskGuard {
 }
 
 impl TaskGuard {
+    /// The task ends here: forget its pending entry and count it out of flight.
+    fn disarm(&mut self) {
+        self.armed = false;
+        self.client.pending().remove(&self.id);
+        metrics::in_flight(&self.task, -1.0);
+    }
+
     /// The lease still to release: none if the worker released it with its reply.
     fn take_lease(&mut self) -> Option<KeyLease> {
         let lease = self.lease.take();
@@ -45,8 +55,7 @@ impl TaskGuard {
         if !self.armed {
             return;
         }
-        self.armed = false;
-        self.client.pending().remove(&self.id);
+        self.disarm();
         let lease = self.take_lease();
         if let Some(release) = self.client.release_in_background(lease) {
             let wait = self
@@ -63,7 +72,7 @@ impl Drop for TaskGuard {
         if !self.armed {
             return;
         }
-        self.client.pending().remove(&self.id);
+        self.disarm();
         let lease = self.take_lease();
         self.client.release_in_background(lease);
     }
@@ -208,6 +217,9 @@ impl TaskHandle {
     }
 
     async fn end(&mut self, outcome: Result<Reply>) {
+        let guard = &self.submitted.guard;
+        let ended = outcome.as_ref().map(|_| ()).map_err(Error::kind);
+        metrics::completed(&guard.task, ended, guard.submitted.elapsed());
         self.submitted.guard.finish().await;
         self.outcome = Some(outcome);
     }

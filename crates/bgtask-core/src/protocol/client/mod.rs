@@ -32,10 +32,11 @@ use super::admission::{self, check_payload_size, extract_key_value, KeyLease};
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message};
-use super::presence::{self, Charge, Event, Roster, Route};
+use super::presence::{self, Event, Roster, Route};
 use super::{duration_millis, Counter, KeyLimit, Reply};
 use crate::broker::{DynBroker, Published};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{self, Role};
 use crate::names::{id_to_hex, random_id, validate_name, Namespace};
 
 /// How long ending a task may wait for its key lease's release after the deadline.
@@ -47,6 +48,7 @@ const PROGRESS_BUFFER: usize = 64;
 /// Replies of one broadcast buffered before more are dropped (and counted).
 const BROADCAST_BUFFER: usize = 4096;
 
+/// The client's own counters ([`ClientStats`]); each also goes to the [`metrics`](crate::metrics).
 #[derive(Default)]
 struct Counters {
     submitted: Counter,
@@ -54,6 +56,28 @@ struct Counters {
     late: Counter,
     dropped: Counter,
     gaps: Counter,
+}
+
+impl Counters {
+    fn count_malformed(&self) {
+        self.malformed.incr();
+        metrics::malformed(Role::Client);
+    }
+
+    fn count_late(&self) {
+        self.late.incr();
+        metrics::late_reply();
+    }
+
+    fn count_dropped(&self) {
+        self.dropped.incr();
+        metrics::reply_dropped();
+    }
+
+    fn count_gap(&self) {
+        self.gaps.incr();
+        metrics::gap(Role::Client);
+    }
 }
 
 /// Where the dispatcher leaves what arrives for one task, and its handle picks it up.
@@ -367,6 +391,9 @@ impl Client {
                 ),
             )),
         };
+        if let Err(error) = &admitted {
+            metrics::refused(task, error.kind());
+        }
         Ok(Submitted {
             guard: admitted?,
             sleep,
@@ -497,12 +524,11 @@ impl Client {
         let (offer, offer_channel) = if broadcast {
             (None, None)
         } else {
-            let mut offer = offer::OfferState::new(route.clone(), bytes.clone());
+            let mut offer = offer::OfferState::new(route.clone(), bytes.clone(), task);
             let channel = match inner.roster.choose(&route, &[]) {
                 presence::Choice::Offer(member) => {
                     let channel = member.channel.clone();
-                    offer.attempt = 1;
-                    offer.current = Some(Charge::new(member));
+                    offer.offer_to(member);
                     Some(channel)
                 }
                 presence::Choice::Full | presence::Choice::Nobody => None,
@@ -519,10 +545,12 @@ impl Client {
             },
         );
         // From here on the guard cleans up (pending entry, lease) on every early return.
+        metrics::in_flight(task, 1.0);
         let guard = TaskGuard {
             client: inner.clone(),
             id,
             task: task.to_owned(),
+            submitted: Instant::now(),
             deadline,
             lease,
             slot: slot.clone(),
@@ -548,6 +576,7 @@ impl Client {
             inner.park(route, id);
         }
         inner.counters.submitted.incr();
+        metrics::submitted(task);
         Ok(guard)
     }
 }
@@ -594,7 +623,13 @@ impl Inner {
                 self.roster.apply(Event::Join, &record, lease.remaining);
             }
         }
+        self.count_workers();
         Ok(())
+    }
+
+    /// Set the workers-online gauge from the roster.
+    fn count_workers(&self) {
+        metrics::workers_online(self.namespace.as_str(), self.roster.live_count());
     }
 
     fn parked(&self) -> MutexGuard<'_, HashMap<Route, VecDeque<u128>>> {

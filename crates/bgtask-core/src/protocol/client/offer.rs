@@ -13,6 +13,7 @@ use super::super::envelope::Message;
 use super::super::presence::{Charge, Choice, Member, Route};
 use super::{Inner, PendingMap};
 use crate::error::{Error, ErrorDetail, ErrorKind};
+use crate::metrics;
 use crate::names::id_to_hex;
 
 /// Where a directed offer stands; lives in the task's pending entry, so it goes (and gives its
@@ -31,11 +32,20 @@ pub(super) struct OfferState {
     pub(super) refused: Vec<Arc<Member>>,
     /// Workers that were full in this round.
     pub(super) busy: Vec<Arc<Member>>,
+    /// The task's name, for the acceptance histogram.
+    task: Box<str>,
+    /// When the task was submitted, and when it was last offered.
+    submitted: Instant,
+    offered: Instant,
 }
 
 impl OfferState {
-    pub(super) fn new(route: Route, bytes: Bytes) -> Self {
+    pub(super) fn new(route: Route, bytes: Bytes, task: &str) -> Self {
+        let now = Instant::now();
         OfferState {
+            task: task.into(),
+            submitted: now,
+            offered: now,
             route,
             bytes: Some(bytes),
             current: None,
@@ -44,6 +54,23 @@ impl OfferState {
             refused: Vec::new(),
             busy: Vec::new(),
         }
+    }
+
+    /// A worker answered (accepted, progress, done, or "claimed"): no more offers. The first
+    /// answer times the acceptance, as of the offer it answered.
+    pub(super) fn answer(&mut self) {
+        if !std::mem::replace(&mut self.answered, true) {
+            let waited = self.offered.saturating_duration_since(self.submitted);
+            metrics::accepted_after(&self.task, waited);
+        }
+        self.bytes = None;
+    }
+
+    /// Another offer goes out now.
+    pub(super) fn offer_to(&mut self, member: Arc<Member>) {
+        self.attempt += 1;
+        self.offered = Instant::now();
+        self.current = Some(Charge::new(member));
     }
 
     fn excluded(&self) -> Vec<Arc<Member>> {
@@ -85,9 +112,8 @@ impl Inner {
         match self.roster.choose(&offer.route, &offer.excluded()) {
             Choice::Offer(member) => {
                 let bytes = self.reencode(offer.bytes.as_ref()?, deadline)?;
-                offer.attempt += 1;
                 let channel = member.channel.clone();
-                offer.current = Some(Charge::new(member));
+                offer.offer_to(member);
                 Some(Send {
                     id,
                     attempt: offer.attempt,
@@ -205,8 +231,7 @@ impl Inner {
                 }
                 // Another worker took it after an offer timed out: wait for its reply.
                 "claimed" => {
-                    offer.answered = true;
-                    offer.bytes = None;
+                    offer.answer();
                     return true;
                 }
                 _ => offer.refused.push(current),
@@ -250,8 +275,7 @@ impl Inner {
                         continue;
                     };
                     offer.busy.clear();
-                    offer.attempt += 1;
-                    offer.current = Some(Charge::new(member.clone()));
+                    offer.offer_to(member.clone());
                     sends.push(Send {
                         id,
                         attempt: offer.attempt,

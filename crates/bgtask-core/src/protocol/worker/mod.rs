@@ -23,6 +23,7 @@ use super::presence::{Announcer, Event, WorkerRecord};
 use super::Counter;
 use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{self, Role};
 use crate::names::{random_id, validate_name, Namespace, PROTOCOL_LEVEL};
 
 mod config;
@@ -41,6 +42,13 @@ struct Counters {
     declined: Counter,
     malformed: Counter,
     gaps: Counter,
+}
+
+impl Counters {
+    fn count_gap(&self) {
+        self.gaps.incr();
+        metrics::gap(Role::Worker);
+    }
 }
 
 struct Inner {
@@ -144,6 +152,7 @@ impl Inner {
 
     fn malformed(&self, channel: &str, error: &Error) {
         self.counters.malformed.incr();
+        metrics::malformed(Role::Worker);
         tracing::warn!(channel, %error, "dropped a malformed message");
         self.emit(|| WorkerEvent::Malformed {
             channel: channel.to_owned(),
@@ -330,7 +339,7 @@ impl Worker {
             let bytes = match item {
                 Incoming::Message(bytes) => bytes,
                 Incoming::Gap => {
-                    self.inner.counters.gaps.incr();
+                    self.inner.counters.count_gap();
                     tracing::warn!("a task subscription resumed; tasks may have been missed");
                     self.inner.emit(|| WorkerEvent::Gap);
                     continue;
@@ -613,7 +622,7 @@ async fn control_loop(
         let bytes = match item {
             Incoming::Message(bytes) => bytes,
             Incoming::Gap => {
-                inner.counters.gaps.incr();
+                inner.counters.count_gap();
                 continue;
             }
         };

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::Inner;
 use crate::broker::LeaseId;
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics;
 use crate::protocol::decode_raw;
 use crate::protocol::envelope::{Kind, Message, Status};
 
@@ -39,6 +40,17 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The task's `task` label in the metrics: its name if this worker serves it by name (a
+    /// bounded set), else `_target`, so a forged name on a target channel is never a label.
+    fn metric_label(&self) -> &str {
+        let config = &self.worker.config;
+        if config.tasks.contains(&self.task) {
+            &self.task
+        } else {
+            "_target"
+        }
+    }
+
     /// Tell the creator of a directed offer that this worker runs it, unless it has heard
     /// already (progress or done count as the answer).
     pub(super) fn notify_accepted(self: Arc<Self>) {
@@ -266,6 +278,7 @@ impl AvailableTask {
             }
         }
         worker.counters.accepted.incr();
+        metrics::worker_accepted(shared.metric_label());
         if let Some(due) = shared.offer {
             worker.notices.push(due, Arc::downgrade(&shared));
         }
@@ -347,6 +360,7 @@ impl RunningTask {
         worker.counters.completed.incr();
         match send_done(shared, status, reply).await {
             Err(error) if error.kind() == ErrorKind::TooLarge => {
+                metrics::worker_completed(shared.metric_label(), Status::Failed);
                 let notice = json!({
                     "error": "reply too large",
                     "detail": error.message(),
@@ -355,7 +369,10 @@ impl RunningTask {
                 send_done(shared, Status::Failed, &notice).await?;
                 Err(error)
             }
-            other => other,
+            other => {
+                metrics::worker_completed(shared.metric_label(), status);
+                other
+            }
         }
     }
 }
@@ -396,6 +413,7 @@ impl Drop for RunningTask {
         let shared = self.context.shared.clone();
         shared.worker.running().remove(&shared.id);
         shared.worker.counters.completed.incr();
+        metrics::worker_completed(shared.metric_label(), Status::Failed);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let notice = json!({"error": "the worker dropped the task without completing it"});
