@@ -155,6 +155,7 @@ macro_rules! for_each_scenario {
             offers::tasks_spread_evenly,
             offers::full_workers_hold_tasks_back,
             offers::presence_lists_workers_and_targets,
+            offers::presence_counts_running_tasks_by_name,
             offers::hostile_presence_and_answers_are_ignored,
             faults::refused_connection_is_unavailable,
             faults::calls_are_bounded_in_a_black_hole,

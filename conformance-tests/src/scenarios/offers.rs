@@ -387,6 +387,67 @@ pub async fn presence_lists_workers_and_targets(h: Harness) {
     );
 }
 
+/// A worker's presence counts its running tasks per task name (a task reached only through a
+/// target under `_target`), so `inspect workers` shows tasks in flight by name.
+pub async fn presence_counts_running_tasks_by_name(h: Harness) {
+    let config = WorkerConfig {
+        targets: vec!["gpu".into()],
+        heartbeat: Duration::from_millis(200),
+        ..h.worker_config(&["render", "encode"])
+    };
+    let mut worker = h.worker(config).await;
+    let client = h.client().await;
+    let submits = [
+        ("render", SubmitOptions::new()),
+        ("render", SubmitOptions::new()),
+        ("encode", SubmitOptions::new()),
+        ("paint", SubmitOptions::new().target("gpu")),
+    ];
+    let mut handles = Vec::new();
+    let mut running = Vec::new();
+    for (task, options) in submits {
+        handles.push(client.submit_with(task, &json!({}), options).await.unwrap());
+        let offered = tokio::time::timeout(WAIT, worker.next_task())
+            .await
+            .unwrap()
+            .unwrap();
+        running.push(offered.accept().await.unwrap().expect("taken"));
+    }
+    let ns = bgtask_core::Namespace::new(h.namespace()).unwrap();
+    let broker = h.broker().await;
+    let listed_running = || async {
+        let listed = bgtask_core::list_workers(&broker, &ns).await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        listed[0].record.clone()
+    };
+    let want: std::collections::BTreeMap<String, u64> =
+        [("render", 2), ("encode", 1), ("_target", 1)]
+            .into_iter()
+            .map(|(t, n)| (t.to_owned(), n))
+            .collect();
+    let started = tokio::time::Instant::now();
+    let mut record = listed_running().await;
+    while record.running != want && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        record = listed_running().await;
+    }
+    assert_eq!(record.running, want, "{record:?}");
+    assert_eq!(record.in_flight, 4);
+    for task in running {
+        task.success(&json!({})).await.unwrap();
+    }
+    for handle in handles {
+        handle.reply().await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let mut record = listed_running().await;
+    while !record.running.is_empty() && started.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        record = listed_running().await;
+    }
+    assert!(record.running.is_empty(), "{record:?}");
+}
+
 /// Malformed, foreign-level, replayed and forged presence messages and answers are ignored and
 /// counted; they never make a task run twice or stop a creator.
 pub async fn hostile_presence_and_answers_are_ignored(h: Harness) {

@@ -166,7 +166,7 @@ async fn workers(settings: &Settings, as_json: bool) -> CliResult {
                 json!({
                     "id": r.id, "host": r.host, "pid": r.pid, "tasks": r.tasks,
                     "targets": r.targets, "concurrency": r.concurrency,
-                    "in_flight": r.in_flight, "level": r.level,
+                    "in_flight": r.in_flight, "running": r.running, "level": r.level,
                     "last_seen_ms": millis(w.last_seen),
                 })
             })
@@ -210,6 +210,20 @@ async fn workers(settings: &Settings, as_json: bool) -> CliResult {
             human(w.last_seen)
         );
     }
+    // Tasks in flight per task name, summed over the workers' last heartbeats.
+    let mut by_task = std::collections::BTreeMap::<&str, u64>::new();
+    for (task, n) in workers.iter().flat_map(|w| &w.record.running) {
+        *by_task.entry(task.as_str()).or_insert(0) += n;
+    }
+    let by_task: Vec<String> = by_task.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    out!(
+        "tasks in flight by task name: {}",
+        if by_task.is_empty() {
+            "none".to_owned()
+        } else {
+            by_task.join(", ")
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -408,6 +408,20 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
         "{run:?}"
     );
     assert_eq!(keys["next"], serde_json::Value::Null, "{run:?}");
+    // And by task name, from the worker's presence (renewed every second).
+    let mut run = s.bgtask(&["inspect", "workers"]);
+    let by_name = wait_until(Duration::from_secs(10), || {
+        run = s.bgtask(&["inspect", "workers"]);
+        run.stdout.contains("tasks in flight by task name: job 1")
+    });
+    assert!(by_name, "{run:?}");
+    let run = s.bgtask(&["inspect", "workers", "--json"]);
+    let workers: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        workers[0]["running"],
+        serde_json::json!({"job": 1}),
+        "{run:?}"
+    );
     let run = s.bgtask(&[
         "submit",
         "--task",

@@ -44,6 +44,9 @@ pub const SUBSCRIPTION_GAPS: &str = "bgtask_subscription_gaps_total";
 /// Times a broker backend got its connection back after losing it. Labels: `backend`
 /// (`redis`, `nats`, `postgres`).
 pub const BROKER_RECONNECTS: &str = "bgtask_broker_reconnects_total";
+/// Trace context (`traceparent`/`tracestate`) received malformed or oversize and dropped; the
+/// task ran all the same (without a parent span, for a bad `traceparent`).
+pub const TRACE_CONTEXT_DROPPED: &str = "bgtask_trace_context_dropped_total";
 /// Tasks a worker took (claimed, or a broadcast). Labels: `task`.
 pub const WORKER_TASKS_ACCEPTED: &str = "bgtask_worker_tasks_accepted_total";
 /// Tasks a worker completed. Labels: `task`, `status` (`success`, `error`, `failed`).
@@ -80,6 +83,10 @@ pub fn describe() {
         "Times a subscription resumed after a lost connection."
     );
     describe_counter!(BROKER_RECONNECTS, "Times a broker connection came back.");
+    describe_counter!(
+        TRACE_CONTEXT_DROPPED,
+        "Malformed or oversize trace context dropped."
+    );
     describe_counter!(WORKER_TASKS_ACCEPTED, "Tasks a worker took.");
     describe_counter!(
         WORKER_TASKS_COMPLETED,
@@ -124,6 +131,10 @@ pub(crate) fn late_reply() {
 
 pub(crate) fn reply_dropped() {
     counter!(REPLIES_DROPPED).increment(1);
+}
+
+pub(crate) fn trace_context_dropped() {
+    counter!(TRACE_CONTEXT_DROPPED).increment(1);
 }
 
 pub(crate) fn submitted(task: &str) {

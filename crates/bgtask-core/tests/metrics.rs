@@ -10,9 +10,10 @@ use std::time::Duration;
 use bgtask_core::metrics as m;
 use bgtask_core::names::DEFAULT_NAMESPACE;
 use bgtask_core::{
-    Client, ClientConfig, DynBroker, ErrorKind, KeyLimit, MemoryBroker, Namespace, SubmitOptions,
-    TaskFailure, Worker, WorkerConfig,
+    Client, ClientConfig, DynBroker, ErrorKind, Incoming, KeyLimit, MemoryBroker, Namespace,
+    SubmitOptions, TaskFailure, Worker, WorkerConfig,
 };
+use futures::StreamExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
@@ -135,10 +136,38 @@ async fn known_tasks_leave_known_metrics() {
     assert_eq!(nobody.unwrap_err().kind(), ErrorKind::NoWorker);
 
     // Garbage on the task channel: the worker drops it and counts it.
-    let channel = Namespace::new(DEFAULT_NAMESPACE)
-        .unwrap()
-        .task_channel("job");
+    let namespace = Namespace::new(DEFAULT_NAMESPACE).unwrap();
+    let channel = namespace.task_channel("job");
     broker.publish(&channel, "not a task".into()).await.unwrap();
+
+    // Tasks of a peer that sends bad trace context: each runs all the same, and each bad value
+    // is dropped and counted.
+    let probe = namespace.reply_channel("probe");
+    let mut replies = broker.subscribe(&probe).await.unwrap();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let oversize = format!("00{}", "-0".repeat(5_000));
+    let bad_trace = [
+        r#""traceparent":42"#.to_owned(),
+        format!(r#""traceparent":"{oversize}""#),
+        format!(r#""traceparent":"{parent}","tracestate":"not a list member""#),
+    ];
+    for (n, trace) in bad_trace.iter().enumerate() {
+        let task = format!(
+            r#"{{"v":1,"kind":"task","id":"forged{n}","task":"job","reply_to":"{probe}","timeout_ms":5000,{trace},"body":{{}}}}"#
+        );
+        broker.publish(&channel, task.into()).await.unwrap();
+    }
+    for _ in &bad_trace {
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .expect("a reply to each forged task");
+        let Some(Incoming::Message(bytes)) = reply else {
+            panic!("{reply:?}");
+        };
+        let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(reply["status"], "success", "{reply}");
+    }
+    assert_eq!(value(s, m::TRACE_CONTEXT_DROPPED, &[]), 3.0);
 
     assert_eq!(value(s, m::TASKS_SUBMITTED, &job), 4.0);
     for (outcome, n) in [
@@ -178,7 +207,7 @@ async fn known_tasks_leave_known_metrics() {
     );
 
     eventually("the worker's counts", || {
-        value(s, m::WORKER_TASKS_ACCEPTED, &job) == 4.0
+        value(s, m::WORKER_TASKS_ACCEPTED, &job) == 7.0
             && value(
                 s,
                 m::WORKER_TASKS_COMPLETED,
@@ -194,7 +223,7 @@ async fn known_tasks_leave_known_metrics() {
             &[("task", "job"), ("status", status)],
         )
     };
-    assert_eq!((completed("success"), completed("error")), (1.0, 1.0));
+    assert_eq!((completed("success"), completed("error")), (4.0, 1.0));
     assert_eq!(value(s, m::WORKER_TASKS_RUNNING, &job), 0.0);
     assert_eq!(value(s, m::MALFORMED_MESSAGES, &[("role", "client")]), 0.0);
 }

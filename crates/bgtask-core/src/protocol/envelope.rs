@@ -117,6 +117,23 @@ pub(crate) struct Message<'a> {
     /// need not.
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) released: bool,
+    /// On a task: the creator's W3C trace context (see [`super::trace`]). Read leniently: a
+    /// value that is not a string reads as `""`, which the worker drops as malformed; it never
+    /// fails the message.
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_str"
+    )]
+    pub(crate) traceparent: Option<Cow<'a, str>>,
+    #[serde(
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_str"
+    )]
+    pub(crate) tracestate: Option<Cow<'a, str>>,
     /// The task's payload, a progress value or a reply. JSON `null` is a value here, not an
     /// absent field. Always the last field, so [`Message::encode_with_body`] can append it.
     #[serde(
@@ -178,6 +195,60 @@ fn borrowed_str<'de, D: serde::Deserializer<'de>>(
     d.deserialize_option(OptionalStr)
 }
 
+/// Deserialize an optional string that must never fail its message: any other JSON value
+/// reads as `Some("")` (present, not valid), `null` as `None`.
+fn lenient_str<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Cow<'de, str>>, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess};
+    struct Lenient;
+    impl<'de> serde::de::Visitor<'de> for Lenient {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, s: &'de str) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(s)))
+        }
+        fn visit_str<E>(self, s: &str) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(s.to_owned())))
+        }
+        fn visit_string<E>(self, s: String) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(s)))
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Some(Cow::Borrowed("")))
+        }
+    }
+    d.deserialize_any(Lenient)
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -209,6 +280,8 @@ impl<'a> Message<'a> {
             reason: None,
             lease: None,
             released: false,
+            traceparent: None,
+            tracestate: None,
             body: None,
         }
     }
@@ -310,6 +383,12 @@ impl<'a> Message<'a> {
         }
         if self.released {
             out.extend_from_slice(b",\"released\":true");
+        }
+        if let Some(traceparent) = &self.traceparent {
+            string(out, ",\"traceparent\":", traceparent);
+        }
+        if let Some(tracestate) = &self.tracestate {
+            string(out, ",\"tracestate\":", tracestate);
         }
     }
 
@@ -428,6 +507,8 @@ mod tests {
         full.reason = Some("busy".into());
         full.lease = Some("l\"1".into());
         full.released = true;
+        full.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        full.tracestate = Some("a=\"b\"".into());
         full.body = Some(&body);
         let mut empty = Message::new(Kind::Cancel, "x");
         empty.status = Some(Status::Success);
@@ -463,6 +544,25 @@ mod tests {
         assert_eq!(m.body.unwrap().get(), "null");
         let m = Message::decode(br#"{"v":1,"kind":"cancel","id":"a","worker":null}"#).unwrap();
         assert_eq!(m.worker, None, "a null optional string is absent");
+    }
+
+    #[test]
+    fn trace_fields_of_any_json_type_never_fail_the_message() {
+        for (value, read) in [
+            (r#""00-x""#, Some("00-x")),
+            ("null", None),
+            ("42", Some("")),
+            ("true", Some("")),
+            (r#"[1,{"a":[2]}]"#, Some("")),
+            (r#"{"deep":{"er":[]}}"#, Some("")),
+        ] {
+            let text = format!(
+                r#"{{"v":1,"kind":"task","id":"a","task":"t","reply_to":"r","timeout_ms":5,"traceparent":{value},"tracestate":{value},"body":{{}}}}"#
+            );
+            let m = Message::decode(text.as_bytes()).unwrap();
+            assert_eq!(m.traceparent.as_deref(), read, "{value}");
+            assert_eq!(m.tracestate.as_deref(), read, "{value}");
+        }
     }
 
     #[test]

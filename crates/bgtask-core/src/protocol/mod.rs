@@ -8,6 +8,7 @@ mod due;
 mod envelope;
 mod inflight;
 mod presence;
+mod trace;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ pub use client::{
 pub use envelope::WIRE_VERSION;
 pub use inflight::{keys_in_flight, KeyInFlight, KeysInFlight};
 pub use presence::{list_workers, ListedWorker, WorkerRecord};
+pub use trace::{TraceContext, MAX_TRACEPARENT, MAX_TRACESTATE};
 pub use worker::{
     AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,
     Worker, WorkerConfig, WorkerEvent, WorkerStats,

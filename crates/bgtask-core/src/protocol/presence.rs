@@ -4,7 +4,7 @@
 //! each task name and target, with no broker round trip per task.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -43,6 +43,9 @@ pub struct WorkerRecord {
     /// Tasks it has accepted and not completed, at the time of the announcement.
     #[serde(default)]
     pub in_flight: u64,
+    /// The same per task name (tasks it reached only through a target: under `_target`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub running: BTreeMap<String, u64>,
     /// The protocol level it speaks (`v1`).
     pub level: String,
     /// How long the announcement holds: with no newer one within this, the worker is gone.
@@ -70,7 +73,12 @@ impl WorkerRecord {
                 self.level
             )));
         }
-        for name in self.tasks.iter().chain(&self.targets) {
+        for name in self
+            .tasks
+            .iter()
+            .chain(&self.targets)
+            .chain(self.running.keys())
+        {
             validate_name("task name or target", name)?;
         }
         Ok(())

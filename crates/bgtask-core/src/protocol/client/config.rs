@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::protocol::{duration_ms, KeyLimit, Status};
+use crate::protocol::{duration_ms, KeyLimit, Status, TraceContext};
 
 /// The default task timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +65,7 @@ pub struct SubmitOptions {
     pub(super) limit: Option<KeyLimit>,
     pub(super) target: Option<String>,
     pub(super) metadata: Option<Value>,
+    pub(super) trace: Option<TraceContext>,
 }
 
 impl SubmitOptions {
@@ -108,6 +109,13 @@ impl SubmitOptions {
     /// workers that listen to that target see the task.
     pub fn target(mut self, target: impl Into<String>) -> Self {
         self.target = Some(target.into());
+        self
+    }
+
+    /// The trace context the task carries to its worker (docs/operations.md, "Traces").
+    /// Default: with the `opentelemetry` feature, the current span's; without it, none.
+    pub fn trace_context(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 

@@ -494,6 +494,11 @@ impl Client {
         message.deadline_ms = Some(deadline_ms);
         message.broadcast = broadcast;
         message.meta = meta.as_deref();
+        let trace = options.trace.clone().or_else(current_trace);
+        if let Some(trace) = &trace {
+            message.traceparent = Some(Cow::Borrowed(trace.traceparent()));
+            message.tracestate = trace.tracestate().map(Cow::Borrowed);
+        }
         if !broadcast {
             message.offer_ms = Some(duration_millis(inner.config.offer_timeout).max(1));
             message.target = options.target.as_deref().map(Cow::Borrowed);
@@ -579,6 +584,17 @@ impl Client {
         metrics::submitted(task);
         Ok(guard)
     }
+}
+
+/// The trace context a task carries when its submit names none: the current span's.
+#[cfg(feature = "opentelemetry")]
+fn current_trace() -> Option<super::TraceContext> {
+    super::TraceContext::current()
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+fn current_trace() -> Option<super::TraceContext> {
+    None
 }
 
 impl Drop for Inner {

@@ -1,10 +1,10 @@
 //! The worker side: [`Worker`] is told of available tasks, accepts some, and completes them.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -14,13 +14,14 @@ use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::admission::check_payload_size;
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
 use super::presence::{Announcer, Event, WorkerRecord};
-use super::Counter;
+use super::{Counter, TraceContext};
 use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::{self, Role};
@@ -32,6 +33,13 @@ mod task;
 pub use config::{WorkerConfig, WorkerEvent, WorkerStats};
 use task::Shared;
 pub use task::{AvailableTask, HandlerResult, RunningTask, TaskContext, TaskFailure};
+
+/// The name under which a worker counts a task it reached only through a target (metrics,
+/// presence): bounded, whatever task names the target's creators send.
+const TARGET_LABEL: &str = "_target";
+
+/// A worker's running tasks by id: their cancellation, and which of its task names they are.
+type Running = HashMap<String, (CancellationToken, Option<usize>)>;
 
 #[derive(Default)]
 struct Counters {
@@ -57,7 +65,9 @@ struct Inner {
     config: WorkerConfig,
     worker_id: String,
     reply_prefix: String,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    /// Tasks accepted and not completed: their cancellation, and which of `config.tasks` they
+    /// are (`None`: reached through a target).
+    running: Mutex<Running>,
     counters: Counters,
     events: broadcast::Sender<WorkerEvent>,
     shutdown: CancellationToken,
@@ -98,6 +108,13 @@ impl Inner {
     /// This worker's presence record as of now.
     fn record(&self) -> WorkerRecord {
         let concurrency = self.concurrency.load(Ordering::Relaxed);
+        let running = self.running();
+        let mut by_task = BTreeMap::new();
+        for (_, served) in running.values() {
+            let name = served.and_then(|i| self.config.tasks.get(i));
+            let name = name.map_or(TARGET_LABEL, String::as_str);
+            *by_task.entry(name.to_owned()).or_insert(0) += 1;
+        }
         WorkerRecord {
             id: self.worker_id.clone(),
             host: self.host.clone(),
@@ -105,7 +122,8 @@ impl Inner {
             tasks: self.config.tasks.clone(),
             targets: self.config.targets.clone(),
             concurrency: (concurrency > 0).then_some(concurrency as u64),
-            in_flight: self.running().len() as u64,
+            in_flight: running.len() as u64,
+            running: by_task,
             level: PROTOCOL_LEVEL.to_owned(),
             ttl_ms: super::duration_millis(self.config.presence_ttl),
             started_ms: self.started_ms,
@@ -140,7 +158,7 @@ impl Inner {
         }
     }
 
-    fn running(&self) -> MutexGuard<'_, HashMap<String, CancellationToken>> {
+    fn running(&self) -> MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -401,6 +419,11 @@ impl Worker {
             cancel: CancellationToken::new(),
             offer: offer.map(|o| received + o / 2),
             answered: AtomicBool::new(false),
+            trace: TraceContext::from_wire(
+                message.traceparent.as_deref(),
+                message.tracestate.as_deref(),
+            ),
+            span: OnceLock::new(),
         });
         let config = &self.inner.config;
         let serves = match &message.target {
@@ -473,14 +496,19 @@ impl Worker {
                         return;
                     }
                 };
-                let Ok(_permit) = permits.acquire_owned().await else {
-                    return;
-                };
-                let outcome = handler(task.context()).await;
-                drop(_slot);
-                if let Err(error) = outcome.complete(task).await {
-                    tracing::warn!(%error, "could not complete a task");
+                let span = task.span();
+                async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    let outcome = handler(task.context()).await;
+                    drop(_slot);
+                    if let Err(error) = outcome.complete(task).await {
+                        tracing::warn!(%error, "could not complete a task");
+                    }
                 }
+                .instrument(span)
+                .await
             });
         }
         // Stop receiving tasks, say so, then drain.
@@ -502,7 +530,7 @@ impl Worker {
                 tasks = running.len(),
                 "tasks still running after the shutdown grace period; cancelling them"
             );
-            for token in self.inner.running().values() {
+            for (token, _) in self.inner.running().values() {
                 token.cancel();
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -628,7 +656,10 @@ async fn control_loop(
         };
         match Message::decode(&bytes) {
             Ok(message) if message.kind == Kind::Cancel => {
-                let token = inner.running().get(message.id.as_ref()).cloned();
+                let token = inner
+                    .running()
+                    .get(message.id.as_ref())
+                    .map(|(token, _)| token.clone());
                 if let Some(token) = token {
                     token.cancel();
                     inner.emit(|| WorkerEvent::Cancelled {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::metrics;
 use crate::protocol::decode_raw;
 use crate::protocol::envelope::{Kind, Message, Status};
+use crate::protocol::TraceContext;
 
 pub(super) struct Shared {
     pub(super) worker: Arc<Inner>,
@@ -37,18 +38,44 @@ pub(super) struct Shared {
     pub(super) offer: Option<Instant>,
     /// The creator has heard from this worker about the task (accepted, progress or done).
     pub(super) answered: AtomicBool,
+    /// The creator's trace context, validated.
+    pub(super) trace: Option<TraceContext>,
+    /// The task's span, from its acceptance (a child of `trace` with `opentelemetry`).
+    pub(super) span: OnceLock<tracing::Span>,
 }
 
 impl Shared {
     /// The task's `task` label in the metrics: its name if this worker serves it by name (a
     /// bounded set), else `_target`, so a forged name on a target channel is never a label.
     fn metric_label(&self) -> &str {
-        let config = &self.worker.config;
-        if config.tasks.contains(&self.task) {
-            &self.task
-        } else {
-            "_target"
+        match self.served_as() {
+            Some(_) => &self.task,
+            None => super::TARGET_LABEL,
         }
+    }
+
+    /// Which of the worker's task names this task is (`None`: reached through a target).
+    fn served_as(&self) -> Option<usize> {
+        self.worker
+            .config
+            .tasks
+            .iter()
+            .position(|t| *t == self.task)
+    }
+
+    /// Open the task's span, once it is this worker's.
+    fn open_span(&self) {
+        let span = tracing::info_span!(
+            "bgtask.task",
+            task = %self.task,
+            task_id = %self.id,
+            otel.kind = "consumer",
+        );
+        #[cfg(feature = "opentelemetry")]
+        if let Some(trace) = &self.trace {
+            trace.adopt(&span);
+        }
+        let _ = self.span.set(span);
     }
 
     /// Tell the creator of a directed offer that this worker runs it, unless it has heard
@@ -112,6 +139,23 @@ impl TaskContext {
     /// The payload deserialized into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
         decode_raw(&self.shared.body, "task payload")
+    }
+
+    /// The creator's trace context, if it sent a valid one (a malformed one is dropped and
+    /// counted in `bgtask_trace_context_dropped_total`).
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.shared.trace.as_ref()
+    }
+
+    /// The task's span, from its acceptance to its end: [`Worker::run`](crate::Worker::run)
+    /// runs the handler in it. With the `opentelemetry` feature, a child of the creator's span.
+    /// (Disabled until the task is accepted.)
+    pub fn span(&self) -> tracing::Span {
+        self.shared
+            .span
+            .get()
+            .cloned()
+            .unwrap_or_else(tracing::Span::none)
     }
 
     /// The metadata the creator attached, if any.
@@ -258,9 +302,10 @@ impl AvailableTask {
         let shared = self.context.shared.clone();
         let worker = &shared.worker;
         // Registered before claiming, so a cancellation that follows the claim is never missed.
-        worker
-            .running()
-            .insert(shared.id.clone(), shared.cancel.clone());
+        worker.running().insert(
+            shared.id.clone(),
+            (shared.cancel.clone(), shared.served_as()),
+        );
         if !shared.broadcast {
             let ttl = remaining + worker.config.claim_margin;
             let claimed = worker
@@ -278,6 +323,7 @@ impl AvailableTask {
             }
         }
         worker.counters.accepted.incr();
+        shared.open_span();
         metrics::worker_accepted(shared.metric_label());
         if let Some(due) = shared.offer {
             worker.notices.push(due, Arc::downgrade(&shared));
