@@ -17,6 +17,7 @@
 
 mod harness;
 pub mod proxy;
+pub mod recorded;
 pub mod scenarios;
 
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bgtask_conformance::proxy::FaultProxy;
+use bgtask_core::metrics::BROKER_RECONNECTS;
 use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published};
 use bgtask_nats::{NatsBroker, NatsConfig};
 use bytes::Bytes;
@@ -1220,6 +1221,8 @@ async fn token_in_the_url() {
 /// claims, which are stored on disk, survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_keeps_leases_and_claims_and_resubscribes() {
+    let recorded = bgtask_conformance::recorded::Recorded::install();
+    let reconnects = || recorded.value(BROKER_RECONNECTS, &[("backend", "nats")]);
     let server = PrivateServer::start(&[]);
     let b = connect(short(NatsConfig::new(server.url(None)))).await;
     let mut sub = b.subscribe("ch").await.unwrap();
@@ -1227,6 +1230,7 @@ async fn server_restart_keeps_leases_and_claims_and_resubscribes() {
         .await
         .unwrap();
     assert!(b.claim("task", Duration::from_secs(60)).await.unwrap());
+    assert_eq!(reconnects(), 0.0, "the first connection is not a reconnect");
     let (dir, port) = server.stop();
     sleep(Duration::from_secs(1)).await;
     let _restarted = PrivateServer::start_in(dir, port, &[]);
@@ -1251,4 +1255,5 @@ async fn server_restart_keeps_leases_and_claims_and_resubscribes() {
     );
     b.publish("ch", Bytes::from_static(b"back")).await.unwrap();
     assert_eq!(next_message(&mut sub).await.as_ref(), b"back");
+    assert_eq!(reconnects(), 1.0, "counted in the metrics");
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bgtask_conformance::proxy::FaultProxy;
+use bgtask_core::metrics::BROKER_RECONNECTS;
 use bgtask_core::{
     Broker, Client, ClientConfig, DynBroker, ErrorKind, Incoming, LeaseRequest, Published,
     SubmitOptions, Worker, WorkerConfig,
@@ -998,6 +999,8 @@ async fn listener_comes_back_after_a_20s_outage() {
 /// The listener comes back after its backend is terminated with `pg_terminate_backend`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_comes_back_after_pg_terminate_backend() {
+    let recorded = bgtask_conformance::recorded::Recorded::install();
+    let reconnects = || recorded.value(BROKER_RECONNECTS, &[("backend", "postgres")]);
     let schema = TestSchema::new();
     let config = schema
         .config()
@@ -1033,6 +1036,7 @@ async fn listener_comes_back_after_pg_terminate_backend() {
         );
         let new_pid = listener_pid(&b).await.expect("a new listener connection");
         assert_ne!(new_pid, pid);
+        assert_eq!(reconnects(), f64::from(round + 1), "counted in the metrics");
         eprintln!(
             "round {round}: listener pid {pid} terminated, back as pid {new_pid} within {back:?}; \
              longest call meanwhile {longest:?}"

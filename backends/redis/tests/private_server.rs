@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bgtask_core::metrics::BROKER_RECONNECTS as RECONNECTS;
 use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published};
 use bgtask_redis::RedisBroker;
 use bgtask_redis::RedisConfig;
@@ -334,9 +335,11 @@ async fn lease_script_survives_script_flush() {
 }
 
 /// A server restart (all state lost, scripts included) looks like an outage: subscriptions come
-/// back with a gap, and leases work again.
+/// back with a gap, leases work again, and the reconnects are counted in the metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_is_survived() {
+    let recorded = bgtask_conformance::recorded::Recorded::install();
+    let reconnects = || recorded.value(RECONNECTS, &[("backend", "redis")]);
     let server = PrivateServer::start();
     let port = server.port;
     let config = RedisConfig::new(server.url())
@@ -349,6 +352,7 @@ async fn server_restart_is_survived() {
         .acquire("k", LeaseRequest::new(Duration::from_secs(60)))
         .await
         .unwrap();
+    assert_eq!(reconnects(), 0.0, "first connections are not reconnects");
     drop(server);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _restarted = PrivateServer::start_on(port);
@@ -373,4 +377,6 @@ async fn server_restart_is_survived() {
         .await
         .unwrap();
     assert!(acquired.lease.is_some());
+    // The pub/sub connection and the command connection each came back once.
+    assert_eq!(reconnects(), 2.0);
 }

@@ -3,10 +3,10 @@
 //!
 //! The recorder is global, so this file holds one test.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bgtask_conformance::recorded::Recorded;
 use bgtask_core::metrics as m;
 use bgtask_core::names::DEFAULT_NAMESPACE;
 use bgtask_core::{
@@ -14,49 +14,7 @@ use bgtask_core::{
     SubmitOptions, TaskFailure, Worker, WorkerConfig,
 };
 use futures::StreamExt;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-
-/// Every series of a Prometheus text exposition: (name, sorted labels) → value.
-type Series = HashMap<(String, Vec<(String, String)>), f64>;
-
-fn parse(text: &str) -> Series {
-    let mut series = Series::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (head, value) = line.rsplit_once(' ').expect("a sample line");
-        let (name, labels) = match head.split_once('{') {
-            Some((name, rest)) => (name, rest.trim_end_matches('}')),
-            None => (head, ""),
-        };
-        let mut labels: Vec<(String, String)> = labels
-            .split(',')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (k, v) = l.split_once('=').expect("a label");
-                (k.to_owned(), v.trim_matches('"').to_owned())
-            })
-            .collect();
-        labels.sort();
-        series.insert((name.to_owned(), labels), value.parse().expect("a number"));
-    }
-    series
-}
-
-/// The value of `name` with exactly `labels` (0 when absent: a counter never incremented).
-fn value(handle: &PrometheusHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut labels: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    labels.sort();
-    parse(&handle.render())
-        .get(&(name.to_owned(), labels))
-        .copied()
-        .unwrap_or(0.0)
-}
 
 /// Wait (up to 5 s) until `done` holds: worker-side metrics follow the creator's by a hop.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
@@ -71,11 +29,8 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_tasks_leave_known_metrics() {
-    let recorder = PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).expect("the only recorder of this process");
+    let s = Recorded::install();
     m::describe();
-    let s = &handle;
 
     let broker: DynBroker = Arc::new(MemoryBroker::new());
     let worker = Worker::new(broker.clone(), WorkerConfig::for_tasks(["job"]))
@@ -118,7 +73,7 @@ async fn known_tasks_leave_known_metrics() {
         )
         .await
         .unwrap();
-    assert_eq!(value(s, m::TASKS_IN_FLIGHT, &job), 1.0);
+    assert_eq!(s.value(m::TASKS_IN_FLIGHT, &job), 1.0);
     let full = client.submit("job", &json!({"user": "dee"})).await;
     assert_eq!(full.unwrap_err().kind(), ErrorKind::LimitReached);
     assert_eq!(hang.reply().await.unwrap_err().kind(), ErrorKind::TimedOut);
@@ -167,9 +122,9 @@ async fn known_tasks_leave_known_metrics() {
         let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(reply["status"], "success", "{reply}");
     }
-    assert_eq!(value(s, m::TRACE_CONTEXT_DROPPED, &[]), 3.0);
+    assert_eq!(s.value(m::TRACE_CONTEXT_DROPPED, &[]), 3.0);
 
-    assert_eq!(value(s, m::TASKS_SUBMITTED, &job), 4.0);
+    assert_eq!(s.value(m::TASKS_SUBMITTED, &job), 4.0);
     for (outcome, n) in [
         ("success", 1),
         ("error", 1),
@@ -177,7 +132,7 @@ async fn known_tasks_leave_known_metrics() {
         ("timed_out", 1),
     ] {
         let labels = [("task", "job"), ("outcome", outcome)];
-        assert_eq!(value(s, m::TASKS_COMPLETED, &labels), n as f64, "{outcome}");
+        assert_eq!(s.value(m::TASKS_COMPLETED, &labels), n as f64, "{outcome}");
     }
     for (task, reason) in [
         ("job", "limit_reached"),
@@ -185,45 +140,43 @@ async fn known_tasks_leave_known_metrics() {
         ("nobody", "no_worker"),
     ] {
         let labels = [("task", task), ("reason", reason)];
-        assert_eq!(value(s, m::TASKS_REFUSED, &labels), 1.0, "{reason}");
+        assert_eq!(s.value(m::TASKS_REFUSED, &labels), 1.0, "{reason}");
     }
-    assert_eq!(value(s, m::TASKS_IN_FLIGHT, &job), 0.0);
+    assert_eq!(s.value(m::TASKS_IN_FLIGHT, &job), 0.0);
     // Three replies (the timeout is not one), each well under the task timeout. The exporter
     // renders a histogram without buckets as a summary: `_count` and `_sum`.
     let reply_count = format!("{}_count", m::TASK_REPLY_SECONDS);
     let reply_sum = format!("{}_sum", m::TASK_REPLY_SECONDS);
-    assert_eq!(value(s, &reply_count, &job), 3.0);
-    let replies = value(s, &reply_sum, &job);
+    assert_eq!(s.value(&reply_count, &job), 3.0);
+    let replies = s.value(&reply_sum, &job);
     assert!(replies > 0.0 && replies < 3.0, "{replies}");
     // Every offer was taken on its first try, with every worker free: no time held back. (The
     // hanging task may or may not have been accepted before it timed out.)
-    let accepted = value(s, &format!("{}_count", m::TASK_ACCEPT_SECONDS), &job);
+    let accepted = s.value(&format!("{}_count", m::TASK_ACCEPT_SECONDS), &job);
     assert!((3.0..=4.0).contains(&accepted), "{accepted}");
-    let waited = value(s, &format!("{}_sum", m::TASK_ACCEPT_SECONDS), &job);
+    let waited = s.value(&format!("{}_sum", m::TASK_ACCEPT_SECONDS), &job);
     assert!(waited < 0.5, "{waited}");
     assert_eq!(
-        value(s, m::WORKERS_ONLINE, &[("namespace", DEFAULT_NAMESPACE)]),
+        s.value(m::WORKERS_ONLINE, &[("namespace", DEFAULT_NAMESPACE)]),
         1.0
     );
 
     eventually("the worker's counts", || {
-        value(s, m::WORKER_TASKS_ACCEPTED, &job) == 7.0
-            && value(
-                s,
+        s.value(m::WORKER_TASKS_ACCEPTED, &job) == 7.0
+            && s.value(
                 m::WORKER_TASKS_COMPLETED,
                 &[("task", "job"), ("status", "failed")],
             ) == 2.0
-            && value(s, m::MALFORMED_MESSAGES, &[("role", "worker")]) == 1.0
+            && s.value(m::MALFORMED_MESSAGES, &[("role", "worker")]) == 1.0
     })
     .await;
     let completed = |status| -> f64 {
-        value(
-            s,
+        s.value(
             m::WORKER_TASKS_COMPLETED,
             &[("task", "job"), ("status", status)],
         )
     };
     assert_eq!((completed("success"), completed("error")), (4.0, 1.0));
-    assert_eq!(value(s, m::WORKER_TASKS_RUNNING, &job), 0.0);
-    assert_eq!(value(s, m::MALFORMED_MESSAGES, &[("role", "client")]), 0.0);
+    assert_eq!(s.value(m::WORKER_TASKS_RUNNING, &job), 0.0);
+    assert_eq!(s.value(m::MALFORMED_MESSAGES, &[("role", "client")]), 0.0);
 }
