@@ -11,6 +11,7 @@ macro_rules! out {
 }
 
 mod bench;
+mod dashboard;
 mod demo;
 mod exit;
 mod inspect;
@@ -139,6 +140,11 @@ unless --namespace is given.",
     #[command(long_about = inspect::LONG_ABOUT, after_help = inspect::EXAMPLES)]
     Inspect(inspect::InspectArgs),
 
+    /// Serve a live web page of the namespace: workers, tasks per name, key values in
+    /// flight, the blacklist.
+    #[command(long_about = dashboard::LONG_ABOUT, after_help = dashboard::EXAMPLES)]
+    Dashboard(dashboard::DashboardArgs),
+
     /// List blacklisted key values, or lift a blacklisting early.
     #[command(subcommand, after_help = inspect::BLACKLIST_EXAMPLES)]
     Blacklist(inspect::BlacklistCommand),
@@ -192,6 +198,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Bench(args) => bench::run(settings, args).await,
         Command::Inspect(args) => inspect::run(settings, args).await,
         Command::Blacklist(command) => inspect::blacklist(settings, command).await,
+        Command::Dashboard(args) => dashboard::run(settings, args).await,
     }
 }
 

@@ -1,6 +1,8 @@
 //! What the binary's tests share: finding the test servers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod scratch;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 

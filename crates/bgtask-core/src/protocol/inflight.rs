@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::names::Namespace;
 
 /// One key value with tasks in flight: a live per-key limit lease per task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KeyInFlight {
     /// The task name.
     pub task: String,

@@ -26,7 +26,7 @@ pub use client::{
 };
 pub use envelope::WIRE_VERSION;
 pub use inflight::{keys_in_flight, KeyInFlight, KeysInFlight};
-pub use presence::{list_workers, ListedWorker, WorkerRecord};
+pub use presence::{list_workers, ListedWorker, TaskTotals, WorkerRecord};
 pub use trace::{TraceContext, MAX_TRACEPARENT, MAX_TRACESTATE};
 pub use worker::{
     AvailableTask, HandlerResult, Outcome, RunningTask, ShutdownHandle, TaskContext, TaskFailure,

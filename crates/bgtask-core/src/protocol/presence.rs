@@ -46,6 +46,9 @@ pub struct WorkerRecord {
     /// The same per task name (tasks it reached only through a target: under `_target`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub running: BTreeMap<String, u64>,
+    /// What it completed per task name since it started (same names as `running`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub completed: BTreeMap<String, TaskTotals>,
     /// The protocol level it speaks (`v1`).
     pub level: String,
     /// How long the announcement holds: with no newer one within this, the worker is gone.
@@ -53,6 +56,27 @@ pub struct WorkerRecord {
     /// When it started, Unix milliseconds.
     #[serde(default)]
     pub started_ms: u64,
+}
+
+/// What a worker has completed of one task name, in its [`WorkerRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TaskTotals {
+    /// Completed with `Success`.
+    #[serde(default)]
+    pub success: u64,
+    /// Completed with `Error`.
+    #[serde(default)]
+    pub error: u64,
+    /// Completed with `Failed` (including tasks dropped without completion).
+    #[serde(default)]
+    pub failed: u64,
+    /// The median run time (acceptance to completion) of its last 256 tasks of this name, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<u64>,
+    /// The 99th percentile of the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<u64>,
 }
 
 impl WorkerRecord {
@@ -78,6 +102,7 @@ impl WorkerRecord {
             .iter()
             .chain(&self.targets)
             .chain(self.running.keys())
+            .chain(self.completed.keys())
         {
             validate_name("task name or target", name)?;
         }

@@ -1,7 +1,7 @@
 //! The worker side: [`Worker`] is told of available tasks, accepts some, and completes them.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -20,7 +20,7 @@ use super::admission::check_payload_size;
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
-use super::presence::{Announcer, Event, WorkerRecord};
+use super::presence::{Announcer, Event, TaskTotals, WorkerRecord};
 use super::{Counter, TraceContext};
 use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
@@ -38,8 +38,27 @@ pub use task::{AvailableTask, HandlerResult, RunningTask, TaskContext, TaskFailu
 /// presence): bounded, whatever task names the target's creators send.
 const TARGET_LABEL: &str = "_target";
 
-/// A worker's running tasks by id: their cancellation, and which of its task names they are.
-type Running = HashMap<String, (CancellationToken, Option<usize>)>;
+/// A task this worker took and has not completed.
+struct Held {
+    cancel: CancellationToken,
+    /// Which of the worker's task names it is (`None`: reached through a target).
+    served: Option<usize>,
+    since: Instant,
+}
+
+/// A worker's running tasks by id.
+type Running = HashMap<String, Held>;
+
+/// Run times kept per task name for the presence record's quantiles.
+const RECENT_RUNS: usize = 256;
+
+/// What a worker completed of one task name (by index into its task names; `None`: targets).
+#[derive(Default)]
+struct Completed {
+    totals: TaskTotals,
+    /// Run times of the last [`RECENT_RUNS`], in milliseconds.
+    recent: VecDeque<u32>,
+}
 
 #[derive(Default)]
 struct Counters {
@@ -68,6 +87,7 @@ struct Inner {
     /// Tasks accepted and not completed: their cancellation, and which of `config.tasks` they
     /// are (`None`: reached through a target).
     running: Mutex<Running>,
+    completed: Mutex<HashMap<Option<usize>, Completed>>,
     counters: Counters,
     events: broadcast::Sender<WorkerEvent>,
     shutdown: CancellationToken,
@@ -108,13 +128,35 @@ impl Inner {
     /// This worker's presence record as of now.
     fn record(&self) -> WorkerRecord {
         let concurrency = self.concurrency.load(Ordering::Relaxed);
+        let name = |served: Option<usize>| {
+            let name = served.and_then(|i| self.config.tasks.get(i));
+            name.map_or(TARGET_LABEL, String::as_str).to_owned()
+        };
         let running = self.running();
         let mut by_task = BTreeMap::new();
-        for (_, served) in running.values() {
-            let name = served.and_then(|i| self.config.tasks.get(i));
-            let name = name.map_or(TARGET_LABEL, String::as_str);
-            *by_task.entry(name.to_owned()).or_insert(0) += 1;
+        for held in running.values() {
+            *by_task.entry(name(held.served)).or_insert(0) += 1;
         }
+        let completed = self
+            .completed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(served, c)| {
+                let mut recent: Vec<u32> = c.recent.iter().copied().collect();
+                recent.sort_unstable();
+                let at = |q: f64| {
+                    let i = ((recent.len() as f64 - 1.0) * q).round() as usize;
+                    recent.get(i).map(|&ms| u64::from(ms))
+                };
+                let totals = TaskTotals {
+                    p50_ms: at(0.5),
+                    p99_ms: at(0.99),
+                    ..c.totals.clone()
+                };
+                (name(*served), totals)
+            })
+            .collect();
         WorkerRecord {
             id: self.worker_id.clone(),
             host: self.host.clone(),
@@ -124,10 +166,33 @@ impl Inner {
             concurrency: (concurrency > 0).then_some(concurrency as u64),
             in_flight: running.len() as u64,
             running: by_task,
+            completed,
             level: PROTOCOL_LEVEL.to_owned(),
             ttl_ms: super::duration_millis(self.config.presence_ttl),
             started_ms: self.started_ms,
         }
+    }
+
+    /// A task ended with `status` (the one its creator gets): forget it and count it (stats,
+    /// metrics, the presence record's totals and run times).
+    fn ended(&self, id: &str, label: &str, status: Status) {
+        let held = self.running().remove(id);
+        self.counters.completed.incr();
+        metrics::worker_completed(label, status);
+        let Some(held) = held else { return };
+        let ms = held.since.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+        let mut completed = self.completed.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = completed.entry(held.served).or_default();
+        let totals = &mut entry.totals;
+        *match status {
+            Status::Success => &mut totals.success,
+            Status::Error => &mut totals.error,
+            Status::Failed => &mut totals.failed,
+        } += 1;
+        if entry.recent.len() == RECENT_RUNS {
+            entry.recent.pop_front();
+        }
+        entry.recent.push_back(ms);
     }
 
     /// Tell the creator that this worker turns the offer of task `id` down.
@@ -287,6 +352,7 @@ impl Worker {
             config,
             worker_id,
             running: Mutex::new(HashMap::new()),
+            completed: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             events: broadcast::channel(1024).0,
             shutdown: CancellationToken::new(),
@@ -530,8 +596,8 @@ impl Worker {
                 tasks = running.len(),
                 "tasks still running after the shutdown grace period; cancelling them"
             );
-            for (token, _) in self.inner.running().values() {
-                token.cancel();
+            for held in self.inner.running().values() {
+                held.cancel.cancel();
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Some(joined) = running.join_next().await {
@@ -659,7 +725,7 @@ async fn control_loop(
                 let token = inner
                     .running()
                     .get(message.id.as_ref())
-                    .map(|(token, _)| token.clone());
+                    .map(|held| held.cancel.clone());
                 if let Some(token) = token {
                     token.cancel();
                     inner.emit(|| WorkerEvent::Cancelled {

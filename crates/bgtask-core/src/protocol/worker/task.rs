@@ -304,7 +304,11 @@ impl AvailableTask {
         // Registered before claiming, so a cancellation that follows the claim is never missed.
         worker.running().insert(
             shared.id.clone(),
-            (shared.cancel.clone(), shared.served_as()),
+            super::Held {
+                cancel: shared.cancel.clone(),
+                served: shared.served_as(),
+                since: Instant::now(),
+            },
         );
         if !shared.broadcast {
             let ttl = remaining + worker.config.claim_margin;
@@ -402,11 +406,9 @@ impl RunningTask {
         let shared = &self.context.shared;
         shared.answered.store(true, Ordering::Relaxed);
         let worker = &shared.worker;
-        worker.running().remove(&shared.id);
-        worker.counters.completed.incr();
         match send_done(shared, status, reply).await {
             Err(error) if error.kind() == ErrorKind::TooLarge => {
-                metrics::worker_completed(shared.metric_label(), Status::Failed);
+                worker.ended(&shared.id, shared.metric_label(), Status::Failed);
                 let notice = json!({
                     "error": "reply too large",
                     "detail": error.message(),
@@ -416,7 +418,7 @@ impl RunningTask {
                 Err(error)
             }
             other => {
-                metrics::worker_completed(shared.metric_label(), status);
+                worker.ended(&shared.id, shared.metric_label(), status);
                 other
             }
         }
@@ -457,9 +459,9 @@ impl Drop for RunningTask {
             return;
         }
         let shared = self.context.shared.clone();
-        shared.worker.running().remove(&shared.id);
-        shared.worker.counters.completed.incr();
-        metrics::worker_completed(shared.metric_label(), Status::Failed);
+        shared
+            .worker
+            .ended(&shared.id, shared.metric_label(), Status::Failed);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let notice = json!({"error": "the worker dropped the task without completing it"});
