@@ -6,17 +6,12 @@ use std::time::Duration;
 
 use bgtask_core::{Error, ErrorKind, Result};
 
-/// The default bound on every operation: [`NatsConfig::op_timeout`].
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The default bound on one connection attempt: [`NatsConfig::connect_timeout`].
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The default interval of the client's pings: [`NatsConfig::ping_interval`].
-pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(2);
-/// The default longest wait between reconnection attempts: [`NatsConfig::max_backoff`].
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// The default number of messages one subscription buffers:
-/// [`NatsConfig::subscription_buffer`].
-pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+pub use bgtask_core::connection::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
+    DEFAULT_SUBSCRIPTION_BUFFER,
+};
+use bgtask_core::ConnectionSettings;
+
 /// The default first token of every subject the backend uses: [`NatsConfig::subject_prefix`].
 pub const DEFAULT_SUBJECT_PREFIX: &str = "bgtask";
 /// The default name of the JetStream stream that holds the leases: [`NatsConfig::lease_stream`].
@@ -45,26 +40,14 @@ pub struct NatsConfig {
     /// commas (`nats://a:4222,nats://b:4222`); credentials may then appear in any of them but
     /// must be the same wherever they do. User, password and token are percent-decoded.
     pub url: String,
-    /// The longest any single operation (publish, subscribe, each lease call) waits. An
-    /// operation that cannot finish within it fails with `Unavailable`. Default 5 s.
-    pub op_timeout: Duration,
-    /// The longest one connection attempt (TCP, TLS, `INFO`/`CONNECT`, authentication) waits;
-    /// [`connect`](crate::NatsBroker::connect) also sets up the lease stream within it.
-    /// Default 5 s.
-    pub connect_timeout: Duration,
-    /// How often the client pings the server; a connection that leaves three pings unanswered
-    /// is dropped and re-established, so a half-open connection is noticed within about three
-    /// intervals. (The NATS clients' own default is two minutes.) Default 2 s.
-    pub ping_interval: Duration,
-    /// The longest wait between two reconnection attempts: the first attempt after a lost
-    /// connection is immediate, the next waits 50 ms, doubling up to this, each wait jittered
-    /// between half and all of its step (`bgtask_core::backoff`). Reconnection never
-    /// gives up. Default 2 s.
-    pub max_backoff: Duration,
-    /// How many messages one subscription buffers for a slow reader; past that the client drops
-    /// messages and the subscription yields [`Incoming::Gap`](bgtask_core::Incoming::Gap).
-    /// Default 65536.
-    pub subscription_buffer: usize,
+    /// How long to wait for the server, how often the client pings it (three pings left
+    /// unanswered drop the connection, which is then re-established; the NATS clients' own
+    /// default is two minutes), how to back off while reconnecting (the first attempt is
+    /// immediate), how much a subscription buffers (past it the client drops messages and the
+    /// subscription yields a gap). Every default as in [`ConnectionSettings`]; the `with_*`
+    /// setters set them. [`connect`](crate::NatsBroker::connect) also sets up the lease stream
+    /// within `connect_timeout`.
+    pub connection: ConnectionSettings,
     /// The first token of every subject: channels are `<prefix>.ch.<name>`, lease keys
     /// `<prefix>.lease.<key>`, the lease clock `<prefix>.clock`, claim keys
     /// `<prefix>.claim.<key>` and the claim clock `<prefix>.claimclock`. One to 64 ASCII
@@ -97,11 +80,7 @@ impl NatsConfig {
     pub fn new(url: impl Into<String>) -> Self {
         NatsConfig {
             url: url.into(),
-            op_timeout: DEFAULT_OP_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            ping_interval: DEFAULT_PING_INTERVAL,
-            max_backoff: DEFAULT_MAX_BACKOFF,
-            subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
+            connection: ConnectionSettings::default(),
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
             lease_stream: DEFAULT_LEASE_STREAM.to_owned(),
             lease_max_ttl: DEFAULT_LEASE_MAX_TTL,
@@ -109,36 +88,6 @@ impl NatsConfig {
             tls_root_certificates: Vec::new(),
             tls_client_certificate: None,
         }
-    }
-
-    /// Set [`op_timeout`](Self::op_timeout).
-    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
-        self
-    }
-
-    /// Set [`connect_timeout`](Self::connect_timeout).
-    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Set [`ping_interval`](Self::ping_interval).
-    pub fn with_ping_interval(mut self, interval: Duration) -> Self {
-        self.ping_interval = interval;
-        self
-    }
-
-    /// Set [`max_backoff`](Self::max_backoff).
-    pub fn with_max_backoff(mut self, backoff: Duration) -> Self {
-        self.max_backoff = backoff;
-        self
-    }
-
-    /// Set [`subscription_buffer`](Self::subscription_buffer).
-    pub fn with_subscription_buffer(mut self, messages: usize) -> Self {
-        self.subscription_buffer = messages;
-        self
     }
 
     /// Set [`subject_prefix`](Self::subject_prefix).
@@ -189,23 +138,9 @@ impl NatsConfig {
 
     /// Check that every value is usable.
     pub(crate) fn validate(&self) -> Result<()> {
-        let positive = [
-            ("op_timeout", self.op_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("ping_interval", self.ping_interval),
-            ("max_backoff", self.max_backoff),
-            ("lease_max_ttl", self.lease_max_ttl),
-        ];
-        for (name, value) in positive {
-            if value.is_zero() {
-                return Err(config_error(format!("{name} must be greater than zero")));
-            }
-        }
+        self.connection.validate("nats")?;
         if self.lease_max_ttl < Duration::from_secs(1) {
             return Err(config_error("lease_max_ttl must be at least 1 s"));
-        }
-        if self.subscription_buffer == 0 {
-            return Err(config_error("subscription_buffer must be at least 1"));
         }
         if self.max_message_size == 0 {
             return Err(config_error("max_message_size must be at least 1"));
@@ -239,15 +174,13 @@ impl NatsConfig {
     }
 }
 
+bgtask_core::connection_setters!(NatsConfig);
+
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
             .field("url", &self.redacted_url())
-            .field("op_timeout", &self.op_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("ping_interval", &self.ping_interval)
-            .field("max_backoff", &self.max_backoff)
-            .field("subscription_buffer", &self.subscription_buffer)
+            .field("connection", &self.connection)
             .field("subject_prefix", &self.subject_prefix)
             .field("lease_stream", &self.lease_stream)
             .field("lease_max_ttl", &self.lease_max_ttl)
@@ -348,24 +281,12 @@ fn percent_decode(s: &str) -> Option<String> {
 /// without a password) become `***`. A URL that does not parse is not shown at all, since its
 /// secret cannot be located reliably.
 pub(crate) fn redact(url: &str) -> String {
+    let secrets = bgtask_core::connection::Secrets {
+        query: &[],
+        bare_user: true,
+    };
     url.split(',')
-        .map(|one| {
-            let one = one.trim();
-            let Ok(mut parsed) = url::Url::parse(one) else {
-                return "<unparsable url>".to_owned();
-            };
-            let hidden = if parsed.password().is_some() {
-                parsed.set_password(Some("***")).is_ok()
-            } else if !parsed.username().is_empty() {
-                parsed.set_username("***").is_ok()
-            } else {
-                true
-            };
-            if !hidden {
-                return "<unparsable url>".to_owned();
-            }
-            parsed.to_string()
-        })
+        .map(|one| bgtask_core::connection::redact_url(one.trim(), &secrets))
         .collect::<Vec<_>>()
         .join(",")
 }

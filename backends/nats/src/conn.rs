@@ -153,14 +153,14 @@ pub(crate) fn watch_reconnects(
 pub(crate) async fn connect(config: &NatsConfig, shared: &Arc<Shared>) -> Result<Client> {
     let target = config.target()?;
     let shown = config.redacted_url();
-    let max_backoff = config.max_backoff;
+    let max_backoff = config.connection.max_backoff;
     let events = Arc::downgrade(shared);
     let mut options = ConnectOptions::new()
         .name("bgtask")
-        .connection_timeout(config.connect_timeout)
-        .ping_interval(config.ping_interval)
-        .request_timeout(Some(config.op_timeout))
-        .subscription_capacity(config.subscription_buffer)
+        .connection_timeout(config.connection.connect_timeout)
+        .ping_interval(config.connection.liveness_interval)
+        .request_timeout(Some(config.connection.op_timeout))
+        .subscription_capacity(config.connection.subscription_buffer)
         .reconnect_delay_callback(move |attempt| {
             // async-nats counts attempts from 1: the first goes at once.
             let failures = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
@@ -191,7 +191,10 @@ pub(crate) async fn connect(config: &NatsConfig, shared: &Arc<Shared>) -> Result
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
     let servers = u32::try_from(target.servers.len()).unwrap_or(u32::MAX);
-    let bound = config.connect_timeout.saturating_mul(servers.max(1));
+    let bound = config
+        .connection
+        .connect_timeout
+        .saturating_mul(servers.max(1));
     match tokio::time::timeout(bound, options.connect(target.servers)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(from_connect(&shown, e)),

@@ -35,10 +35,10 @@
 //! # Connection
 //!
 //! A broker holds one NATS connection (`async-nats`), shared by its clones and its
-//! subscriptions. The client pings the server every [`ping_interval`](NatsConfig::ping_interval)
+//! subscriptions. The client pings the server every [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval)
 //! (2 s; the NATS default is 2 minutes) and drops a connection that leaves three pings
 //! unanswered, so a half-open connection is found within seconds. It reconnects forever: at
-//! once, then after 50 ms doubling up to [`max_backoff`](NatsConfig::max_backoff) (each wait
+//! once, then after 50 ms doubling up to [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) (each wait
 //! jittered, [`bgtask_core::backoff`]), and
 //! resubscribes every live subscription by itself. The connection closes when the last clone
 //! and the last subscription are dropped, or at once with [`NatsBroker::close`].
@@ -84,7 +84,7 @@
 //! the first message of the new connection at the latest. It also yields a gap when the client
 //! dropped messages because
 //! a subscription of this connection fell more than
-//! [`subscription_buffer`](NatsConfig::subscription_buffer) messages behind (the client reports
+//! [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages behind (the client reports
 //! that without saying which subscription, so every subscription of the connection yields a
 //! gap).
 //!
@@ -121,7 +121,7 @@
 //! 4. writes only if nobody changed the record since it was read: the write carries
 //!    `Nats-Expected-Last-Subject-Sequence: <sequence read>` (0 when there was none), and the
 //!    server refuses it otherwise. A refused write starts again from 1 after a random wait
-//!    (1 ms doubling up to 32 ms), within [`op_timeout`](NatsConfig::op_timeout).
+//!    (1 ms doubling up to 32 ms), within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout).
 //!
 //! One shortcut: an `acquire` (with a cap of at least 1) on a key this broker did not last see
 //! with a record skips step 1 and writes a record holding only the new lease, with
@@ -255,7 +255,7 @@
 //!
 //! # Time bounds
 //!
-//! Every operation finishes within [`op_timeout`](NatsConfig::op_timeout): publish (including
+//! Every operation finishes within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout): publish (including
 //! its round trip), subscribe (including its round trip), and each lease and claim call
 //! (including every retry, the clock, and a claim's wait for an attempt on its key under way).
 //! An operation while the client is disconnected fails at once; one that exceeds its bound
@@ -263,7 +263,7 @@
 //! lease or claim write reported as failed may still have reached the server (it is never
 //! retried, so it is delivered at most once; an acquire or claim that timed out after its
 //! write leaves a lease or claim nobody holds, which expires with its TTL).
-//! [`NatsBroker::connect`] waits at most [`connect_timeout`](NatsConfig::connect_timeout) per
+//! [`NatsBroker::connect`] waits at most [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout) per
 //! server named in the URL, plus `connect_timeout` to set up the lease and claim streams.
 //!
 //! # Configuration
@@ -271,11 +271,11 @@
 //! | field | default | meaning |
 //! |-------|---------|---------|
 //! | [`url`](NatsConfig::url) | — | where the server is (see above) |
-//! | [`op_timeout`](NatsConfig::op_timeout) | 5 s | bound on every operation |
-//! | [`connect_timeout`](NatsConfig::connect_timeout) | 5 s | bound on one connection attempt |
-//! | [`ping_interval`](NatsConfig::ping_interval) | 2 s | how often the client pings the server |
-//! | [`max_backoff`](NatsConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
-//! | [`subscription_buffer`](NatsConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout) | 5 s | bound on every operation |
+//! | [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the client pings the server |
+//! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
 //! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases; the claims' is `<lease_stream>_CLAIMS` |
 //! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease and claim; the streams' `max_age` |
@@ -318,7 +318,7 @@ use bytes::Bytes;
 
 pub use config::{
     NatsConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_MAX_TTL, DEFAULT_LEASE_STREAM,
-    DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_OP_TIMEOUT, DEFAULT_PING_INTERVAL,
+    DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_OP_TIMEOUT,
     DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
 };
 
@@ -379,30 +379,39 @@ impl NatsBroker {
         }
         let subjects = Subjects::new(&config.subject_prefix);
         let setup = async {
-            let barrier = Arc::new(Barrier::start(&client, config.op_timeout).await?);
+            let barrier = Arc::new(Barrier::start(&client, config.connection.op_timeout).await?);
             let (leases, claims) = futures::try_join!(
                 Leases::start(
                     Js::new(client.clone(), &config.lease_stream, "lease"),
                     subjects.clone(),
-                    config.op_timeout,
+                    config.connection.op_timeout,
                     config.lease_max_ttl,
                 ),
                 Claims::start(
                     Js::new(client.clone(), &config.claim_stream(), "claim"),
                     subjects.clone(),
-                    config.op_timeout,
+                    config.connection.op_timeout,
                     config.lease_max_ttl,
                 ),
             )?;
             Ok::<_, Error>((barrier, leases, claims))
         };
         let (barrier, leases, claims) =
-            match tokio::time::timeout(config.connect_timeout, setup).await {
+            match tokio::time::timeout(config.connection.connect_timeout, setup).await {
                 Ok(result) => result?,
-                Err(_) => return Err(no_answer("the connection setup", config.connect_timeout)),
+                Err(_) => {
+                    return Err(no_answer(
+                        "the connection setup",
+                        config.connection.connect_timeout,
+                    ))
+                }
             };
-        let lifeline =
-            conn::watch_reconnects(&client, barrier.clone(), shared.clone(), config.op_timeout);
+        let lifeline = conn::watch_reconnects(
+            &client,
+            barrier.clone(),
+            shared.clone(),
+            config.connection.op_timeout,
+        );
         tracing::debug!(
             url = %shown,
             server = %info.version,
@@ -488,7 +497,7 @@ impl NatsBroker {
         what: &str,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let bound = self.inner.config.op_timeout;
+        let bound = self.inner.config.connection.op_timeout;
         match tokio::time::timeout(bound, work).await {
             Ok(result) => result,
             Err(_) => Err(no_answer(what, bound)),
@@ -503,7 +512,7 @@ impl fmt::Debug for NatsBroker {
             .field("server_version", &self.inner.server_version)
             .field("server_max_payload", &self.server_max_payload())
             .field("connection", &self.inner.client.connection_state())
-            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("op_timeout", &self.inner.config.connection.op_timeout)
             .field("lease_stream", &self.inner.config.lease_stream)
             .field("claim_stream", &self.claim_stream())
             .field("closed", &self.is_closed())

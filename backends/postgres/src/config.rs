@@ -10,21 +10,15 @@ pub const DEFAULT_SCHEMA: &str = "bgtask";
 /// The default `application_name` of the broker's connections:
 /// [`PostgresConfig::application_name`].
 pub const DEFAULT_APPLICATION_NAME: &str = "bgtask";
-/// The default bound on every operation: [`PostgresConfig::op_timeout`].
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The default bound on one connection attempt: [`PostgresConfig::connect_timeout`].
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The default interval of the listener connection's round trip:
-/// [`PostgresConfig::liveness_interval`].
-pub const DEFAULT_LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
-/// The default longest wait between reconnection attempts: [`PostgresConfig::max_backoff`].
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub use bgtask_core::connection::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
+    DEFAULT_SUBSCRIPTION_BUFFER,
+};
+use bgtask_core::ConnectionSettings;
+
 /// The default number of pooled connections for publish and leases:
 /// [`PostgresConfig::pool_size`].
 pub const DEFAULT_POOL_SIZE: u32 = 8;
-/// The default number of messages one subscription buffers:
-/// [`PostgresConfig::subscription_buffer`].
-pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
 /// The default lifetime of a payload row: [`PostgresConfig::payload_ttl`].
 pub const DEFAULT_PAYLOAD_TTL: Duration = Duration::from_secs(30);
 /// The default interval of the cleanup of expired rows: [`PostgresConfig::cleanup_interval`].
@@ -59,25 +53,15 @@ pub struct PostgresConfig {
     /// listener connection adds `" listener <broker id>"`. Printable ASCII, at most 40 bytes.
     /// Default `bgtask`, or the URL's `application_name` parameter.
     pub application_name: String,
-    /// The longest any single operation (publish, subscribe, each lease call, fetching a
-    /// payload row) waits, including getting a connection; also the server-side
-    /// `statement_timeout` of the broker's connections. Default 5 s.
-    pub op_timeout: Duration,
-    /// The longest one connection attempt (TCP, TLS, authentication) waits. Default 5 s.
-    pub connect_timeout: Duration,
-    /// How often the listener connection makes a round trip (`SELECT 1`) to prove it is
-    /// alive; one that gets no answer within `op_timeout` makes the broker reconnect it.
-    /// Default 2 s.
-    pub liveness_interval: Duration,
-    /// The longest wait between two reconnection attempts of the listener; the wait starts at
-    /// 50 ms and doubles up to this. Default 2 s.
-    pub max_backoff: Duration,
+    /// How long to wait for the server (`op_timeout` is also the server-side
+    /// `statement_timeout` of the broker's connections, and bounds fetching a payload row),
+    /// how often the listener connection makes a round trip (`SELECT 1`), how the listener
+    /// backs off while reconnecting, how much a subscription buffers. Every default as in
+    /// [`ConnectionSettings`]; the `with_*` setters set them.
+    pub connection: ConnectionSettings,
     /// Pooled connections for publish, leases and payload fetches (opened on demand; the
     /// listener has one more of its own). Default 8.
     pub pool_size: u32,
-    /// How many messages one subscription holds for a slow reader before it drops messages and
-    /// yields [`Incoming::Gap`](bgtask_core::Incoming::Gap). Default 65536.
-    pub subscription_buffer: usize,
     /// How long a payload row (a message too large for one notification) stays readable.
     /// A subscriber that reads the message later gets a `Gap` instead. Default 30 s.
     pub payload_ttl: Duration,
@@ -107,12 +91,8 @@ impl PostgresConfig {
             schema: DEFAULT_SCHEMA.to_owned(),
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
             url,
-            op_timeout: DEFAULT_OP_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            liveness_interval: DEFAULT_LIVENESS_INTERVAL,
-            max_backoff: DEFAULT_MAX_BACKOFF,
+            connection: ConnectionSettings::default(),
             pool_size: DEFAULT_POOL_SIZE,
-            subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
             payload_ttl: DEFAULT_PAYLOAD_TTL,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
             max_payload: DEFAULT_MAX_PAYLOAD,
@@ -142,39 +122,9 @@ impl PostgresConfig {
         self
     }
 
-    /// Set [`op_timeout`](Self::op_timeout).
-    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
-        self
-    }
-
-    /// Set [`connect_timeout`](Self::connect_timeout).
-    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Set [`liveness_interval`](Self::liveness_interval).
-    pub fn with_liveness_interval(mut self, interval: Duration) -> Self {
-        self.liveness_interval = interval;
-        self
-    }
-
-    /// Set [`max_backoff`](Self::max_backoff).
-    pub fn with_max_backoff(mut self, backoff: Duration) -> Self {
-        self.max_backoff = backoff;
-        self
-    }
-
     /// Set [`pool_size`](Self::pool_size).
     pub fn with_pool_size(mut self, connections: u32) -> Self {
         self.pool_size = connections;
-        self
-    }
-
-    /// Set [`subscription_buffer`](Self::subscription_buffer).
-    pub fn with_subscription_buffer(mut self, messages: usize) -> Self {
-        self.subscription_buffer = messages;
         self
     }
 
@@ -210,11 +160,8 @@ impl PostgresConfig {
 
     /// Check that every value is usable.
     pub(crate) fn validate(&self) -> Result<()> {
+        self.connection.validate("postgres")?;
         let positive = [
-            ("op_timeout", self.op_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("liveness_interval", self.liveness_interval),
-            ("max_backoff", self.max_backoff),
             ("payload_ttl", self.payload_ttl),
             ("cleanup_interval", self.cleanup_interval),
         ];
@@ -228,11 +175,6 @@ impl PostgresConfig {
         if self.pool_size == 0 {
             return Err(config_error("postgres: pool_size must be at least 1"));
         }
-        if self.subscription_buffer == 0 {
-            return Err(config_error(
-                "postgres: subscription_buffer must be at least 1",
-            ));
-        }
         validate_schema(&self.schema)?;
         let app = &self.application_name;
         if app.len() > 40 || !app.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -244,18 +186,16 @@ impl PostgresConfig {
     }
 }
 
+bgtask_core::connection_setters!(PostgresConfig);
+
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresConfig")
             .field("url", &self.redacted_url())
             .field("schema", &self.schema)
             .field("application_name", &self.application_name)
-            .field("op_timeout", &self.op_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("liveness_interval", &self.liveness_interval)
-            .field("max_backoff", &self.max_backoff)
+            .field("connection", &self.connection)
             .field("pool_size", &self.pool_size)
-            .field("subscription_buffer", &self.subscription_buffer)
             .field("payload_ttl", &self.payload_ttl)
             .field("cleanup_interval", &self.cleanup_interval)
             .field("max_payload", &self.max_payload)
@@ -291,30 +231,13 @@ pub(crate) fn validate_schema(schema: &str) -> Result<()> {
     }
 }
 
-/// `url` without secrets: the password and any `password` query value become `***`. A URL
-/// that does not parse is not shown at all, since its secret cannot be located reliably.
+/// `url` without secrets: the password and any `password` query value become `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return "<unparsable url>".to_owned();
+    let secrets = bgtask_core::connection::Secrets {
+        query: &["password"],
+        bare_user: false,
     };
-    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
-        return "<unparsable url>".to_owned();
-    }
-    if parsed.query_pairs().any(|(k, _)| k == "password") {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "password" {
-                    "***".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
+    bgtask_core::connection::redact_url(url, &secrets)
 }
 
 /// The password of `url` (user info or `password` parameter), percent-decoded, so that error

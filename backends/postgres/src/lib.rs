@@ -77,7 +77,7 @@
 //! - **One listener connection per broker** carries every subscription: the first subscriber of
 //!   a channel sends `LISTEN` and [`subscribe`](Broker::subscribe) returns once the server
 //!   answered it; dropping the last one sends `UNLISTEN`. Each subscription buffers
-//!   [`subscription_buffer`](PostgresConfig::subscription_buffer) messages; a reader that falls
+//!   [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages; a reader that falls
 //!   further behind loses messages and reads a `Gap`.
 //! - **Receivers are not counted**: PostgreSQL cannot tell who received a notification, so
 //!   publish returns [`Published::Unknown`] and [`Capabilities::receiver_counts`] is false.
@@ -88,10 +88,10 @@
 //! connection when `try_recv` reports it lost, when receiving fails with any error (sqlx
 //! returns some, like a connection reset, as errors without reconnecting), and when the
 //! periodic liveness round trip (`SELECT 1` every
-//! [`liveness_interval`](PostgresConfig::liveness_interval), answered within
-//! [`op_timeout`](PostgresConfig::op_timeout)) fails: sqlx sets no TCP keepalive, so without it
+//! [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval), answered within
+//! [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout)) fails: sqlx sets no TCP keepalive, so without it
 //! a half-open connection would wait forever. It reconnects forever, with backoff from 50 ms
-//! doubling up to [`max_backoff`](PostgresConfig::max_backoff), jittered
+//! doubling up to [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff), jittered
 //! ([`bgtask_core::backoff`]) (attempts start at most that
 //! often; time spent in a failed attempt counts toward the wait), LISTENs every channel that has
 //! subscribers again, and only then yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) on each subscription that existed
@@ -184,8 +184,8 @@
 //! # Time bounds
 //!
 //! Every operation (publish, subscribe, each lease call, a claim, reading a payload row) finishes
-//! within [`op_timeout`](PostgresConfig::op_timeout), waiting for a pooled connection (and
-//! opening one, within [`connect_timeout`](PostgresConfig::connect_timeout)) included; the
+//! within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout), waiting for a pooled connection (and
+//! opening one, within [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout)) included; the
 //! server aborts statements that run longer (`statement_timeout` = `op_timeout`).
 //!
 //! The pool is the crate's own, not sqlx's `PgPool`, which tests every connection it takes
@@ -211,12 +211,12 @@
 //! | [`url`](PostgresConfig::url) | — | where the server is (see above) |
 //! | [`schema`](PostgresConfig::schema) | `bgtask` (or `?schema=`) | schema of bgtask's tables |
 //! | [`application_name`](PostgresConfig::application_name) | `bgtask` | shown in `pg_stat_activity` |
-//! | [`op_timeout`](PostgresConfig::op_timeout) | 5 s | bound on every operation and on the liveness round trip |
-//! | [`connect_timeout`](PostgresConfig::connect_timeout) | 5 s | bound on one connection attempt |
-//! | [`liveness_interval`](PostgresConfig::liveness_interval) | 2 s | how often the listener connection makes a round trip |
-//! | [`max_backoff`](PostgresConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout) | 5 s | bound on every operation and on the liveness round trip |
+//! | [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the listener connection makes a round trip |
+//! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`pool_size`](PostgresConfig::pool_size) | 8 | pooled connections (plus one listener connection) |
-//! | [`subscription_buffer`](PostgresConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
 //! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
 //! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
 //! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
@@ -318,7 +318,7 @@ impl PostgresBroker {
         // The first connection is made directly, not through the pool: a refused connection
         // fails at once (the pool would retry it until its timeout), and the schema is
         // migrated on it.
-        let mut conn = match timeout(config.connect_timeout, options.connect()).await {
+        let mut conn = match timeout(config.connection.connect_timeout, options.connect()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(from_sqlx("connect", e, secret.as_deref())),
             Err(_) => {
@@ -327,13 +327,13 @@ impl PostgresBroker {
                     format!(
                         "postgres unavailable: no connection to {} within {:?}",
                         config.redacted_url(),
-                        config.connect_timeout
+                        config.connection.connect_timeout
                     ),
                 ))
             }
         };
         let migrated = timeout(
-            config.op_timeout.max(Duration::from_secs(1)) * 2,
+            config.connection.op_timeout.max(Duration::from_secs(1)) * 2,
             schema::migrate(&mut conn, &config.schema),
         )
         .await;
@@ -344,18 +344,23 @@ impl PostgresBroker {
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(from_sqlx("migrate the schema", e, secret.as_deref())),
-            Err(_) => return Err(no_answer("migrate the schema", config.op_timeout * 2)),
+            Err(_) => {
+                return Err(no_answer(
+                    "migrate the schema",
+                    config.connection.op_timeout * 2,
+                ))
+            }
         }
 
         let pool = pool::Pool::new(
             options.clone(),
             config.pool_size,
-            config.connect_timeout,
-            config.op_timeout,
+            config.connection.connect_timeout,
+            config.connection.op_timeout,
         );
         let db = Arc::new(Db {
             pool,
-            op_timeout: config.op_timeout,
+            op_timeout: config.connection.op_timeout,
             secret: secret.clone(),
             statements: schema::Statements::new(&config.schema),
             payload_ttl_ms: i64::try_from(config.payload_ttl.as_millis()).unwrap_or(i64::MAX),
@@ -367,11 +372,11 @@ impl PostgresBroker {
             ListenerSettings {
                 options: options.application_name(&listener_application_name),
                 schema: config.schema.clone(),
-                op_timeout: config.op_timeout,
-                connect_timeout: config.connect_timeout,
-                liveness_interval: config.liveness_interval,
-                max_backoff: config.max_backoff,
-                buffer: config.subscription_buffer,
+                op_timeout: config.connection.op_timeout,
+                connect_timeout: config.connection.connect_timeout,
+                liveness_interval: config.connection.liveness_interval,
+                max_backoff: config.connection.max_backoff,
+                buffer: config.connection.subscription_buffer,
                 secret,
             },
             db.clone(),
@@ -432,7 +437,7 @@ impl PostgresBroker {
     }
 
     fn deadline(&self) -> Instant {
-        Instant::now() + self.inner.config.op_timeout
+        Instant::now() + self.inner.config.connection.op_timeout
     }
 }
 
@@ -510,7 +515,7 @@ fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgCo
     } else {
         url.query_pairs_mut().clear().extend_pairs(kept);
     }
-    let statement_timeout = config.op_timeout.as_millis().max(1).to_string();
+    let statement_timeout = config.connection.op_timeout.as_millis().max(1).to_string();
     let mut options = PgConnectOptions::from_url(&url)
         .map_err(|e| bad_url(e.to_string()))?
         .application_name(&config.application_name)
@@ -565,7 +570,7 @@ impl fmt::Debug for PostgresBroker {
             .field("url", &self.inner.config.redacted_url())
             .field("schema", &self.inner.config.schema)
             .field("listener", &self.inner.listener_application_name)
-            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("op_timeout", &self.inner.config.connection.op_timeout)
             .field("subscribed_channels", &self.inner.listener.channels())
             .field("idle_connections", &self.inner.db.pool.idle_count())
             .finish()

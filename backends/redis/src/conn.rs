@@ -45,7 +45,7 @@ struct State {
 impl Commands {
     pub(crate) fn new(client: Client, config: &RedisConfig) -> Self {
         let connection_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
+            .set_connection_timeout(Some(config.connection.connect_timeout))
             // None: `run` bounds every operation by `op_timeout` already (and drops a silent
             // connection), so the crate's own timer per request (500 ms by default, too short
             // for large payloads) would only cost a second timer.
@@ -53,9 +53,9 @@ impl Commands {
         Commands {
             client,
             connection_config,
-            connect_timeout: config.connect_timeout,
-            op_timeout: config.op_timeout,
-            max_backoff: config.max_backoff,
+            connect_timeout: config.connection.connect_timeout,
+            op_timeout: config.connection.op_timeout,
+            max_backoff: config.connection.max_backoff,
             state: Mutex::new(State::default()),
             connecting: tokio::sync::Mutex::new(()),
         }

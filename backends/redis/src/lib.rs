@@ -35,7 +35,7 @@
 //! - **Commands** (publish, claims and the lease operations) go over one multiplexed
 //!   connection. Any I/O error, and any operation that gets no answer in time, drops it; the next
 //!   operation opens a new one. After a failed attempt the next one waits (50 ms, doubling up to
-//!   [`max_backoff`](RedisConfig::max_backoff), jittered: [`bgtask_core::backoff`]); an operation that cannot get a connection
+//!   [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff), jittered: [`bgtask_core::backoff`]); an operation that cannot get a connection
 //!   within its own bound fails with [`ErrorKind::Unavailable`] instead of waiting longer. When
 //!   the subscription connection (below) is found lost, the command connection is dropped as
 //!   well, so the first command after an outage does not fail on a dead socket. Nothing is
@@ -46,16 +46,16 @@
 //!   [`subscribe`](Broker::subscribe) returns once the server confirmed it; further subscribers
 //!   of that channel need no round trip; dropping the last one sends `UNSUBSCRIBE`.
 //!
-//!   A watchdog pings the connection every [`ping_interval`](RedisConfig::ping_interval) and
-//!   expects the answer within [`op_timeout`](RedisConfig::op_timeout). When a ping fails or
+//!   A watchdog pings the connection every [`liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) and
+//!   expects the answer within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout). When a ping fails or
 //!   the connection ends, the supervisor reconnects, forever, with exponential backoff capped
-//!   at [`max_backoff`](RedisConfig::max_backoff); subscribes every channel that still has
+//!   at [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff); subscribes every channel that still has
 //!   subscribers, checking each confirmation; and only then yields [`Incoming::Gap`](bgtask_core::Incoming::Gap) on every
 //!   subscription that existed during the outage. While disconnected,
 //!   [`subscribe`](Broker::subscribe) waits at most `op_timeout` for the connection to come
 //!   back, then fails with [`ErrorKind::Unavailable`].
 //!
-//!   Each subscription buffers up to [`subscription_buffer`](RedisConfig::subscription_buffer)
+//!   Each subscription buffers up to [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer)
 //!   messages; when its reader falls further behind, new messages are dropped and the next item
 //!   it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
 //!
@@ -70,9 +70,9 @@
 //!
 //! # Time bounds
 //!
-//! Every operation finishes within [`op_timeout`](RedisConfig::op_timeout) (publish, each lease
+//! Every operation finishes within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout) (publish, each lease
 //! call, subscribe), including any reconnection it triggers; each connection attempt is bounded
-//! by [`connect_timeout`](RedisConfig::connect_timeout). [`RedisBroker::connect`] fails with
+//! by [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout). [`RedisBroker::connect`] fails with
 //! [`ErrorKind::Unavailable`] when the server cannot be reached and with [`ErrorKind::Auth`] when
 //! it refuses the credentials. A lost, refused or silent connection is reported as
 //! [`ErrorKind::Unavailable`] (an operation that timed out included), so that it is never
@@ -118,11 +118,11 @@
 //! | field | default | meaning |
 //! |-------|---------|---------|
 //! | [`url`](RedisConfig::url) | — | where the server is (see above) |
-//! | [`op_timeout`](RedisConfig::op_timeout) | 5 s | bound on every operation and on the watchdog's ping |
-//! | [`connect_timeout`](RedisConfig::connect_timeout) | 5 s | bound on one connection attempt |
-//! | [`ping_interval`](RedisConfig::ping_interval) | 2 s | how often the pub/sub connection is pinged |
-//! | [`max_backoff`](RedisConfig::max_backoff) | 2 s | longest wait between reconnection attempts |
-//! | [`subscription_buffer`](RedisConfig::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout) | 5 s | bound on every operation and on the watchdog's ping |
+//! | [`connection.connect_timeout`](bgtask_core::ConnectionSettings::connect_timeout) | 5 s | bound on one connection attempt |
+//! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the pub/sub connection is pinged |
+//! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
+//! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
 //!
 //! # Tests
 //!
@@ -153,8 +153,8 @@ use bytes::Bytes;
 use redis::Value;
 
 pub use config::{
-    RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
-    DEFAULT_PING_INTERVAL, DEFAULT_SUBSCRIPTION_BUFFER,
+    RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF,
+    DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER,
 };
 
 use conn::Commands;
@@ -345,7 +345,7 @@ impl fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBroker")
             .field("url", &self.inner.config.redacted_url())
-            .field("op_timeout", &self.inner.config.op_timeout)
+            .field("op_timeout", &self.inner.config.connection.op_timeout)
             .field("subscribed_channels", &self.inner.pubsub.channels())
             .finish()
     }

@@ -119,10 +119,10 @@ impl PubSubHandle {
         let supervisor = Supervisor {
             shared: shared.clone(),
             client,
-            op_timeout: config.op_timeout,
-            connect_timeout: config.connect_timeout,
-            ping_interval: config.ping_interval,
-            max_backoff: config.max_backoff,
+            op_timeout: config.connection.op_timeout,
+            connect_timeout: config.connection.connect_timeout,
+            ping_interval: config.connection.liveness_interval,
+            max_backoff: config.connection.max_backoff,
             commands: commands_rx,
             stop: stop_rx,
             waiting: Vec::new(),
@@ -132,8 +132,8 @@ impl PubSubHandle {
         Ok(PubSubHandle {
             shared,
             commands,
-            op_timeout: config.op_timeout,
-            buffer: config.subscription_buffer,
+            op_timeout: config.connection.op_timeout,
+            buffer: config.connection.subscription_buffer,
             lifeline: Arc::new(Lifeline { stop }),
         })
     }
@@ -246,14 +246,14 @@ impl Drop for Unsubscribe {
 
 /// Open a pub/sub connection within `connect_timeout`.
 async fn open(client: &Client, config: &RedisConfig) -> Result<PubSub> {
-    match timeout(config.connect_timeout, client.get_async_pubsub()).await {
+    match timeout(config.connection.connect_timeout, client.get_async_pubsub()).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(from_redis("connect (pub/sub)", e)),
         Err(_) => Err(Error::new(
             ErrorKind::Unavailable,
             format!(
                 "redis unavailable: no pub/sub connection within {:?}",
-                config.connect_timeout
+                config.connection.connect_timeout
             ),
         )),
     }

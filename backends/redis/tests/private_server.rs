@@ -344,7 +344,7 @@ async fn server_restart_is_survived() {
     let port = server.port;
     let config = RedisConfig::new(server.url())
         .with_op_timeout(Duration::from_secs(1))
-        .with_ping_interval(Duration::from_secs(1))
+        .with_liveness_interval(Duration::from_secs(1))
         .with_max_backoff(Duration::from_millis(500));
     let broker = RedisBroker::connect_with(config).await.unwrap();
     let mut sub = broker.subscribe("ch").await.unwrap();

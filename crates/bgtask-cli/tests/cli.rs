@@ -200,16 +200,7 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
         serde_json::json!({"job": 1}),
         "{run:?}"
     );
-    let run = s.bgtask(&[
-        "submit",
-        "--task",
-        "job",
-        "--key",
-        "user",
-        "--limit",
-        "1",
-        r#"{"mode":"ok","user":"ana"}"#,
-    ]);
+    let run = s.submit_keyed(r#"{"mode":"ok","user":"ana"}"#, &["--limit", "1"]);
     assert_eq!(run.code, 4, "limit reached: {run:?}");
     assert!(run.stderr.contains("limit"), "{run:?}");
     let slow = slow.join().unwrap();
@@ -217,24 +208,10 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
 
     // Threshold 1: the second bad-key report blacklists "mallory"; the third submit is refused.
     for attempt in 1..=2 {
-        let run = s.bgtask(&[
-            "submit",
-            "--task",
-            "job",
-            "--key",
-            "user",
-            r#"{"mode":"bad","user":"mallory"}"#,
-        ]);
+        let run = s.submit_keyed(r#"{"mode":"bad","user":"mallory"}"#, &[]);
         assert_eq!(run.code, 1, "attempt {attempt} is a task error: {run:?}");
     }
-    let run = s.bgtask(&[
-        "submit",
-        "--task",
-        "job",
-        "--key",
-        "user",
-        r#"{"mode":"ok","user":"mallory"}"#,
-    ]);
+    let run = s.submit_keyed(r#"{"mode":"ok","user":"mallory"}"#, &[]);
     assert_eq!(run.code, 5, "blacklisted: {run:?}");
     assert!(run.stderr.contains("uploads corrupt images"), "{run:?}");
 
@@ -250,14 +227,7 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
     let run = s.bgtask(&["blacklist", "lift", "--task", "job", "mallory"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("lifted"), "{run:?}");
-    let run = s.bgtask(&[
-        "submit",
-        "--task",
-        "job",
-        "--key",
-        "user",
-        r#"{"mode":"ok","user":"mallory"}"#,
-    ]);
+    let run = s.submit_keyed(r#"{"mode":"ok","user":"mallory"}"#, &[]);
     assert_eq!(run.code, 0, "accepted again after the lift: {run:?}");
 }
 
@@ -454,7 +424,15 @@ fn the_demo_runs_without_a_server_and_prints_its_summary() {
 #[test]
 fn every_command_has_help_with_examples() {
     let dir = std::env::temp_dir();
-    for command in ["demo", "worker", "submit", "bench", "inspect", "blacklist", "dashboard"] {
+    for command in [
+        "demo",
+        "worker",
+        "submit",
+        "bench",
+        "inspect",
+        "blacklist",
+        "dashboard",
+    ] {
         let run = bgtask(&[command, "--help"], None, &dir);
         assert_eq!(run.code, 0, "{command}: {run:?}");
         assert!(

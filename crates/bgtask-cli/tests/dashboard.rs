@@ -346,8 +346,7 @@ impl Page {
 }
 
 fn submit(s: &Scratch, payload: &str) -> i32 {
-    s.bgtask(&["submit", "--task", "job", "--key", "user", payload])
-        .code
+    s.submit_keyed(payload, &[]).code
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

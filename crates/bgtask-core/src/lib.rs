@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod connection;
 pub mod error;
 pub mod memory;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub use broker::{
     Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, KeyCount, KeyPage, LeaseId,
     LeaseInfo, LeaseRequest, Published, Subscription, MAX_KEY_PAGE,
 };
+pub use connection::ConnectionSettings;
 pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};
 pub use memory::MemoryBroker;
 pub use names::Namespace;

@@ -18,7 +18,7 @@ use crate::broker::{
 use crate::error::Result;
 
 /// How many messages one subscription buffers before it drops and signals [`Incoming::Gap`].
-pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = crate::connection::DEFAULT_SUBSCRIPTION_BUFFER;
 
 /// A broker that lives inside one process: publish, subscribe and leases in memory.
 ///

@@ -54,45 +54,100 @@ pub const WORKER_TASKS_COMPLETED: &str = "bgtask_worker_tasks_completed_total";
 /// Tasks a worker has taken and not yet completed. Labels: `task`.
 pub const WORKER_TASKS_RUNNING: &str = "bgtask_worker_tasks_running";
 
+/// What kind of metric a name is, for [`describe`].
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Seconds,
+}
+
+/// Every metric with its `# HELP` text.
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (TASKS_SUBMITTED, Kind::Counter, "Tasks a creator published."),
+    (
+        TASKS_COMPLETED,
+        Kind::Counter,
+        "Single tasks that ended, by outcome.",
+    ),
+    (
+        TASKS_REFUSED,
+        Kind::Counter,
+        "Tasks refused at submit, by reason.",
+    ),
+    (
+        TASKS_IN_FLIGHT,
+        Kind::Gauge,
+        "Tasks submitted and not yet ended.",
+    ),
+    (
+        TASK_REPLY_SECONDS,
+        Kind::Seconds,
+        "From submit to the worker's reply.",
+    ),
+    (
+        TASK_ACCEPT_SECONDS,
+        Kind::Seconds,
+        "From submit to the offer a worker took.",
+    ),
+    (
+        WORKERS_ONLINE,
+        Kind::Gauge,
+        "Live workers seen through their presence.",
+    ),
+    (
+        LATE_REPLIES,
+        Kind::Counter,
+        "Replies that arrived after their task ended.",
+    ),
+    (
+        REPLIES_DROPPED,
+        Kind::Counter,
+        "Progress values and broadcast replies dropped because the reader fell behind.",
+    ),
+    (
+        MALFORMED_MESSAGES,
+        Kind::Counter,
+        "Messages dropped as malformed.",
+    ),
+    (
+        SUBSCRIPTION_GAPS,
+        Kind::Counter,
+        "Times a subscription resumed after a lost connection.",
+    ),
+    (
+        BROKER_RECONNECTS,
+        Kind::Counter,
+        "Times a broker connection came back.",
+    ),
+    (
+        TRACE_CONTEXT_DROPPED,
+        Kind::Counter,
+        "Malformed or oversize trace context dropped.",
+    ),
+    (WORKER_TASKS_ACCEPTED, Kind::Counter, "Tasks a worker took."),
+    (
+        WORKER_TASKS_COMPLETED,
+        Kind::Counter,
+        "Tasks a worker completed, by status.",
+    ),
+    (
+        WORKER_TASKS_RUNNING,
+        Kind::Gauge,
+        "Tasks a worker is running.",
+    ),
+];
+
 /// Register the description of every metric with the installed recorder (exporters print them
 /// as `# HELP`). Call once after installing a recorder; recording works without it.
 pub fn describe() {
-    describe_counter!(TASKS_SUBMITTED, "Tasks a creator published.");
-    describe_counter!(TASKS_COMPLETED, "Single tasks that ended, by outcome.");
-    describe_counter!(TASKS_REFUSED, "Tasks refused at submit, by reason.");
-    describe_gauge!(TASKS_IN_FLIGHT, "Tasks submitted and not yet ended.");
-    describe_histogram!(
-        TASK_REPLY_SECONDS,
-        metrics::Unit::Seconds,
-        "From submit to the worker's reply."
-    );
-    describe_histogram!(
-        TASK_ACCEPT_SECONDS,
-        metrics::Unit::Seconds,
-        "From submit to the offer a worker took."
-    );
-    describe_gauge!(WORKERS_ONLINE, "Live workers seen through their presence.");
-    describe_counter!(LATE_REPLIES, "Replies that arrived after their task ended.");
-    describe_counter!(
-        REPLIES_DROPPED,
-        "Progress values and broadcast replies dropped because the reader fell behind."
-    );
-    describe_counter!(MALFORMED_MESSAGES, "Messages dropped as malformed.");
-    describe_counter!(
-        SUBSCRIPTION_GAPS,
-        "Times a subscription resumed after a lost connection."
-    );
-    describe_counter!(BROKER_RECONNECTS, "Times a broker connection came back.");
-    describe_counter!(
-        TRACE_CONTEXT_DROPPED,
-        "Malformed or oversize trace context dropped."
-    );
-    describe_counter!(WORKER_TASKS_ACCEPTED, "Tasks a worker took.");
-    describe_counter!(
-        WORKER_TASKS_COMPLETED,
-        "Tasks a worker completed, by status."
-    );
-    describe_gauge!(WORKER_TASKS_RUNNING, "Tasks a worker is running.");
+    for &(name, kind, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => describe_counter!(name, help),
+            Kind::Gauge => describe_gauge!(name, help),
+            Kind::Seconds => describe_histogram!(name, metrics::Unit::Seconds, help),
+        }
+    }
 }
 
 /// For [`Broker`](crate::Broker) implementations: the connection to the server came back
@@ -207,6 +262,15 @@ pub(crate) fn worker_completed(task: &str, status: Status) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_is_described_once() {
+        let mut names: Vec<&str> = DESCRIPTIONS.iter().map(|(name, _, _)| *name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DESCRIPTIONS.len());
+        assert_eq!(names.len(), 16, "a new metric goes into DESCRIPTIONS too");
+    }
 
     #[test]
     fn every_ending_has_a_bounded_outcome_label() {

@@ -62,7 +62,7 @@ pub fn short(config: NatsConfig) -> NatsConfig {
     config
         .with_op_timeout(Duration::from_secs(1))
         .with_connect_timeout(Duration::from_secs(1))
-        .with_ping_interval(Duration::from_secs(1))
+        .with_liveness_interval(Duration::from_secs(1))
         .with_max_backoff(Duration::from_secs(1))
 }
 

@@ -60,7 +60,7 @@ pub fn fault_config(addr: SocketAddr) -> RedisConfig {
     RedisConfig::new(url_via(addr))
         .with_op_timeout(Duration::from_secs(1))
         .with_connect_timeout(Duration::from_secs(1))
-        .with_ping_interval(Duration::from_secs(1))
+        .with_liveness_interval(Duration::from_secs(1))
         .with_max_backoff(Duration::from_secs(1))
 }
 

@@ -93,6 +93,15 @@ impl Scratch {
         worker
     }
 
+    /// `bgtask submit --task job --key user [EXTRA...] PAYLOAD`: a task of the script's, keyed
+    /// by its "user".
+    pub fn submit_keyed(&self, payload: &str, extra: &[&str]) -> Run {
+        let mut args = vec!["submit", "--task", "job", "--key", "user"];
+        args.extend_from_slice(extra);
+        args.push(payload);
+        self.bgtask(&args)
+    }
+
     /// Run `bgtask --config <this> ARGS...`.
     pub fn bgtask(&self, args: &[&str]) -> Run {
         let config = self.config();
