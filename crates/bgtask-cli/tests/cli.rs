@@ -142,28 +142,18 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
     let _worker = s.worker(&["--concurrency", "4"]);
 
     // One slow task of user "ana" in flight, limit 1: the next one for "ana" is refused.
-    let config = s.config();
-    let dir = s.dir.clone();
-    let slow = std::thread::spawn(move || {
-        bgtask(
-            &[
-                "--config",
-                &config,
-                "submit",
-                "--task",
-                "job",
-                "--key",
-                "user",
-                "--limit",
-                "1",
-                "--timeout",
-                "60s",
-                r#"{"mode":"slow","user":"ana"}"#,
-            ],
-            None,
-            &dir,
-        )
-    });
+    let slow = s.spawn_bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--key",
+        "user",
+        "--limit",
+        "1",
+        "--timeout",
+        "60s",
+        r#"{"mode":"slow","user":"ana"}"#,
+    ]);
     let limit_key = ["--task", "job", "--key", "ana"];
     let in_flight = wait_until(Duration::from_secs(30), || {
         let mut args = vec!["inspect"];
@@ -255,24 +245,14 @@ fn an_unreachable_broker_exits_with_7_and_hides_the_password() {
 fn ctrl_c_drains_the_worker() {
     let s = Scratch::new("drain", "");
     let mut worker = s.worker(&[]);
-    let config = s.config();
-    let dir = s.dir.clone();
-    let slow = std::thread::spawn(move || {
-        bgtask(
-            &[
-                "--config",
-                &config,
-                "submit",
-                "--task",
-                "job",
-                "--timeout",
-                "60s",
-                r#"{"mode":"slow"}"#,
-            ],
-            None,
-            &dir,
-        )
-    });
+    let slow = s.spawn_bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--timeout",
+        "60s",
+        r#"{"mode":"slow"}"#,
+    ]);
     // Wait until the program runs, then interrupt the worker once: it finishes the task.
     let started = s.dir.join("slow.started");
     assert!(

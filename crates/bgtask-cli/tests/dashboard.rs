@@ -419,17 +419,14 @@ async fn the_page_shows_workers_counts_and_lifts_a_blacklisted_value() {
     .await;
 
     // A slow keyed task: its key value shows as in flight, and the worker's in-flight count.
-    let slow = {
-        let (config, dir) = (s.config(), s.dir.clone());
-        std::thread::spawn(move || {
-            let args = [
-                "--config", &config, "submit", "--task", "job", "--key", "user",
-            ];
-            let mut args = args.to_vec();
-            args.push(r#"{"mode":"slow","user":"slowpoke"}"#);
-            common::scratch::bgtask(&args, None, &dir).code
-        })
-    };
+    let slow = s.spawn_bgtask(&[
+        "submit",
+        "--task",
+        "job",
+        "--key",
+        "user",
+        r#"{"mode":"slow","user":"slowpoke"}"#,
+    ]);
     page.until(
         "document.querySelector('[data-key=\"job/slowpoke\"]') !== null",
         Duration::from_secs(10),
@@ -450,7 +447,8 @@ async fn the_page_shows_workers_counts_and_lifts_a_blacklisted_value() {
     let path = screenshot_dir().join("dashboard.png");
     std::fs::write(&path, png).unwrap();
     eprintln!("screenshot: {}", path.display());
-    assert_eq!(slow.join().unwrap(), 0, "the slow task");
+    let slow = slow.join().unwrap();
+    assert_eq!(slow.code, 0, "the slow task: {slow:?}");
     page.until(
         "document.querySelector('[data-key=\"job/slowpoke\"]') === null",
         Duration::from_secs(10),

@@ -102,6 +102,18 @@ impl Scratch {
         self.bgtask(&args)
     }
 
+    /// [`bgtask`](Self::bgtask) on a thread of its own, for a call that runs while the test
+    /// goes on (a slow task).
+    pub fn spawn_bgtask(&self, args: &[&str]) -> std::thread::JoinHandle<Run> {
+        let mut all = vec!["--config".to_owned(), self.config()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let dir = self.dir.clone();
+        std::thread::spawn(move || {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            bgtask(&all, None, &dir)
+        })
+    }
+
     /// Run `bgtask --config <this> ARGS...`.
     pub fn bgtask(&self, args: &[&str]) -> Run {
         let config = self.config();
