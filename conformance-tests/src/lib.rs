@@ -19,6 +19,7 @@ mod harness;
 pub mod proxy;
 pub mod recorded;
 pub mod scenarios;
+pub mod servers;
 
 use std::net::SocketAddr;
 

@@ -11,7 +11,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::scratch::{bgtask, free_port, is_gone, wait_until, Scratch, BIN, CALL_LIMIT};
+use common::scratch::{
+    bgtask, free_port, is_gone, keyed_submit, wait_until, Scratch, BIN, CALL_LIMIT,
+};
 
 #[test]
 fn worker_runs_the_program_and_submit_maps_every_outcome_to_its_exit_code() {
@@ -142,18 +144,11 @@ fn the_per_key_limit_and_the_blacklist_reject_at_once() {
     let _worker = s.worker(&["--concurrency", "4"]);
 
     // One slow task of user "ana" in flight, limit 1: the next one for "ana" is refused.
-    let slow = s.spawn_bgtask(&[
-        "submit",
-        "--task",
-        "job",
-        "--key",
-        "user",
-        "--limit",
-        "1",
-        "--timeout",
-        "60s",
-        r#"{"mode":"slow","user":"ana"}"#,
-    ]);
+    let slow_task = r#"{"mode":"slow","user":"ana"}"#;
+    let slow = s.spawn_bgtask(&keyed_submit(
+        slow_task,
+        &["--limit", "1", "--timeout", "60s"],
+    ));
     let limit_key = ["--task", "job", "--key", "ana"];
     let in_flight = wait_until(Duration::from_secs(30), || {
         let mut args = vec!["inspect"];

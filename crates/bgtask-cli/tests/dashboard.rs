@@ -419,14 +419,8 @@ async fn the_page_shows_workers_counts_and_lifts_a_blacklisted_value() {
     .await;
 
     // A slow keyed task: its key value shows as in flight, and the worker's in-flight count.
-    let slow = s.spawn_bgtask(&[
-        "submit",
-        "--task",
-        "job",
-        "--key",
-        "user",
-        r#"{"mode":"slow","user":"slowpoke"}"#,
-    ]);
+    let slow_task = r#"{"mode":"slow","user":"slowpoke"}"#;
+    let slow = s.spawn_bgtask(&common::scratch::keyed_submit(slow_task, &[]));
     page.until(
         "document.querySelector('[data-key=\"job/slowpoke\"]') !== null",
         Duration::from_secs(10),

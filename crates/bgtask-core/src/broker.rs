@@ -64,7 +64,9 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// - Returns [`Published::Receivers`] when the broker can tell who received it (see
     ///   [`Capabilities::receiver_counts`]), else [`Published::Unknown`]. The count is 0 exactly
     ///   when no subscription received the message; a backend that multiplexes several local
-    ///   subscriptions over one connection may count that connection once.
+    ///   subscriptions over one connection may count that connection once. A subscription
+    ///   whose buffer is full counts: it loses the message to an [`Incoming::Gap`], as a server
+    ///   counts a slow subscriber, so a busy worker is never taken for no worker.
     /// - A broker that cannot be reached is an `Unavailable` error, never `Ok`.
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published>;
 

@@ -1,7 +1,8 @@
 //! [`ConnectionSettings`]: what every networked backend's configuration shares — how long to
 //! wait for the server, how often to prove the subscription connection alive, how to back off
 //! while reconnecting, how much one subscription buffers. Each backend's config embeds one as
-//! its `connection` field, and gets the `with_*` setters from [`connection_setters!`].
+//! its `connection` field, and gets the `with_*` setters from
+//! [`connection_setters!`](crate::connection_setters).
 
 use std::time::Duration;
 
@@ -135,36 +136,26 @@ pub fn redact_url(url: &str, secrets: &Secrets<'_>) -> String {
 #[macro_export]
 macro_rules! connection_setters {
     ($config:ty) => {
+        $crate::connection_setters!(@setters $config;
+            with_op_timeout op_timeout: ::std::time::Duration,
+            with_connect_timeout connect_timeout: ::std::time::Duration,
+            with_liveness_interval liveness_interval: ::std::time::Duration,
+            with_max_backoff max_backoff: ::std::time::Duration,
+            with_subscription_buffer subscription_buffer: usize
+        );
+    };
+    (@setters $config:ty; $($setter:ident $field:ident: $type:ty),*) => {
         impl $config {
-            /// Set [`op_timeout`]($crate::ConnectionSettings::op_timeout).
-            pub fn with_op_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self.connection.op_timeout = timeout;
-                self
-            }
-
-            /// Set [`connect_timeout`]($crate::ConnectionSettings::connect_timeout).
-            pub fn with_connect_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self.connection.connect_timeout = timeout;
-                self
-            }
-
-            /// Set [`liveness_interval`]($crate::ConnectionSettings::liveness_interval).
-            pub fn with_liveness_interval(mut self, interval: ::std::time::Duration) -> Self {
-                self.connection.liveness_interval = interval;
-                self
-            }
-
-            /// Set [`max_backoff`]($crate::ConnectionSettings::max_backoff).
-            pub fn with_max_backoff(mut self, backoff: ::std::time::Duration) -> Self {
-                self.connection.max_backoff = backoff;
-                self
-            }
-
-            /// Set [`subscription_buffer`]($crate::ConnectionSettings::subscription_buffer).
-            pub fn with_subscription_buffer(mut self, messages: usize) -> Self {
-                self.connection.subscription_buffer = messages;
-                self
-            }
+            $(
+                #[doc = concat!(
+                    "Set [`", stringify!($field), "`](bgtask_core::ConnectionSettings::",
+                    stringify!($field), ")."
+                )]
+                pub fn $setter(mut self, value: $type) -> Self {
+                    self.connection.$field = value;
+                    self
+                }
+            )*
         }
     };
 }

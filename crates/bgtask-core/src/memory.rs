@@ -199,16 +199,23 @@ impl Broker for MemoryBroker {
         let mut state = self.state();
         let mut receivers = 0;
         if let Some(subs) = state.channels.get_mut(channel) {
+            // A subscriber whose buffer is full still counts: it is there, and loses this
+            // message to a gap (as a server counts a slow subscriber), so a creator does not
+            // take a busy worker for no worker.
             for sub in subs.iter_mut() {
                 if sub.owes_gap && sub.tx.try_send(Incoming::Gap).is_ok() {
                     sub.owes_gap = false;
                 }
                 if sub.owes_gap {
+                    receivers += 1;
                     continue;
                 }
                 match sub.tx.try_send(Incoming::Message(payload.clone())) {
                     Ok(()) => receivers += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => sub.owes_gap = true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        sub.owes_gap = true;
+                        receivers += 1;
+                    }
                     // The stream is being dropped; its Unsubscribe removes the entry.
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
@@ -353,6 +360,37 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities::new(true, false)
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_subscriber_still_counts_and_gets_a_gap() {
+        use futures::StreamExt;
+        let broker = MemoryBroker::new();
+        let mut sub = broker.subscribe("slow").await.unwrap();
+        for _ in 0..DEFAULT_SUBSCRIPTION_BUFFER {
+            broker
+                .publish("slow", Bytes::from_static(b"m"))
+                .await
+                .unwrap();
+        }
+        // Full: the next ones are lost to a gap, but the subscriber is still a receiver.
+        for _ in 0..2 {
+            let published = broker.publish("slow", Bytes::from_static(b"lost")).await;
+            assert_eq!(published.unwrap(), Published::Receivers(1));
+        }
+        for _ in 0..DEFAULT_SUBSCRIPTION_BUFFER {
+            assert_eq!(
+                sub.next().await,
+                Some(Incoming::Message(Bytes::from_static(b"m")))
+            );
+        }
+        broker
+            .publish("slow", Bytes::from_static(b"after"))
+            .await
+            .unwrap();
+        assert_eq!(sub.next().await, Some(Incoming::Gap));
+        let after = Incoming::Message(Bytes::from_static(b"after"));
+        assert_eq!(sub.next().await, Some(after));
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the test server, brokers, private servers.
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -38,23 +38,13 @@ pub async fn connect(config: NatsConfig) -> NatsBroker {
 
 /// The test server's TCP address.
 pub fn server_addr() -> SocketAddr {
-    let url = url::Url::parse(&url()).expect("BGTASK_NATS_URL is not a URL");
-    let host = url.host_str().expect("BGTASK_NATS_URL has no host");
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, url.port().unwrap_or(4222))
-        .to_socket_addrs()
-        .expect("resolve the test NATS host")
-        .next()
-        .expect("the test NATS host has no address")
+    bgtask_conformance::servers::server_addr(&url(), URL_VAR, 4222)
 }
 
-/// The test server's URL with its host and port replaced by `addr` (credentials kept): how a
-/// broker reaches the server through a fault proxy.
+/// The test server's URL with its host and port replaced by `addr`: how a broker reaches the
+/// server through a fault proxy.
 pub fn url_via(addr: SocketAddr) -> String {
-    let mut url = url::Url::parse(&url()).expect("BGTASK_NATS_URL is not a URL");
-    url.set_ip_host(addr.ip()).expect("set the proxy host");
-    url.set_port(Some(addr.port())).expect("set the proxy port");
-    url.to_string()
+    bgtask_conformance::servers::url_via(&url(), addr)
 }
 
 /// Short bounds so outages are noticed quickly: ~1 s timeouts, pings and backoff.

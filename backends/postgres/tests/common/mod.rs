@@ -2,7 +2,7 @@
 //! raw connections.
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bgtask_postgres::{PostgresBroker, PostgresConfig};
@@ -163,23 +163,13 @@ pub async fn connect(config: PostgresConfig) -> PostgresBroker {
 
 /// The test server's TCP address.
 pub fn server_addr() -> SocketAddr {
-    let url = url::Url::parse(&url()).expect("BGTASK_POSTGRES_URL is not a URL");
-    let host = url.host_str().expect("BGTASK_POSTGRES_URL has no host");
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, url.port().unwrap_or(5432))
-        .to_socket_addrs()
-        .expect("resolve the test PostgreSQL host")
-        .next()
-        .expect("the test PostgreSQL host has no address")
+    bgtask_conformance::servers::server_addr(&url(), URL_VAR, 5432)
 }
 
-/// The test server's URL with its host and port replaced by `addr` (credentials and database
-/// kept): how a broker reaches the server through a fault proxy.
+/// The test server's URL with its host and port replaced by `addr`: how a broker reaches the
+/// server through a fault proxy.
 pub fn url_via(addr: SocketAddr) -> String {
-    let mut url = url::Url::parse(&url()).expect("BGTASK_POSTGRES_URL is not a URL");
-    url.set_ip_host(addr.ip()).expect("set the proxy host");
-    url.set_port(Some(addr.port())).expect("set the proxy port");
-    url.to_string()
+    bgtask_conformance::servers::url_via(&url(), addr)
 }
 
 /// A plain connection for checking the server's side of things.

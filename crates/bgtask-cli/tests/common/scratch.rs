@@ -96,10 +96,7 @@ impl Scratch {
     /// `bgtask submit --task job --key user [EXTRA...] PAYLOAD`: a task of the script's, keyed
     /// by its "user".
     pub fn submit_keyed(&self, payload: &str, extra: &[&str]) -> Run {
-        let mut args = vec!["submit", "--task", "job", "--key", "user"];
-        args.extend_from_slice(extra);
-        args.push(payload);
-        self.bgtask(&args)
+        self.bgtask(&keyed_submit(payload, extra))
     }
 
     /// [`bgtask`](Self::bgtask) on a thread of its own, for a call that runs while the test
@@ -229,6 +226,14 @@ pub fn bgtask(args: &[&str], input: Option<&str>, dir: &Path) -> Run {
 }
 
 /// A process that does not exist, or is a zombie waiting for a parent that reaps it.
+/// The arguments of [`Scratch::submit_keyed`].
+pub fn keyed_submit<'a>(payload: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["submit", "--task", "job", "--key", "user"];
+    args.extend_from_slice(extra);
+    args.push(payload);
+    args
+}
+
 pub fn is_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
