@@ -1,26 +1,22 @@
 //! The worker side: [`Worker`] is told of available tasks, accepts some, and completes them.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::future::Future;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::future::BoxFuture;
 use futures::stream::{SelectAll, StreamExt};
 use serde::Serialize;
-use tokio::sync::{broadcast, Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::admission::check_payload_size;
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message, Status};
-use super::presence::{Announcer, Event, TaskTotals, WorkerRecord};
+use super::presence::{Announcer, Event, WorkerRecord};
 use super::{Counter, TraceContext};
 use crate::broker::{DynBroker, Incoming, LeaseId, Subscription};
 use crate::error::{Error, ErrorKind, Result};
@@ -28,37 +24,15 @@ use crate::metrics::{self, Role};
 use crate::names::{random_id, validate_name, Namespace, PROTOCOL_LEVEL};
 
 mod config;
+mod ledger;
+mod serve;
 mod task;
 
 pub use config::{WorkerConfig, WorkerEvent, WorkerStats};
+use ledger::{Held, Ledger, TARGET_LABEL};
+pub use serve::Outcome;
 use task::Shared;
 pub use task::{AvailableTask, HandlerResult, RunningTask, TaskContext, TaskFailure};
-
-/// The name under which a worker counts a task it reached only through a target (metrics,
-/// presence): bounded, whatever task names the target's creators send.
-const TARGET_LABEL: &str = "_target";
-
-/// A task this worker took and has not completed.
-struct Held {
-    cancel: CancellationToken,
-    /// Which of the worker's task names it is (`None`: reached through a target).
-    served: Option<usize>,
-    since: Instant,
-}
-
-/// A worker's running tasks by id.
-type Running = HashMap<String, Held>;
-
-/// Run times kept per task name for the presence record's quantiles.
-const RECENT_RUNS: usize = 256;
-
-/// What a worker completed of one task name (by index into its task names; `None`: targets).
-#[derive(Default)]
-struct Completed {
-    totals: TaskTotals,
-    /// Run times of the last [`RECENT_RUNS`], in milliseconds.
-    recent: VecDeque<u32>,
-}
 
 #[derive(Default)]
 struct Counters {
@@ -84,10 +58,8 @@ struct Inner {
     config: WorkerConfig,
     worker_id: String,
     reply_prefix: String,
-    /// Tasks accepted and not completed: their cancellation, and which of `config.tasks` they
-    /// are (`None`: reached through a target).
-    running: Mutex<Running>,
-    completed: Mutex<HashMap<Option<usize>, Completed>>,
+    /// Tasks accepted and not completed, and what was completed, per task name.
+    ledger: Ledger,
     counters: Counters,
     events: broadcast::Sender<WorkerEvent>,
     shutdown: CancellationToken,
@@ -128,35 +100,7 @@ impl Inner {
     /// This worker's presence record as of now.
     fn record(&self) -> WorkerRecord {
         let concurrency = self.concurrency.load(Ordering::Relaxed);
-        let name = |served: Option<usize>| {
-            let name = served.and_then(|i| self.config.tasks.get(i));
-            name.map_or(TARGET_LABEL, String::as_str).to_owned()
-        };
-        let running = self.running();
-        let mut by_task = BTreeMap::new();
-        for held in running.values() {
-            *by_task.entry(name(held.served)).or_insert(0) += 1;
-        }
-        let completed = self
-            .completed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(served, c)| {
-                let mut recent: Vec<u32> = c.recent.iter().copied().collect();
-                recent.sort_unstable();
-                let at = |q: f64| {
-                    let i = ((recent.len() as f64 - 1.0) * q).round() as usize;
-                    recent.get(i).map(|&ms| u64::from(ms))
-                };
-                let totals = TaskTotals {
-                    p50_ms: at(0.5),
-                    p99_ms: at(0.99),
-                    ..c.totals.clone()
-                };
-                (name(*served), totals)
-            })
-            .collect();
+        let (in_flight, (running, completed)) = self.ledger.by_task(&self.config.tasks);
         WorkerRecord {
             id: self.worker_id.clone(),
             host: self.host.clone(),
@@ -164,8 +108,8 @@ impl Inner {
             tasks: self.config.tasks.clone(),
             targets: self.config.targets.clone(),
             concurrency: (concurrency > 0).then_some(concurrency as u64),
-            in_flight: running.len() as u64,
-            running: by_task,
+            in_flight,
+            running,
             completed,
             level: PROTOCOL_LEVEL.to_owned(),
             ttl_ms: super::duration_millis(self.config.presence_ttl),
@@ -176,23 +120,9 @@ impl Inner {
     /// A task ended with `status` (the one its creator gets): forget it and count it (stats,
     /// metrics, the presence record's totals and run times).
     fn ended(&self, id: &str, label: &str, status: Status) {
-        let held = self.running().remove(id);
+        self.ledger.ended(id, status);
         self.counters.completed.incr();
         metrics::worker_completed(label, status);
-        let Some(held) = held else { return };
-        let ms = held.since.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-        let mut completed = self.completed.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = completed.entry(held.served).or_default();
-        let totals = &mut entry.totals;
-        *match status {
-            Status::Success => &mut totals.success,
-            Status::Error => &mut totals.error,
-            Status::Failed => &mut totals.failed,
-        } += 1;
-        if entry.recent.len() == RECENT_RUNS {
-            entry.recent.pop_front();
-        }
-        entry.recent.push_back(ms);
     }
 
     /// Tell the creator that this worker turns the offer of task `id` down.
@@ -223,8 +153,8 @@ impl Inner {
         }
     }
 
-    fn running(&self) -> MutexGuard<'_, Running> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    fn running(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.ledger.running()
     }
 
     fn emit(&self, event: impl FnOnce() -> WorkerEvent) {
@@ -351,8 +281,7 @@ impl Worker {
             namespace,
             config,
             worker_id,
-            running: Mutex::new(HashMap::new()),
-            completed: Mutex::new(HashMap::new()),
+            ledger: Ledger::default(),
             counters: Counters::default(),
             events: broadcast::channel(1024).0,
             shutdown: CancellationToken::new(),
@@ -505,138 +434,6 @@ impl Worker {
             )));
         }
         Ok(AvailableTask::new(shared))
-    }
-
-    /// Serve tasks with `handler`, at most `concurrency` at a time, until shut down. Every task
-    /// offered is accepted while there is capacity and declined (`busy`) when there is none, so
-    /// creators offer it to another worker; broadcast tasks wait for a free slot. The handler's
-    /// result completes the task.
-    ///
-    /// At shutdown: stop taking tasks, wait up to `shutdown_grace` for running ones, then cancel
-    /// them; a task whose handler never returns is completed as `Failed`. A handler that panics
-    /// completes its task as `Failed` and the worker goes on.
-    pub async fn run<F, Fut>(self, concurrency: usize, handler: F) -> Result<()>
-    where
-        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = HandlerResult> + Send + 'static,
-    {
-        self.serve(concurrency, handler).await
-    }
-
-    /// [`run`](Self::run) with a handler of any [`Outcome`]: a [`HandlerResult`], or a
-    /// `(Status, reply)` pair whose reply is any `Serialize` type (raw JSON passes through
-    /// byte for byte).
-    pub async fn serve<F, Fut, O>(mut self, concurrency: usize, handler: F) -> Result<()>
-    where
-        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = O> + Send + 'static,
-        O: Outcome,
-    {
-        let concurrency = concurrency.max(1);
-        self.inner.concurrency.store(concurrency, Ordering::Relaxed);
-        self.inner.beat_now.notify_one();
-        let handler = Arc::new(handler);
-        let permits = Arc::new(Semaphore::new(concurrency));
-        // Tasks taken and whose handler has not returned; offers past `concurrency` are declined.
-        let taken = Arc::new(AtomicUsize::new(0));
-        let mut running = JoinSet::new();
-        while let Some(mut task) = self.next_task().await {
-            while let Some(joined) = running.try_join_next() {
-                log_join(joined);
-            }
-            if task.is_offer() && taken.load(Ordering::Relaxed) >= concurrency {
-                task.settle("busy");
-                continue;
-            }
-            taken.fetch_add(1, Ordering::Relaxed);
-            let slot = Taken(taken.clone(), self.inner.clone());
-            let (handler, permits) = (handler.clone(), permits.clone());
-            running.spawn(async move {
-                let _slot = slot;
-                // Offers are accepted before waiting, so the creator's offer is answered.
-                let task = match task.accept().await {
-                    Ok(Some(task)) => task,
-                    Ok(None) => return,
-                    Err(error) => {
-                        tracing::warn!(%error, "could not accept a task");
-                        return;
-                    }
-                };
-                let span = task.span();
-                async move {
-                    let Ok(_permit) = permits.acquire_owned().await else {
-                        return;
-                    };
-                    let outcome = handler(task.context()).await;
-                    drop(_slot);
-                    if let Err(error) = outcome.complete(task).await {
-                        tracing::warn!(%error, "could not complete a task");
-                    }
-                }
-                .instrument(span)
-                .await
-            });
-        }
-        // Stop receiving tasks, say so, then drain.
-        self.tasks = SelectAll::new();
-        let record = self.inner.record();
-        let leave = self.inner.announcer.announce(Event::Leave, &record);
-        if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(1), leave).await {
-            tracing::debug!(%error, "could not announce the worker's leave; its presence expires");
-        }
-        let grace = self.inner.config.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = running.join_next().await {
-                log_join(joined);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                tasks = running.len(),
-                "tasks still running after the shutdown grace period; cancelling them"
-            );
-            for held in self.inner.running().values() {
-                held.cancel.cancel();
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Some(joined) = running.join_next().await {
-                    log_join(joined);
-                }
-            })
-            .await;
-            // Whatever is left is aborted; each dropped task completes as Failed.
-            running.shutdown().await;
-        }
-        Ok(())
-    }
-}
-
-/// One task taken by [`Worker::serve`]: gives its place back when its handler returns.
-struct Taken(Arc<AtomicUsize>, Arc<Inner>);
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.slot_freed();
-    }
-}
-
-/// How a [`Worker::serve`] handler's result completes its task.
-pub trait Outcome: Send + 'static {
-    /// Complete `task` with this outcome.
-    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>>;
-}
-
-impl Outcome for HandlerResult {
-    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>> {
-        Box::pin(task.finish(self))
-    }
-}
-
-impl<R: Serialize + Send + Sync + 'static> Outcome for (Status, R) {
-    fn complete(self, task: RunningTask) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async move { task.complete(self.0, &self.1).await })
     }
 }
 
