@@ -1,6 +1,7 @@
 //! What the binary's tests share: finding the test servers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod browser;
 pub mod scratch;
 
 use std::net::{TcpStream, ToSocketAddrs};
