@@ -9,7 +9,8 @@ use futures::StreamExt;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use super::{parse_id, ClientEvent, Inner, BROADCAST_BUFFER, PROGRESS_BUFFER};
+use super::pending::{BROADCAST_BUFFER, PROGRESS_BUFFER};
+use super::{parse_id, ClientEvent, Inner};
 use crate::broker::Incoming;
 use crate::names::id_to_hex;
 use crate::protocol::envelope::{Kind, Message, Status};

@@ -4,6 +4,7 @@ mod config;
 mod dispatch;
 mod handle;
 mod offer;
+mod pending;
 
 pub use config::{
     ClientConfig, ClientEvent, ClientStats, SubmitOptions, DEFAULT_MAX_PAYLOAD, DEFAULT_TIMEOUT,
@@ -13,18 +14,17 @@ pub use config::{
 use dispatch::{dispatch, watch_presence};
 pub use handle::{BroadcastHandle, TaskHandle};
 use handle::{Submitted, TaskGuard};
+use pending::{parse_id, Counters, Pending, PendingMap, Slot};
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::value::RawValue;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,120 +33,14 @@ use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message};
 use super::presence::{self, Event, Roster, Route};
-use super::{duration_millis, Counter, KeyLimit, Reply};
+use super::{duration_millis, KeyLimit};
 use crate::broker::{DynBroker, Published};
 use crate::error::{Error, ErrorKind, Result};
-use crate::metrics::{self, Role};
+use crate::metrics;
 use crate::names::{id_to_hex, random_id, validate_name, Namespace};
 
 /// How long ending a task may wait for its key lease's release after the deadline.
 const FINISH_GRACE: Duration = Duration::from_millis(200);
-
-/// Progress values buffered per task before the oldest unread are dropped (and counted).
-const PROGRESS_BUFFER: usize = 64;
-
-/// Replies of one broadcast buffered before more are dropped (and counted).
-const BROADCAST_BUFFER: usize = 4096;
-
-/// The client's own counters ([`ClientStats`]); each also goes to the [`metrics`](crate::metrics).
-#[derive(Default)]
-struct Counters {
-    submitted: Counter,
-    malformed: Counter,
-    late: Counter,
-    dropped: Counter,
-    gaps: Counter,
-}
-
-impl Counters {
-    fn count_malformed(&self) {
-        self.malformed.incr();
-        metrics::malformed(Role::Client);
-    }
-
-    fn count_late(&self) {
-        self.late.incr();
-        metrics::late_reply();
-    }
-
-    fn count_dropped(&self) {
-        self.dropped.incr();
-        metrics::reply_dropped();
-    }
-
-    fn count_gap(&self) {
-        self.gaps.incr();
-        metrics::gap(Role::Client);
-    }
-}
-
-/// Where the dispatcher leaves what arrives for one task, and its handle picks it up.
-#[derive(Default)]
-struct Slot {
-    state: Mutex<SlotState>,
-    /// `notify_one` after every change: a stored permit means no wake-up is ever lost.
-    changed: Notify,
-    /// The worker released the task's key lease with its reply.
-    released: AtomicBool,
-}
-
-#[derive(Default)]
-struct SlotState {
-    progress: VecDeque<Box<RawValue>>,
-    /// The completion of a single task (at most one), or the replies of a broadcast.
-    replies: VecDeque<Result<Reply>>,
-    /// The client shut down: nothing more will arrive.
-    closed: bool,
-}
-
-impl Slot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(&self, update: impl FnOnce(&mut SlotState)) {
-        update(&mut self.lock());
-        self.changed.notify_one();
-    }
-}
-
-struct Pending {
-    slot: Arc<Slot>,
-    broadcast: bool,
-    deadline: Instant,
-    /// Where its directed offer stands (none for broadcasts).
-    offer: Option<offer::OfferState>,
-}
-
-/// Task ids are random 128-bit numbers: their low 64 bits are already a good hash.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u128(&mut self, id: u128) {
-        self.0 = id as u64;
-    }
-}
-
-type PendingMap = HashMap<u128, Pending, BuildHasherDefault<IdHasher>>;
-
-/// A task id from the wire: ours are 32 lowercase hex digits; anything else is not ours.
-fn parse_id(id: &str) -> Option<u128> {
-    if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    u128::from_str_radix(id, 16).ok()
-}
 
 struct Inner {
     broker: DynBroker,
