@@ -443,37 +443,41 @@ async fn lease_stream_is_created_on_this_server() {
     assert_eq!(other.count("k").await.unwrap(), 1);
 
     // A stream that cannot hold leases (several messages per subject) is a Config error.
-    let bad = js(
-        &raw,
-        "$JS.API.STREAM.CREATE.BAD".into(),
-        json!({"name": "BAD", "subjects": ["bad.lease.*", "bad.clock"], "max_msgs_per_subject": 5,
-               "retention": "limits", "storage": "memory", "num_replicas": 1}),
-    )
-    .await;
-    assert!(bad.get("error").is_none(), "{bad}");
-    let err = NatsBroker::connect_with(
-        NatsConfig::new(server.url(None))
-            .with_lease_stream("BAD")
-            .with_subject_prefix("bad"),
-    )
-    .await
-    .unwrap_err();
+    create_stream(&raw, "BAD", json!(["bad.lease.*", "bad.clock"]), 5).await;
+    let err = refused_stream(&server, "BAD", "bad").await;
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 
     // A stream deleted under a running broker is created again.
-    let deleted = js(
-        &raw,
-        "$JS.API.STREAM.DELETE.BGTASK_LEASES".into(),
-        Value::Null,
-    )
-    .await;
-    assert_eq!(deleted["success"], json!(true), "{deleted}");
+    delete_stream(&raw, "BGTASK_LEASES").await;
     let acquired = b
         .acquire("k", LeaseRequest::new(Duration::from_secs(5)).cap(1))
         .await
         .unwrap();
     assert_eq!(acquired.live, 1);
     assert!(acquired.lease.is_some());
+}
+
+/// Create the memory stream `name` over `subjects` on the server directly.
+async fn create_stream(raw: &async_nats::Client, name: &str, subjects: Value, per_subject: i64) {
+    let config = json!({"name": name, "subjects": subjects, "max_msgs_per_subject": per_subject,
+                        "retention": "limits", "storage": "memory", "num_replicas": 1});
+    let created = js(raw, format!("$JS.API.STREAM.CREATE.{name}"), config).await;
+    assert!(created.get("error").is_none(), "{created}");
+}
+
+/// Delete the stream `name` on the server directly.
+async fn delete_stream(raw: &async_nats::Client, name: &str) {
+    let deleted = js(raw, format!("$JS.API.STREAM.DELETE.{name}"), Value::Null).await;
+    assert_eq!(deleted["success"], json!(true), "{deleted}");
+}
+
+/// Why a broker on `server` with lease stream `stream` and subject prefix `prefix` cannot
+/// connect.
+async fn refused_stream(server: &PrivateServer, stream: &str, prefix: &str) -> bgtask_core::Error {
+    let config = NatsConfig::new(server.url(None))
+        .with_lease_stream(stream)
+        .with_subject_prefix(prefix);
+    NatsBroker::connect_with(config).await.unwrap_err()
 }
 
 /// 100 concurrent acquires with cap 5, from 4 brokers, yield exactly 5; then 40 tasks cycling
@@ -893,33 +897,14 @@ async fn claim_stream_is_created_on_this_server() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 
     // A stream named like the claim stream that cannot hold claims is a Config error.
-    let bad = js(
-        &raw,
-        "$JS.API.STREAM.CREATE.OTHER_CLAIMS".into(),
-        json!({"name": "OTHER_CLAIMS", "subjects": ["other.claim.*", "other.claimclock"],
-               "max_msgs_per_subject": -1, "retention": "limits", "storage": "memory",
-               "num_replicas": 1}),
-    )
-    .await;
-    assert!(bad.get("error").is_none(), "{bad}");
-    let err = NatsBroker::connect_with(
-        NatsConfig::new(server.url(None))
-            .with_lease_stream("OTHER")
-            .with_subject_prefix("other"),
-    )
-    .await
-    .unwrap_err();
+    let subjects = json!(["other.claim.*", "other.claimclock"]);
+    create_stream(&raw, "OTHER_CLAIMS", subjects, -1).await;
+    let err = refused_stream(&server, "OTHER", "other").await;
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("OTHER_CLAIMS"), "{err}");
 
     // Deleted under a running broker: created again, and claims work.
-    let deleted = js(
-        &raw,
-        "$JS.API.STREAM.DELETE.BGTASK_LEASES_CLAIMS".into(),
-        Value::Null,
-    )
-    .await;
-    assert_eq!(deleted["success"], json!(true), "{deleted}");
+    delete_stream(&raw, "BGTASK_LEASES_CLAIMS").await;
     assert!(b.claim("k", Duration::from_secs(5)).await.unwrap());
     assert!(!b.claim("k", Duration::from_secs(5)).await.unwrap());
 }
