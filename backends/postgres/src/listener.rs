@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bgtask_core::backoff::reconnect_delay;
+use bgtask_core::gap::GapSender;
 use bgtask_core::{Error, ErrorKind, Incoming, Result, Subscription};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -107,28 +108,19 @@ impl Ident {
 
 struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<Item>,
+    /// Owes a `Gap` after a lost message (slow reader) or a reconnect.
+    tx: GapSender<Item>,
     /// Receives notifications. A new subscriber is not live until the listener connection
     /// made a round trip after it subscribed: notifications published before then may still
     /// be on their way, and must not reach it.
     live: bool,
-    /// Messages were lost (slow reader or reconnect): a `Gap` is owed before the next message.
-    owes_gap: bool,
 }
 
 impl Subscriber {
-    /// Deliver `item`, first paying any owed `Gap`. A full buffer drops the item and owes a gap.
+    /// Deliver `item`, first paying any owed `Gap`; a full buffer loses it and owes a gap.
+    /// (Closed: the subscription is being dropped; its guard removes this entry.)
     fn deliver(&mut self, item: Item) {
-        if self.owes_gap {
-            match self.tx.try_send(Item::Gap) {
-                Ok(()) => self.owes_gap = false,
-                Err(_) => return,
-            }
-        }
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
-            self.owes_gap = true;
-        }
-        // Closed: the subscription is being dropped; its guard removes this entry.
+        self.tx.deliver(item, || Item::Gap);
     }
 }
 
@@ -232,9 +224,8 @@ impl ListenerHandle {
                 .or_default()
                 .push(Subscriber {
                     id,
-                    tx,
+                    tx: GapSender::new(tx),
                     live: false,
-                    owes_gap: false,
                 });
             id
         };
@@ -598,7 +589,7 @@ impl Supervisor {
         for entry in registry.idents.values_mut() {
             if entry.active {
                 for subscriber in entry.subscribers().filter(|s| s.live) {
-                    subscriber.owes_gap = true;
+                    subscriber.tx.owe_gap();
                 }
             }
             entry.active = false;
@@ -681,9 +672,7 @@ impl Supervisor {
         let mut registry = self.shared.registry();
         for entry in registry.idents.values_mut() {
             for subscriber in entry.subscribers() {
-                if subscriber.owes_gap && subscriber.tx.try_send(Item::Gap).is_ok() {
-                    subscriber.owes_gap = false;
-                }
+                subscriber.tx.pay_gap(|| Item::Gap);
             }
         }
         // The subscribers that waited are live from the re-LISTEN on (it ran after they

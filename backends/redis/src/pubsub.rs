@@ -17,6 +17,7 @@ use tokio::time::{timeout, MissedTickBehavior};
 use crate::config::RedisConfig;
 use crate::error::{closed, from_redis, no_answer};
 use bgtask_core::backoff::reconnect_delay;
+use bgtask_core::gap::GapSender;
 
 /// A request to the supervisor.
 enum Command {
@@ -47,30 +48,8 @@ struct Channel {
 
 struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<Incoming>,
-    /// Messages were lost (slow reader or reconnect): a `Gap` is owed before the next message.
-    owes_gap: bool,
-}
-
-impl Subscriber {
-    /// Deliver `item`, first paying any owed `Gap`. A full buffer drops the item and owes a gap.
-    fn deliver(&mut self, item: Incoming) -> bool {
-        if self.owes_gap {
-            match self.tx.try_send(Incoming::Gap) {
-                Ok(()) => self.owes_gap = false,
-                Err(_) => return false,
-            }
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.owes_gap = true;
-                false
-            }
-            // The subscription is being dropped; its guard removes this entry.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
+    /// Owes a `Gap` after a lost message (slow reader) or a reconnect.
+    tx: GapSender<Incoming>,
 }
 
 struct Shared {
@@ -167,8 +146,7 @@ impl PubSubHandle {
                 });
             entry.subscribers.push(Subscriber {
                 id,
-                tx,
-                owes_gap: false,
+                tx: GapSender::new(tx),
             });
             (id, entry.active)
         };
@@ -367,7 +345,10 @@ impl Supervisor {
         };
         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
         for subscriber in &mut entry.subscribers {
-            subscriber.deliver(Incoming::Message(payload.clone()));
+            // Closed: the subscription is being dropped; its guard removes this entry.
+            subscriber
+                .tx
+                .deliver(Incoming::Message(payload.clone()), || Incoming::Gap);
         }
     }
 
@@ -461,7 +442,7 @@ impl Supervisor {
         for entry in registry.channels.values_mut() {
             if entry.active {
                 for subscriber in &mut entry.subscribers {
-                    subscriber.owes_gap = true;
+                    subscriber.tx.owe_gap();
                 }
             }
             entry.active = false;
@@ -542,9 +523,7 @@ impl Supervisor {
         let mut registry = self.shared.registry();
         for entry in registry.channels.values_mut() {
             for subscriber in &mut entry.subscribers {
-                if subscriber.owes_gap && subscriber.tx.try_send(Incoming::Gap).is_ok() {
-                    subscriber.owes_gap = false;
-                }
+                subscriber.tx.pay_gap(|| Incoming::Gap);
             }
         }
         drop(registry);

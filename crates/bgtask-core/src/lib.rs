@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod broker;
 pub mod connection;
 pub mod error;
+pub mod gap;
 pub mod memory;
 pub mod metrics;
 pub mod names;

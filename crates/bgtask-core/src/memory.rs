@@ -1,5 +1,6 @@
 //! [`MemoryBroker`]: the embedded backend for one process.
 
+use crate::gap::{Delivery, GapSender};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,9 +47,7 @@ struct State {
 
 struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<Incoming>,
-    /// Set when a message was dropped; a `Gap` is owed before the next message.
-    owes_gap: bool,
+    tx: GapSender<Incoming>,
 }
 
 struct Lease {
@@ -203,21 +202,13 @@ impl Broker for MemoryBroker {
             // message to a gap (as a server counts a slow subscriber), so a creator does not
             // take a busy worker for no worker.
             for sub in subs.iter_mut() {
-                if sub.owes_gap && sub.tx.try_send(Incoming::Gap).is_ok() {
-                    sub.owes_gap = false;
-                }
-                if sub.owes_gap {
-                    receivers += 1;
-                    continue;
-                }
-                match sub.tx.try_send(Incoming::Message(payload.clone())) {
-                    Ok(()) => receivers += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        sub.owes_gap = true;
-                        receivers += 1;
-                    }
+                match sub
+                    .tx
+                    .deliver(Incoming::Message(payload.clone()), || Incoming::Gap)
+                {
+                    Delivery::Delivered | Delivery::Lost => receivers += 1,
                     // The stream is being dropped; its Unsubscribe removes the entry.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Delivery::Closed => {}
                 }
             }
         }
@@ -236,8 +227,7 @@ impl Broker for MemoryBroker {
                 .or_default()
                 .push(Subscriber {
                     id,
-                    tx,
-                    owes_gap: false,
+                    tx: GapSender::new(tx),
                 });
             id
         };
