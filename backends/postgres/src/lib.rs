@@ -485,6 +485,18 @@ impl PostgresBroker {
     }
 }
 
+/// Whether `url` names several hosts, libpq style (`postgres://h1:5432,h2:5432/db`).
+fn several_hosts(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    hosts.contains(',')
+}
+
 fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgConnectOptions> {
     let bad_url = |detail: String| {
         let detail = match secret.filter(|s| !s.is_empty()) {
@@ -499,6 +511,18 @@ fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgCo
             ),
         )
     };
+    if several_hosts(&config.url) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: several hosts in one PostgreSQL URL are not supported (the driver, sqlx, \
+                 connects to one host); give the address of the primary's failover endpoint \
+                 (a virtual IP, a proxy such as HAProxy or PgBouncer, a managed service's \
+                 writer endpoint) instead",
+                config.redacted_url()
+            ),
+        ));
+    }
     let mut url = url::Url::parse(&config.url).map_err(|e| bad_url(e.to_string()))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(bad_url(

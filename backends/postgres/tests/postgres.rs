@@ -851,6 +851,14 @@ async fn bad_urls_and_settings_are_config_errors() {
         let err = PostgresBroker::connect(url).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
     }
+    // libpq's multi-host form: a clear error that says what to do instead, without the
+    // password.
+    let several =
+        "postgres://u:s3cret@127.0.0.1:5432,127.0.0.1:5433/db?target_session_attrs=read-write";
+    let err = PostgresBroker::connect(several).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("several hosts"), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
     let err = PostgresBroker::connect_with(
         PostgresConfig::new(common::url()).with_liveness_interval(Duration::ZERO),
     )
