@@ -14,7 +14,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use bgtask::{Blacklist, BlacklistConfig, DynBroker, Namespace};
+use bgtask::Blacklist;
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -27,8 +27,8 @@ const STYLE: &str = include_str!("style.css");
 
 /// What every handler shares.
 pub(super) struct State {
-    broker: DynBroker,
-    namespace: Namespace,
+    /// The namespace's blacklist, for the one write.
+    blacklist: Blacklist,
     snapshots: watch::Sender<Arc<Snapshot>>,
     /// Required on every request when set.
     token: Option<String>,
@@ -40,8 +40,7 @@ pub(super) struct State {
 
 impl State {
     pub(super) fn new(
-        broker: DynBroker,
-        namespace: Namespace,
+        blacklist: Blacklist,
         snapshots: watch::Sender<Arc<Snapshot>>,
         token: Option<String>,
         writes: bool,
@@ -49,8 +48,7 @@ impl State {
         let csrf = format!("{:032x}", rand::random::<u128>());
         State {
             page: PAGE.replace("{{CSRF}}", &csrf),
-            broker,
-            namespace,
+            blacklist,
             snapshots,
             token,
             writes,
@@ -258,12 +256,7 @@ async fn lift(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
     if let Err(e) = names {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
-    let blacklist = Blacklist::new(
-        state.broker.clone(),
-        state.namespace.clone(),
-        BlacklistConfig::default(),
-    );
-    match blacklist.lift(&lift.task, &lift.value).await {
+    match state.blacklist.lift(&lift.task, &lift.value).await {
         Ok(lifted) => Json(serde_json::json!({ "lifted": lifted })).into_response(),
         Err(e) if crate::exit::code_of(e.kind()) == crate::exit::USAGE => {
             error(StatusCode::BAD_REQUEST, e.to_string())

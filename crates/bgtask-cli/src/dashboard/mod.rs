@@ -91,15 +91,16 @@ pub(crate) async fn run(settings: Settings, args: DashboardArgs) -> CliResult {
         writes: args.allow_writes,
     };
     let (snapshots, _) = watch::channel(Arc::new(snapshot::Snapshot::empty(&overview)));
-    let sampler = snapshot::Sampler::new(broker.clone(), namespace.clone(), overview);
+    // The namespace's blacklist: listed by the sampler, lifted by the page.
+    let blacklist = bgtask::Blacklist::new(broker.clone(), namespace.clone(), Default::default());
+    let sampler = snapshot::Sampler::new(broker, namespace.clone(), blacklist.clone(), overview);
     tokio::spawn(sampler.run(args.interval, snapshots.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
     let state = Arc::new(http::State::new(
-        broker,
-        namespace.clone(),
+        blacklist,
         snapshots,
         token,
         args.allow_writes,

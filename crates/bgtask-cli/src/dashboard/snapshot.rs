@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bgtask::{BlacklistConfig, DynBroker, ListedWorker, Namespace};
+use bgtask::{Blacklist, DynBroker, ListedWorker, Namespace};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -132,6 +132,7 @@ impl Snapshot {
 pub(super) struct Sampler {
     broker: DynBroker,
     namespace: Namespace,
+    blacklist: Blacklist,
     overview: Overview,
     /// Per task name: (when, completions of the live workers), oldest first.
     history: HashMap<String, VecDeque<(Instant, u64)>>,
@@ -139,8 +140,14 @@ pub(super) struct Sampler {
 }
 
 impl Sampler {
-    pub(super) fn new(broker: DynBroker, namespace: Namespace, overview: Overview) -> Sampler {
+    pub(super) fn new(
+        broker: DynBroker,
+        namespace: Namespace,
+        blacklist: Blacklist,
+        overview: Overview,
+    ) -> Sampler {
         Sampler {
+            blacklist,
             broker,
             namespace,
             overview,
@@ -177,13 +184,7 @@ impl Sampler {
         let workers = bgtask::list_workers(&self.broker, &self.namespace).await?;
         let keys =
             bgtask::keys_in_flight(&self.broker, &self.namespace, None, None, KEYS_SHOWN).await?;
-        let blacklist = bgtask::Blacklist::new(
-            self.broker.clone(),
-            self.namespace.clone(),
-            BlacklistConfig::default(),
-        )
-        .list()
-        .await?;
+        let blacklist = self.blacklist.list().await?;
         let tasks = self.tasks(&workers, Instant::now());
         Ok(Snapshot {
             overview: OverviewNow {

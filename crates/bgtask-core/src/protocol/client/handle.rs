@@ -22,7 +22,8 @@ use crate::protocol::Reply;
 pub(super) struct TaskGuard {
     pub(super) client: Arc<Inner>,
     pub(super) id: u128,
-    pub(super) task: String,
+    /// The task name, shared with its offer (for the metrics).
+    pub(super) task: Arc<str>,
     /// When the task was published, for the reply histogram.
     pub(super) submitted: Instant,
     pub(super) deadline: Instant,

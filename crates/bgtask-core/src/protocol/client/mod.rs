@@ -418,12 +418,13 @@ impl Client {
         };
 
         let slot = Arc::new(Slot::default());
+        let task_name: Arc<str> = Arc::from(task);
         let bytes = bytes::Bytes::from(encoded.bytes);
         // A directed offer goes to the worker chosen now, or waits for room.
         let (offer, offer_channel) = if broadcast {
             (None, None)
         } else {
-            let mut offer = offer::OfferState::new(route.clone(), bytes.clone(), task);
+            let mut offer = offer::OfferState::new(route.clone(), bytes.clone(), task_name.clone());
             let channel = match inner.roster.choose(&route, &[]) {
                 presence::Choice::Offer(member) => {
                     let channel = member.channel.clone();
@@ -448,7 +449,7 @@ impl Client {
         let guard = TaskGuard {
             client: inner.clone(),
             id,
-            task: task.to_owned(),
+            task: task_name,
             submitted: Instant::now(),
             deadline,
             lease,

@@ -32,18 +32,18 @@ pub(super) struct OfferState {
     pub(super) refused: Vec<Arc<Member>>,
     /// Workers that were full in this round.
     pub(super) busy: Vec<Arc<Member>>,
-    /// The task's name, for the acceptance histogram.
-    task: Box<str>,
+    /// The task's name (its guard's), for the acceptance histogram.
+    task: Arc<str>,
     /// When the task was submitted, and when it was last offered.
     submitted: Instant,
     offered: Instant,
 }
 
 impl OfferState {
-    pub(super) fn new(route: Route, bytes: Bytes, task: &str) -> Self {
+    pub(super) fn new(route: Route, bytes: Bytes, task: Arc<str>) -> Self {
         let now = Instant::now();
         OfferState {
-            task: task.into(),
+            task,
             submitted: now,
             offered: now,
             route,

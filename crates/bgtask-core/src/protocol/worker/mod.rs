@@ -397,9 +397,16 @@ impl Worker {
         let offer = message
             .offer_ms
             .map(|ms| Duration::from_millis(ms.min(u64::from(u32::MAX))));
+        let config = &self.inner.config;
+        let served = config.tasks.iter().position(|t| *t == *task);
+        let serves = match &message.target {
+            Some(target) => config.targets.iter().any(|t| t == target),
+            None => served.is_some(),
+        };
         let shared = Arc::new(Shared {
             worker: self.inner.clone(),
             id: message.id.into_owned(),
+            served,
             task: task.into_owned(),
             reply_to: reply_to.into_owned(),
             deadline: received + timeout,
@@ -420,11 +427,6 @@ impl Worker {
             ),
             span: OnceLock::new(),
         });
-        let config = &self.inner.config;
-        let serves = match &message.target {
-            Some(target) => config.targets.iter().any(|t| t == target),
-            None => config.tasks.iter().any(|t| *t == shared.task),
-        };
         if offer.is_some() && !serves {
             // An offer for something this worker does not serve: say so, so the creator moves on.
             self.inner.decline(&shared.id, &shared.reply_to, "unknown");

@@ -25,6 +25,8 @@ pub(super) struct Shared {
     pub(super) worker: Arc<Inner>,
     pub(super) id: String,
     pub(super) task: String,
+    /// Which of the worker's task names it is (`None`: reached only through a target).
+    pub(super) served: Option<usize>,
     pub(super) reply_to: String,
     pub(super) deadline: Instant,
     pub(super) broadcast: bool,
@@ -48,19 +50,10 @@ impl Shared {
     /// The task's `task` label in the metrics: its name if this worker serves it by name (a
     /// bounded set), else `_target`, so a forged name on a target channel is never a label.
     fn metric_label(&self) -> &str {
-        match self.served_as() {
+        match self.served {
             Some(_) => &self.task,
             None => super::TARGET_LABEL,
         }
-    }
-
-    /// Which of the worker's task names this task is (`None`: reached through a target).
-    fn served_as(&self) -> Option<usize> {
-        self.worker
-            .config
-            .tasks
-            .iter()
-            .position(|t| *t == self.task)
     }
 
     /// Open the task's span, once it is this worker's.
@@ -306,7 +299,7 @@ impl AvailableTask {
             shared.id.clone(),
             super::Held {
                 cancel: shared.cancel.clone(),
-                served: shared.served_as(),
+                served: shared.served,
                 since: Instant::now(),
             },
         );
