@@ -8,9 +8,12 @@
 //! `task="_target"`); task ids, key values and worker ids are never labels. docs/operations.md
 //! lists every metric with a PromQL example.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, SharedString,
+};
 
 use crate::error::ErrorKind;
 use crate::status::Status;
@@ -192,8 +195,13 @@ pub(crate) fn trace_context_dropped() {
     counter!(TRACE_CONTEXT_DROPPED).increment(1);
 }
 
-pub(crate) fn submitted(task: &str) {
-    counter!(TASKS_SUBMITTED, "task" => task.to_owned()).increment(1);
+/// A `task` label: the task's shared name, so recording copies no string.
+fn label(task: &Arc<str>) -> SharedString {
+    SharedString::from(task.clone())
+}
+
+pub(crate) fn submitted(task: &Arc<str>) {
+    counter!(TASKS_SUBMITTED, "task" => label(task)).increment(1);
 }
 
 /// A submit failed with `kind` before its task was published. Only refusals are counted (a
@@ -227,36 +235,36 @@ pub(crate) fn outcome_label(result: Result<(), ErrorKind>) -> &'static str {
 
 /// A single task ended on its creator `elapsed` after its submit; a worker's reply (success,
 /// error, failed) also goes into the reply histogram.
-pub(crate) fn completed(task: &str, result: Result<(), ErrorKind>, elapsed: Duration) {
+pub(crate) fn completed(task: &Arc<str>, result: Result<(), ErrorKind>, elapsed: Duration) {
     let outcome = outcome_label(result);
-    counter!(TASKS_COMPLETED, "task" => task.to_owned(), "outcome" => outcome).increment(1);
+    counter!(TASKS_COMPLETED, "task" => label(task), "outcome" => outcome).increment(1);
     if matches!(outcome, "success" | "error" | "failed") {
-        histogram!(TASK_REPLY_SECONDS, "task" => task.to_owned()).record(elapsed.as_secs_f64());
+        histogram!(TASK_REPLY_SECONDS, "task" => label(task)).record(elapsed.as_secs_f64());
     }
 }
 
 /// A worker took the offer made `waited` after the task's submit.
-pub(crate) fn accepted_after(task: &str, waited: Duration) {
-    histogram!(TASK_ACCEPT_SECONDS, "task" => task.to_owned()).record(waited.as_secs_f64());
+pub(crate) fn accepted_after(task: &Arc<str>, waited: Duration) {
+    histogram!(TASK_ACCEPT_SECONDS, "task" => label(task)).record(waited.as_secs_f64());
 }
 
-pub(crate) fn in_flight(task: &str, delta: f64) {
-    gauge!(TASKS_IN_FLIGHT, "task" => task.to_owned()).increment(delta);
+pub(crate) fn in_flight(task: &Arc<str>, delta: f64) {
+    gauge!(TASKS_IN_FLIGHT, "task" => label(task)).increment(delta);
 }
 
 pub(crate) fn workers_online(namespace: &str, live: usize) {
     gauge!(WORKERS_ONLINE, "namespace" => namespace.to_owned()).set(live as f64);
 }
 
-pub(crate) fn worker_accepted(task: &str) {
-    counter!(WORKER_TASKS_ACCEPTED, "task" => task.to_owned()).increment(1);
-    gauge!(WORKER_TASKS_RUNNING, "task" => task.to_owned()).increment(1.0);
+pub(crate) fn worker_accepted(task: &Arc<str>) {
+    counter!(WORKER_TASKS_ACCEPTED, "task" => label(task)).increment(1);
+    gauge!(WORKER_TASKS_RUNNING, "task" => label(task)).increment(1.0);
 }
 
-pub(crate) fn worker_completed(task: &str, status: Status) {
-    counter!(WORKER_TASKS_COMPLETED, "task" => task.to_owned(), "status" => status.as_str())
+pub(crate) fn worker_completed(task: &Arc<str>, status: Status) {
+    counter!(WORKER_TASKS_COMPLETED, "task" => label(task), "status" => status.as_str())
         .increment(1);
-    gauge!(WORKER_TASKS_RUNNING, "task" => task.to_owned()).decrement(1.0);
+    gauge!(WORKER_TASKS_RUNNING, "task" => label(task)).decrement(1.0);
 }
 
 #[cfg(test)]

@@ -418,6 +418,7 @@ impl Client {
         };
 
         let slot = Arc::new(Slot::default());
+        // The name's one copy: the guard's, the offer's, and every metric's label.
         let task_name: Arc<str> = Arc::from(task);
         let bytes = bytes::Bytes::from(encoded.bytes);
         // A directed offer goes to the worker chosen now, or waits for room.
@@ -445,11 +446,11 @@ impl Client {
             },
         );
         // From here on the guard cleans up (pending entry, lease) on every early return.
-        metrics::in_flight(task, 1.0);
+        metrics::in_flight(&task_name, 1.0);
         let guard = TaskGuard {
             client: inner.clone(),
             id,
-            task: task_name,
+            task: task_name.clone(),
             submitted: Instant::now(),
             deadline,
             lease,
@@ -476,7 +477,7 @@ impl Client {
             inner.park(route, id);
         }
         inner.counters.submitted.incr();
-        metrics::submitted(task);
+        metrics::submitted(&task_name);
         Ok(guard)
     }
 }

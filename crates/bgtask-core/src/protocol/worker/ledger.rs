@@ -15,6 +15,12 @@ use crate::status::Status;
 /// presence): bounded, whatever task names the target's creators send.
 pub(super) const TARGET_LABEL: &str = "_target";
 
+/// [`TARGET_LABEL`], shared, for the metrics.
+pub(super) fn target_label() -> std::sync::Arc<str> {
+    static LABEL: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    LABEL.get_or_init(|| TARGET_LABEL.into()).clone()
+}
+
 /// Run times kept per task name for the presence record's quantiles.
 const RECENT_RUNS: usize = 256;
 

@@ -29,7 +29,7 @@ mod serve;
 mod task;
 
 pub use config::{WorkerConfig, WorkerEvent, WorkerStats};
-use ledger::{Held, Ledger, TARGET_LABEL};
+use ledger::{target_label, Held, Ledger};
 pub use serve::Outcome;
 use task::Shared;
 pub use task::{AvailableTask, HandlerResult, RunningTask, TaskContext, TaskFailure};
@@ -119,7 +119,7 @@ impl Inner {
 
     /// A task ended with `status` (the one its creator gets): forget it and count it (stats,
     /// metrics, the presence record's totals and run times).
-    fn ended(&self, id: &str, label: &str, status: Status) {
+    fn ended(&self, id: &str, label: &Arc<str>, status: Status) {
         self.ledger.ended(id, status);
         self.counters.completed.incr();
         metrics::worker_completed(label, status);
@@ -407,7 +407,7 @@ impl Worker {
             worker: self.inner.clone(),
             id: message.id.into_owned(),
             served,
-            task: task.into_owned(),
+            task: Arc::from(&*task),
             reply_to: reply_to.into_owned(),
             deadline: received + timeout,
             broadcast: message.broadcast,

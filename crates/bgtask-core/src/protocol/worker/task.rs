@@ -24,7 +24,8 @@ use crate::protocol::TraceContext;
 pub(super) struct Shared {
     pub(super) worker: Arc<Inner>,
     pub(super) id: String,
-    pub(super) task: String,
+    /// Shared with every metric label of the task.
+    pub(super) task: Arc<str>,
     /// Which of the worker's task names it is (`None`: reached only through a target).
     pub(super) served: Option<usize>,
     pub(super) reply_to: String,
@@ -49,10 +50,10 @@ pub(super) struct Shared {
 impl Shared {
     /// The task's `task` label in the metrics: its name if this worker serves it by name (a
     /// bounded set), else `_target`, so a forged name on a target channel is never a label.
-    fn metric_label(&self) -> &str {
+    fn metric_label(&self) -> Arc<str> {
         match self.served {
-            Some(_) => &self.task,
-            None => super::TARGET_LABEL,
+            Some(_) => self.task.clone(),
+            None => super::target_label(),
         }
     }
 
@@ -321,7 +322,7 @@ impl AvailableTask {
         }
         worker.counters.accepted.incr();
         shared.open_span();
-        metrics::worker_accepted(shared.metric_label());
+        metrics::worker_accepted(&shared.metric_label());
         if let Some(due) = shared.offer {
             worker.notices.push(due, Arc::downgrade(&shared));
         }
@@ -401,7 +402,7 @@ impl RunningTask {
         let worker = &shared.worker;
         match send_done(shared, status, reply).await {
             Err(error) if error.kind() == ErrorKind::TooLarge => {
-                worker.ended(&shared.id, shared.metric_label(), Status::Failed);
+                worker.ended(&shared.id, &shared.metric_label(), Status::Failed);
                 let notice = json!({
                     "error": "reply too large",
                     "detail": error.message(),
@@ -411,7 +412,7 @@ impl RunningTask {
                 Err(error)
             }
             other => {
-                worker.ended(&shared.id, shared.metric_label(), status);
+                worker.ended(&shared.id, &shared.metric_label(), status);
                 other
             }
         }
@@ -454,7 +455,7 @@ impl Drop for RunningTask {
         let shared = self.context.shared.clone();
         shared
             .worker
-            .ended(&shared.id, shared.metric_label(), Status::Failed);
+            .ended(&shared.id, &shared.metric_label(), Status::Failed);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let notice = json!({"error": "the worker dropped the task without completing it"});
