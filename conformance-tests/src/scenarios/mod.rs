@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod broker;
+pub mod cluster;
 pub mod faults;
 pub mod listing;
 pub mod offers;
