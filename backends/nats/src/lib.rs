@@ -278,8 +278,9 @@
 //! proposal: nats-server#4320, fixed in 2.9.21; "expect no message" writes, #5794, fixed in
 //! 2.10.19). The leases and claims rely on exactly that check, so on such a server a replicated
 //! stream would let two workers claim one task and let a per-key limit be exceeded (measured
-//! here on a 3-node 2.9.10 cluster with 3 replicas: 100 concurrent acquires with cap 5 granted
-//! 7 to 12 leases; with 1 replica, exactly 5, every run). So, on a server before 2.10.19:
+//! here on a 3-node 2.9.10 cluster with 3 replicas: the conformance suite's cap scenarios
+//! granted 7 to 48 leases where the cap allowed 5; with 1 replica, exact in every run). So, on
+//! a server before 2.10.19:
 //!
 //! - the default is 1 replica even in a cluster (with a warning in the log);
 //! - asking for more than 1 fails [`connect`](NatsBroker::connect) with [`ErrorKind::Config`],
