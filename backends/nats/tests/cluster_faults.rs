@@ -158,10 +158,11 @@ async fn kill_the_lease_stream_node_under_load() {
 }
 
 /// SIGSTOP for 10 s the node the worker and the client are connected to (one that holds neither
-/// stream), then SIGCONT: they leave it once pings go unanswered and carry on through the others.
-/// Every task ends once and on time, none runs twice, no lease is left. Throughput is reported,
-/// not asserted: on this 2-core machine it came back to only 50-75 % for the rest of the run
-/// (docs/reliability.md), which is the open point of this scenario.
+/// stream), then SIGCONT: they leave it once pings go unanswered and carry on through the others;
+/// throughput is back to 80 % within 10 s of the SIGCONT (in practice, of the clients' move).
+/// This needs the servers to drop a hung peer soon, as `scripts/nats-cluster` sets them
+/// (`ping_interval` 1 s, `ping_max` 3, `write_deadline` 2 s): with nats-server's defaults the
+/// others keep their routes to the stopped node and stall (docs/reliability.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_a_node_for_10s_under_load() {
     let (cluster, leases, claims) = cluster_with_streams().await;
@@ -175,7 +176,7 @@ async fn stop_a_node_for_10s_under_load() {
         "stop_a_node_for_10s_under_load",
         &cluster,
         node,
-        None,
+        Some(Duration::from_secs(10)),
         move || async move {
             faulted.stop(node);
             tokio::time::sleep(Duration::from_secs(10)).await;
