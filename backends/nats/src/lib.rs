@@ -313,6 +313,13 @@
 //! the others asynchronously (usually within a millisecond); the protocol's round trips cover
 //! that in practice, and the conformance suite passes on a 3-node cluster.
 //!
+//! **Hung nodes.** A node that hangs with its sockets open (a stopped VM, a long stall) is left
+//! by the brokers after three unanswered pings. The servers need the same: with their default
+//! pings (every 2 minutes) the other nodes keep their routes to a hung node for minutes, and in
+//! the cluster fault tests its return stalled the task traffic for about 6 s in 2 runs of 3;
+//! with `ping_interval: "1s"`, `ping_max: 3` and `write_deadline: "2s"` on the servers (as
+//! `scripts/nats-cluster` runs them) it cost 2 s at about 60 % (docs/reliability.md).
+//!
 //! `scripts/nats-cluster up` starts a local 3-node cluster (from the installed `nats-server`,
 //! on free loopback ports) and prints its URL; see the README.
 //!
