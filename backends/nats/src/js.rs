@@ -21,8 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::from_request;
 use crate::time::parse_rfc3339_nanos;
 
-/// `wrong last sequence`: a compare-and-set publish lost the race.
+/// `wrong last sequence: <n>`: a compare-and-set publish lost the race.
 const ERR_WRONG_LAST_SEQUENCE: u32 = 10071;
+/// `wrong last sequence` (no number): a compare-and-set publish lost the race to another one on
+/// the same subject still in flight, on a clustered stream (servers with the fix of
+/// nats-server#4320, 2.9.21 and later).
+const ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT: u32 = 10164;
 /// `no message found` (get and delete).
 const ERR_NO_MESSAGE: u32 = 10037;
 /// `no message found` as the delete API words it.
@@ -573,7 +577,10 @@ impl Js {
             PubAck {
                 error: None, seq, ..
             } if seq > 0 => Ok(Cas::Stored(seq)),
-            PubAck { error: Some(e), .. } if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
+            PubAck { error: Some(e), .. }
+                if e.err_code == ERR_WRONG_LAST_SEQUENCE
+                    || e.err_code == ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT =>
+            {
                 Ok(Cas::Conflict)
             }
             PubAck { error: Some(e), .. }

@@ -29,6 +29,9 @@ use tokio::time::Instant;
 use crate::harness::WorkerGuard;
 use crate::Harness;
 
+/// How many whole seconds in a row throughput must stay at 80 % to count as recovered.
+pub const SUSTAINED: u32 = 3;
+
 /// The load of [`node_failure_under_load`].
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
@@ -93,9 +96,10 @@ pub struct LoadReport {
     pub fault_at: Duration,
     /// How long the fault closure ran (a kill: about nothing; a 10 s stop: about 10 s).
     pub fault_length: Duration,
-    /// From the end of the fault closure to the end of the first whole second (counted from
-    /// the fault's end) with at least 80 % of [`before`](Self::before) replies; `None` when the
-    /// load ended first.
+    /// From the end of the fault closure to the end of the first of [`SUSTAINED`] whole seconds
+    /// in a row (counted from the fault's end) with at least 80 % of [`before`](Self::before)
+    /// replies each: back, and staying back (a relapse, say a stall a few seconds after a node
+    /// returns, pushes it later). `None` when the load ended first.
     pub recovered: Option<Duration>,
     /// The run, first submit to last end.
     pub elapsed: Duration,
@@ -137,7 +141,8 @@ impl std::fmt::Display for LoadReport {
         write!(
             f,
             "{} tasks, {} ended ({} replies, errors {:?}), {} late, {} ran twice, {} leases left; \
-             {:.0} replies/s before the fault at {:.1} s (lasting {:.1} s); back to 80 % {} after \
+             {:.0} replies/s before the fault at {:.1} s (lasting {:.1} s); back to 80 % (for \
+             {SUSTAINED} s) {} after \
              it; run {:.1} s; replies per second {:?}",
             self.tasks,
             self.ended,
@@ -271,10 +276,11 @@ where
     let fault_second = (fault_began - started).as_secs() as usize;
     let warm = &per_second[1.min(fault_second)..fault_second.max(1).min(seconds)];
     let before = warm.iter().sum::<u64>() as f64 / warm.len().max(1) as f64;
-    // Whole seconds from the fault's end; the first with 80 % of `before` replies.
+    // Whole seconds from the fault's end; the first of SUSTAINED in a row with 80 % of
+    // `before` replies each.
     let after_fault = fault_ended - started;
     let mut recovered = None;
-    let mut window = 0u32;
+    let (mut window, mut good) = (0u32, 0u32);
     loop {
         let from = after_fault + Duration::from_secs(u64::from(window));
         let to = from + Duration::from_secs(1);
@@ -285,8 +291,14 @@ where
             .iter()
             .filter(|t| **t >= from && **t < to)
             .count();
-        if count as f64 >= 0.8 * before {
-            recovered = Some(Duration::from_secs(u64::from(window) + 1));
+        good = if count as f64 >= 0.8 * before {
+            good + 1
+        } else {
+            0
+        };
+        if good == SUSTAINED {
+            // The end of the first of the SUSTAINED good seconds.
+            recovered = Some(Duration::from_secs(u64::from(window + 2 - SUSTAINED)));
             break;
         }
         window += 1;
