@@ -81,11 +81,17 @@ pub struct NatsConfig {
     /// How many replicas the lease and claim streams are created with (1 to 5). `None` (the
     /// default) picks [`CLUSTER_REPLICAS`] (3) when the server the broker connects to is in a
     /// cluster of at least 3 servers (its `INFO` names a cluster and lists at least 3 client
-    /// URLs), else 1. A `replicas=N` query parameter in the [`url`](Self::url) sets it too.
-    /// Creating a stream with more replicas than the cluster can place fails with
-    /// [`ErrorKind::Config`] naming the problem. An existing stream is used with the replicas it
-    /// has (a warning is logged when they differ from this setting): change them with the
-    /// JetStream API (`nats stream edit --replicas`), never silently from here.
+    /// URLs) and is [`MIN_REPLICATED_SERVER`] (2.10.19) or later, else 1. A `replicas=N` query
+    /// parameter in the [`url`](Self::url) sets it too.
+    ///
+    /// More than 1 on an older server fails with [`ErrorKind::Config`]: before 2.10.19, JetStream
+    /// did not keep compare-and-set writes exclusive on a replicated stream (nats-server#4320),
+    /// which the leases and claims rely on; an existing lease or claim stream with replicas is
+    /// refused there for the same reason. Creating a stream with more replicas than the cluster
+    /// can place fails with [`ErrorKind::Config`] naming the problem. An existing stream is
+    /// otherwise used with the replicas it has (a warning is logged when they differ from this
+    /// setting): change them with the JetStream API (`nats stream edit --replicas`), never
+    /// silently from here. See the crate docs, "Replicas and clusters".
     pub replicas: Option<u32>,
     /// The largest payload [`publish`](bgtask_core::Broker::publish) carries; a larger one
     /// fails with [`ErrorKind::TooLarge`]. Payloads larger than the server's `max_payload`
