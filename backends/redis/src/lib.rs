@@ -133,6 +133,8 @@
 //! with `cargo test -p bgtask-redis -- --ignored`.
 #![deny(missing_docs)]
 
+mod cluster;
+mod cluster_pubsub;
 mod config;
 mod conn;
 mod error;
@@ -157,8 +159,10 @@ pub use config::{
     DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER,
 };
 
-use conn::Commands;
+use cluster_pubsub::ClusterPubSub;
+use conn::{Commands, Conn, Target};
 use pubsub::PubSubHandle;
+use redis::cluster_routing::RoutingInfo;
 
 /// A [`Broker`] on a Redis server. Cheap to clone; clones share the connections.
 ///
@@ -175,8 +179,34 @@ struct Inner {
     config: RedisConfig,
     closed: AtomicBool,
     commands: Arc<Commands>,
-    pubsub: PubSubHandle,
+    subscriptions: Subscriptions,
     script: redis::Script,
+}
+
+/// Where subscriptions live: one server's pub/sub connection, or a cluster's sharded pub/sub.
+enum Subscriptions {
+    Server(PubSubHandle),
+    Cluster(ClusterPubSub),
+}
+
+impl Subscriptions {
+    fn is_cluster(&self) -> bool {
+        matches!(self, Subscriptions::Cluster(_))
+    }
+
+    fn close(&self) {
+        match self {
+            Subscriptions::Server(pubsub) => pubsub.close(),
+            Subscriptions::Cluster(pubsub) => pubsub.close(),
+        }
+    }
+
+    fn channels(&self) -> usize {
+        match self {
+            Subscriptions::Server(pubsub) => pubsub.channels(),
+            Subscriptions::Cluster(pubsub) => pubsub.channels(),
+        }
+    }
 }
 
 impl RedisBroker {
@@ -192,6 +222,9 @@ impl RedisBroker {
     /// Connect with the given settings; fails like [`connect`](Self::connect).
     pub async fn connect_with(config: RedisConfig) -> Result<RedisBroker> {
         config.validate()?;
+        if cluster::is_cluster_url(&config.url) {
+            return Self::connect_cluster(config).await;
+        }
         let client = redis::Client::open(config.url.as_str()).map_err(|e| {
             Error::new(
                 ErrorKind::Config,
@@ -199,16 +232,29 @@ impl RedisBroker {
             )
             .with_source(e)
         })?;
-        let commands = Arc::new(Commands::new(client.clone(), &config));
+        let commands = Arc::new(Commands::new(Target::Server(client.clone()), &config));
         commands.connect_now().await?;
         // Opening a connection sends no command when the URL has no credentials: ask the server
         // once, so a server that wants a password (NOAUTH) is an `Auth` error here, at connect,
-        // and not on the first publish.
-        commands
+        // and not on the first publish. The same answer says whether it is a cluster node, which
+        // would answer most keys with MOVED.
+        let info: String = commands
             .run("connect", |mut conn| async move {
-                redis::cmd("PING").query_async::<()>(&mut conn).await
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async(&mut conn)
+                    .await
             })
             .await?;
+        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{} is a Redis Cluster node: use redis+cluster://host:port[,host:port...]",
+                    config.redacted_url()
+                ),
+            ));
+        }
         // When the subscription connection is lost, the command connection most likely is too:
         // drop it, so that the first command after an outage does not fail on a dead socket.
         let weak = Arc::downgrade(&commands);
@@ -219,15 +265,42 @@ impl RedisBroker {
         });
         let pubsub = PubSubHandle::start(client, &config, on_lost).await?;
         tracing::debug!(url = %config.redacted_url(), "redis: broker connected");
-        Ok(RedisBroker {
+        Ok(Self::new(config, commands, Subscriptions::Server(pubsub)))
+    }
+
+    /// Connect to the Redis Cluster of a `redis+cluster://` URL.
+    async fn connect_cluster(config: RedisConfig) -> Result<RedisBroker> {
+        let client = cluster::client(&config, None)?;
+        let commands = Arc::new(Commands::new(Target::Cluster(client), &config));
+        commands
+            .connect_now()
+            .await
+            .map_err(|e| error::refine_cluster_connect(&config, e))?;
+        commands
+            .run("connect", |mut conn| async move {
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await?;
+        let pubsub = ClusterPubSub::start(&config).await?;
+        tracing::debug!(url = %config.redacted_url(), "redis: cluster broker connected");
+        Ok(Self::new(config, commands, Subscriptions::Cluster(pubsub)))
+    }
+
+    fn new(config: RedisConfig, commands: Arc<Commands>, subscriptions: Subscriptions) -> Self {
+        RedisBroker {
             inner: Arc::new(Inner {
                 config,
                 closed: AtomicBool::new(false),
                 commands,
-                pubsub,
+                subscriptions,
                 script: redis::Script::new(lease::SCRIPT),
             }),
-        })
+        }
+    }
+
+    /// Whether this broker talks to a Redis Cluster (a `redis+cluster://` URL).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.subscriptions.is_cluster()
     }
 
     /// The settings this broker was built with.
@@ -242,7 +315,7 @@ impl RedisBroker {
     /// dropped.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        self.inner.pubsub.close();
+        self.inner.subscriptions.close();
         self.inner.commands.invalidate_current();
     }
 
@@ -279,9 +352,70 @@ impl RedisBroker {
             .map(|n| n > 0)
     }
 
+    /// The lease keys whose sorted set matches `pattern`, by `SCAN` (on the node `route` names,
+    /// on a cluster).
+    async fn scan(&self, pattern: &[u8], route: Option<RoutingInfo>) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("zset");
+            let route = route.clone();
+            let (next, batch): (u64, Vec<Vec<u8>>) = self
+                .inner
+                .commands
+                .run("list keys", |conn| async move {
+                    match (conn, route) {
+                        (Conn::Cluster(mut conn), Some(route)) => {
+                            let value = conn.route_command(scan, route).await?;
+                            Ok(redis::FromRedisValue::from_redis_value(value)?)
+                        }
+                        (mut conn, _) => scan.query_async(&mut conn).await,
+                    }
+                })
+                .await?;
+            found.extend(batch.iter().filter_map(|k| lease::lease_key_of(k)));
+            if next == 0 {
+                return Ok(found);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The masters of the cluster.
+    async fn masters(&self) -> Result<Vec<(String, u16)>> {
+        self.inner
+            .commands
+            .run("list keys", |conn| async move {
+                match conn {
+                    Conn::Cluster(mut conn) => cluster::masters(&mut conn).await,
+                    Conn::Server(_) => Ok(Vec::new()),
+                }
+            })
+            .await
+    }
+
     /// The live leases of each of `keys`, by the server's clock: `TIME`, then one pipeline of
-    /// `ZCOUNT bgl:{key} (now +inf`.
+    /// `ZCOUNT bgl:{key} (now +inf`. On a cluster, where the keys live in different slots (and
+    /// each node has its clock), each key's `count`.
     async fn live_counts(&self, keys: &[String]) -> Result<Vec<KeyCount>> {
+        if self.is_cluster() {
+            let mut counts = Vec::with_capacity(keys.len());
+            for key in keys {
+                let live = self.count(key).await?;
+                counts.push(KeyCount {
+                    key: key.clone(),
+                    live,
+                });
+            }
+            return Ok(counts);
+        }
         let time: (u64, u64) = self
             .inner
             .commands
@@ -346,20 +480,27 @@ impl fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker")
             .field("url", &self.inner.config.redacted_url())
             .field("op_timeout", &self.inner.config.connection.op_timeout)
-            .field("subscribed_channels", &self.inner.pubsub.channels())
+            .field("cluster", &self.is_cluster())
+            .field("subscribed_channels", &self.inner.subscriptions.channels())
             .finish()
     }
 }
 
 #[async_trait]
 impl Broker for RedisBroker {
+    /// `PUBLISH`; on a cluster `SPUBLISH`, which reaches the subscribers of the channel's shard.
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
         self.check_open("publish")?;
+        let command = if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
         let receivers = self
             .inner
             .commands
             .run("publish", |mut conn| async move {
-                redis::cmd("PUBLISH")
+                redis::cmd(command)
                     .arg(channel)
                     .arg(payload.as_ref())
                     .query_async::<u64>(&mut conn)
@@ -371,7 +512,10 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, channel: &str) -> Result<Subscription> {
         self.check_open("subscribe")?;
-        self.inner.pubsub.subscribe(channel).await
+        match &self.inner.subscriptions {
+            Subscriptions::Server(pubsub) => pubsub.subscribe(channel).await,
+            Subscriptions::Cluster(pubsub) => pubsub.subscribe(channel).await,
+        }
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
@@ -381,8 +525,16 @@ impl Broker for RedisBroker {
         lease::parse_acquired(id, value)
     }
 
-    /// One script run: the flag check and the acquire (see the crate docs, *Lease layout*).
+    /// One script run: the flag check and the acquire (see the crate docs, *Lease layout*). On
+    /// a cluster, where the flag and the key live in different slots, the flag check, then the
+    /// acquire.
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
+        if self.is_cluster() && !cluster::same_slot(&lease::keys(flag).0, &lease::keys(key).0) {
+            if let Some(flag) = self.leases(flag).await?.into_iter().next() {
+                return Ok(Admission::Blacklisted(flag));
+            }
+            return Ok(Admission::from(self.acquire(key, request).await?));
+        }
         let id = LeaseId::random();
         let args = lease::acquire_args("admit", &id, &request);
         let value = self.lease_script("admit", key, Some(flag), args).await?;
@@ -390,7 +542,8 @@ impl Broker for RedisBroker {
     }
 
     /// One `MULTI`/`EXEC`: the release's commands (see [`release`](Broker::release)), then
-    /// `PUBLISH`. One round trip, and the release is applied before the message goes out.
+    /// `PUBLISH`. One round trip, and the release is applied before the message goes out. On a
+    /// cluster (the key and the channel live in different slots): the release, then `SPUBLISH`.
     async fn release_and_publish(
         &self,
         key: &str,
@@ -399,6 +552,10 @@ impl Broker for RedisBroker {
         payload: Bytes,
     ) -> Result<(Published, bool)> {
         self.check_open("release and publish")?;
+        if self.is_cluster() {
+            let released = self.release(key, lease).await?;
+            return Ok((self.publish(channel, payload).await?, released));
+        }
         let mut pipe = lease::release_pipe(key, lease);
         pipe.publish(channel, payload.as_ref());
         let (time, expiry, _, _, receivers): lease::ReleaseAndPublishReply = self
@@ -469,35 +626,21 @@ impl Broker for RedisBroker {
     }
 
     /// An incremental `SCAN … MATCH bgl:{<prefix>* TYPE zset` over the keyspace (never one
-    /// blocking command), then `TIME` and one pipelined `ZCOUNT` per matching key.
+    /// blocking command; on a cluster, over each master's), then the live leases of a page of
+    /// the keys found.
     async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
         self.check_open("list keys")?;
         let pattern = lease::scan_pattern(prefix);
         let mut found = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let pattern = pattern.clone();
-            let (next, batch): (u64, Vec<Vec<u8>>) = self
-                .inner
-                .commands
-                .run("list keys", |mut conn| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("TYPE")
-                        .arg("zset")
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            found.extend(batch.iter().filter_map(|k| lease::lease_key_of(k)));
-            if next == 0 {
-                break;
+        if self.is_cluster() {
+            for (host, port) in self.masters().await? {
+                found.extend(
+                    self.scan(&pattern, Some(cluster::node(&host, port)))
+                        .await?,
+                );
             }
-            cursor = next;
+        } else {
+            found = self.scan(&pattern, None).await?;
         }
         found.retain(|key| after.is_none_or(|after| key.as_str() > after));
         found.sort_unstable();
