@@ -14,8 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bgtask_conformance::scenarios::faults::{under_load, LoadReport};
 use bgtask_conformance::{BrokerFactory, Harness};
-use bgtask_core::{DynBroker, Error, ErrorKind, Result};
+use bgtask_core::{Broker, DynBroker, Error, ErrorKind, Incoming, LeaseRequest, Result};
 use bgtask_redis::{RedisBroker, RedisConfig};
+use bytes::Bytes;
+use futures::StreamExt;
 
 /// A cluster of this test's own, stopped (exactly its processes) when dropped.
 struct PrivateCluster {
@@ -50,8 +52,8 @@ impl PrivateCluster {
         PrivateCluster { dir, url }
     }
 
-    /// (pid, port) of every master.
-    fn masters(&self) -> Vec<(u32, u16)> {
+    /// (pid, port, role) of every node.
+    fn nodes(&self) -> Vec<(u32, u16, String)> {
         let out = script()
             .arg("nodes")
             .env("BGTASK_REDIS_CLUSTER_DIR", &self.dir)
@@ -63,8 +65,17 @@ impl PrivateCluster {
             .filter_map(|line| {
                 let mut fields = line.split_whitespace();
                 let (pid, port, role) = (fields.next()?, fields.next()?, fields.next()?);
-                (role == "master").then(|| (pid.parse().unwrap(), port.parse().unwrap()))
+                Some((pid.parse().unwrap(), port.parse().unwrap(), role.to_owned()))
             })
+            .collect()
+    }
+
+    /// (pid, port) of every master.
+    fn masters(&self) -> Vec<(u32, u16)> {
+        self.nodes()
+            .into_iter()
+            .filter(|(_, _, role)| role == "master")
+            .map(|(pid, port, _)| (pid, port))
             .collect()
     }
 }
@@ -76,6 +87,21 @@ impl Drop for PrivateCluster {
             .env("BGTASK_REDIS_CLUSTER_DIR", &self.dir)
             .status();
     }
+}
+
+/// `redis-cli -p port args...`, its output trimmed; panics when it fails.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success() && !text.starts_with("ERR"),
+        "redis-cli -p {port} {args:?}: {text}"
+    );
+    text
 }
 
 fn signal(pid: u32, signal: &str) {
@@ -177,4 +203,115 @@ async fn a_master_paused_10s_under_load() {
     )
     .await;
     check(&report);
+}
+
+/// A channel whose slot moves to another master (as a resharding does) while it is subscribed:
+/// the old master ends the subscription (`sunsubscribe`), the broker subscribes again where the
+/// slot lives now, the stream says messages may have been missed, and it receives again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_moved_by_resharding_is_subscribed_again() {
+    let cluster = PrivateCluster::up("reshard");
+    let subscriber = RedisBroker::connect(&cluster.url).await.unwrap();
+    let publisher = RedisBroker::connect(&cluster.url).await.unwrap();
+    let channel = format!("reshard:{}", std::process::id());
+    let mut sub = subscriber.subscribe(&channel).await.unwrap();
+    publisher
+        .publish(&channel, Bytes::from_static(b"before"))
+        .await
+        .unwrap();
+    assert_eq!(
+        bgtask_conformance::expect_message(&mut sub).await.as_ref(),
+        b"before"
+    );
+
+    // Move the channel's slot from its master to another one.
+    let masters = cluster.masters();
+    let any = masters[0].1;
+    let slot = cli(any, &["CLUSTER", "KEYSLOT", &channel]);
+    let id = |port: u16| cli(port, &["CLUSTER", "MYID"]);
+    let owner = masters
+        .iter()
+        .map(|&(_, port)| port)
+        .find(|&port| {
+            cli(port, &["CLUSTER", "NODES"])
+                .lines()
+                .find(|line| line.contains("myself"))
+                .is_some_and(|me| owns(me, slot.parse().unwrap()))
+        })
+        .expect("a master owns the slot");
+    let target = masters
+        .iter()
+        .map(|&(_, port)| port)
+        .find(|&p| p != owner)
+        .unwrap();
+    let (owner_id, target_id) = (id(owner), id(target));
+    cli(
+        target,
+        &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id],
+    );
+    cli(
+        owner,
+        &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+    );
+    for &(_, port) in &masters {
+        cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]);
+    }
+
+    // Published until one arrives: the stream first says it may have missed messages.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut saw_gap = false;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message after the slot moved (gap seen: {saw_gap})"
+        );
+        let _ = publisher
+            .publish(&channel, Bytes::from_static(b"after"))
+            .await;
+        match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            Ok(Some(Incoming::Gap)) => saw_gap = true,
+            Ok(Some(Incoming::Message(m))) if m.as_ref() == b"after" => break,
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        saw_gap,
+        "the subscription did not say it may have missed messages"
+    );
+}
+
+/// Whether a `CLUSTER NODES` line's slot ranges include `slot`.
+fn owns(line: &str, slot: u16) -> bool {
+    line.split_whitespace().skip(8).any(|range| {
+        let mut ends = range.split('-').map(|n| n.parse::<u16>());
+        match (ends.next(), ends.next()) {
+            (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+            (Some(Ok(a)), None) => a == slot,
+            _ => false,
+        }
+    })
+}
+
+/// Scripts gone from every node (as after a failover to a replica that never loaded them, or a
+/// restart): the lease script is loaded again and the call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_calls_survive_a_script_flush_on_every_node() {
+    let cluster = PrivateCluster::up("noscript");
+    let broker = RedisBroker::connect(&cluster.url).await.unwrap();
+    let keys: Vec<String> = (0..20).map(|n| format!("noscript:{n}")).collect();
+    for key in &keys {
+        let request = LeaseRequest::new(Duration::from_secs(30)).cap(5);
+        assert!(broker.acquire(key, request).await.unwrap().lease.is_some());
+    }
+    for (_, port, _) in cluster.nodes() {
+        cli(port, &["SCRIPT", "FLUSH"]);
+    }
+    for key in &keys {
+        let request = LeaseRequest::new(Duration::from_secs(30)).cap(5);
+        let acquired = broker.acquire(key, request).await.unwrap();
+        assert!(acquired.lease.is_some(), "{key}: {acquired:?}");
+        assert_eq!(broker.count(key).await.unwrap(), 2, "{key}");
+    }
 }
