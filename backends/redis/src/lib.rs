@@ -24,7 +24,10 @@
 //!   another crate enables a second rustls provider, install one with
 //!   `rustls::crypto::CryptoProvider::install_default` before connecting;
 //! - `redis+unix:///path/to/redis.sock?db=0&user=...&pass=...` for a Unix socket;
-//! - `?protocol=resp3` selects RESP3 for the command connection.
+//! - `?protocol=resp3` selects RESP3 for the command connection;
+//! - `redis+cluster://[user[:password]@]host:port[,host:port...]` for a Redis Cluster (7.0 or
+//!   later), `rediss+cluster://...` with TLS: any reachable nodes, each with its port; database 0
+//!   only, no query (see [Redis Cluster](#redis-cluster)).
 //!
 //! The password never appears in `Debug` output or in error messages.
 //!
@@ -92,7 +95,8 @@
 //! inside the script: `acquire` drops the expired leases, counts the live ones, and, under the
 //! cap, adds one. `admit` (every keyed task's admission) is one run of the same script on four
 //! keys: the blacklist flag's live lease, if any, refuses; else it acquires as `acquire` does.
-//! (On a Redis Cluster the flag and the limit key would have to share a hash slot.) The two hot calls that need no decision skip the script, which costs far more
+//! (On a Redis Cluster, where the flag and the limit key hash to different slots, `admit` is the
+//! flag check, then the acquire.) The two hot calls that need no decision skip the script, which costs far more
 //! on the server than the commands it runs:
 //!
 //! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
@@ -106,12 +110,46 @@
 //! not shorten it. So a key outlives neither the leases acquired on it nor, when the last lease
 //! is released, the longest of them (the hash then holds only its counter), even when its
 //! creators crashed. The `{K}` hash tag keeps both
-//! keys of a lease key on one slot, though Redis Cluster is not a goal. TTLs are capped at
+//! keys of a lease key on one slot of a Redis Cluster. TTLs are capped at
 //! [`lease::MAX_TTL_MILLIS`] (about 69 years).
 //!
 //! A claim ([`Broker::claim`], the protocol's first-accept-wins) is one native command instead:
 //! `SET bgc:{K} 1 NX PX <ttl>`, judged by the server's clock and gone at its TTL. It costs one
 //! round trip and no script, which roughly doubles the task rate (`bgtask bench --compare`).
+//!
+//! # Redis Cluster
+//!
+//! With a `redis+cluster://` URL the broker uses `redis`'s cluster client over RESP3:
+//!
+//! - **Commands** go to the master of their key's slot. The two Redis keys of a lease key share
+//!   a slot (the `{K}` hash tag), so `acquire`, `leases`, `count` and `release` stay one script
+//!   or transaction on one node, and different lease keys (task names, key values) spread over
+//!   the slots. What spans slots runs as separate steps: `admit` (the blacklist flag, then the
+//!   limit key), `release_and_publish` (the release, then the publish) and `list_keys` (`SCAN`
+//!   on every master, then each key's count). MOVED and ASK redirections and a failover's
+//!   `TRYAGAIN`/`CLUSTERDOWN` are retried by the client within the operation's bound; a
+//!   `NOSCRIPT` (a promoted replica, a restart) reloads the script on every node. Each try on a
+//!   node waits at most half of `op_timeout`, and a node's connection at most half of
+//!   `connect_timeout`, so a silent node fails its tries instead of holding the others up; an
+//!   operation that gets no answer at all opens a fresh cluster connection (a fresh view of the
+//!   slots) in the background, which the next operations use once it is up.
+//! - **Pub/sub is sharded**: `publish` is `SPUBLISH` and subscriptions are `SSUBSCRIBE`s on the
+//!   master of the channel's slot, so a message is not forwarded to every node; the receiver
+//!   count `SPUBLISH` returns is the shard's. One cluster connection carries every subscription
+//!   of a broker. A watchdog pings every master each `liveness_interval`; when one does not
+//!   answer within `op_timeout` (dead, paused, failed over), every subscription is owed a gap, a
+//!   fresh subscription connection replaces the old one, and once every master of the new view
+//!   answers, every channel is subscribed again on the master that now owns its slot and the
+//!   gaps are paid. The two connections never hold subscriptions at once, so nothing arrives
+//!   twice. A server-side `sunsubscribe` (the channel's slot moved away, by a resharding or a
+//!   failover) resubscribes that channel at once, with a gap.
+//! - During a failover a request whose connection broke after it was sent may be retried by the
+//!   client on the slot's new master, so a published message can, rarely, arrive twice; the task
+//!   protocol tolerates that (the claim decides who runs a task, and a reply is taken once).
+//!
+//! A `redis+cluster://` URL naming a server that is not in cluster mode, and a `redis://` URL
+//! naming a cluster node (whose keys would answer MOVED), are [`ErrorKind::Config`] errors that
+//! say so.
 //!
 //! # Configuration
 //!
