@@ -315,15 +315,19 @@ impl LoadReport {
     }
 
     /// How long after the fault began the replies per second were back to `share` of
-    /// [`rate_before`](Self::rate_before) for good (every later full second of the load);
-    /// `None` if they never were.
+    /// [`rate_before`](Self::rate_before), and stayed there for 3 full seconds (or to the end of
+    /// the load); `None` if they never were.
     pub fn throughput_back(&self, share: f64) -> Option<Duration> {
         let floor = share * self.rate_before();
         let from = self.fault.0.as_secs() as usize;
         // The last second is partial (the load's tail).
         let full = self.per_second.len().saturating_sub(1);
         (from..full)
-            .find(|&s| self.per_second[s..full].iter().all(|&n| n as f64 >= floor))
+            .find(|&s| {
+                self.per_second[s..full.min(s + 3)]
+                    .iter()
+                    .all(|&n| n as f64 >= floor)
+            })
             .map(|s| Duration::from_secs(s as u64 + 1).saturating_sub(self.fault.0))
     }
 }
