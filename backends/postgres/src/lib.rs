@@ -77,8 +77,10 @@
 //! - **One listener connection per broker** carries every subscription: the first subscriber of
 //!   a channel sends `LISTEN` and [`subscribe`](Broker::subscribe) returns once the server
 //!   answered it; dropping the last one sends `UNLISTEN`. Each subscription buffers
-//!   [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages; a reader that falls
-//!   further behind loses messages and reads a `Gap`.
+//!   [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages and
+//!   [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) bytes of inline
+//!   payloads (a payload stored as a row is read when the reader gets to it, so it holds no
+//!   bytes while it waits); a reader that falls further behind loses messages and reads a `Gap`.
 //! - **Receivers are not counted**: PostgreSQL cannot tell who received a notification, so
 //!   publish returns [`Published::Unknown`] and [`Capabilities::receiver_counts`] is false.
 //!
@@ -217,6 +219,7 @@
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`pool_size`](PostgresConfig::pool_size) | 8 | pooled connections (plus one listener connection) |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | payload bytes buffered per subscription |
 //! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
 //! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
 //! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
@@ -377,6 +380,7 @@ impl PostgresBroker {
                 liveness_interval: config.connection.liveness_interval,
                 max_backoff: config.connection.max_backoff,
                 buffer: config.connection.subscription_buffer,
+                buffer_bytes: config.connection.subscription_buffer_bytes,
                 secret,
             },
             db.clone(),

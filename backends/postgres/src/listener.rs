@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bgtask_core::backoff::reconnect_delay;
-use bgtask_core::gap::GapSender;
+use bgtask_core::gap::{self, GapSender, Weigh};
 use bgtask_core::{Error, ErrorKind, Incoming, Result, Subscription};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -29,6 +29,7 @@ pub(crate) struct ListenerSettings {
     pub(crate) liveness_interval: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) buffer: usize,
+    pub(crate) buffer_bytes: usize,
     pub(crate) secret: Option<String>,
 }
 
@@ -53,6 +54,17 @@ enum Item {
     /// broker, however many local subscribers share the channel).
     Row(Arc<Row>),
     Gap,
+}
+
+impl Weigh for Item {
+    /// A row's payload is read when the subscriber gets to it: it holds no payload bytes in
+    /// the buffer.
+    fn weight(&self) -> usize {
+        match self {
+            Item::Message(bytes) => bytes.len(),
+            Item::Row(_) | Item::Gap => 0,
+        }
+    }
 }
 
 /// A payload row announced by a notification, read at most once per broker.
@@ -149,6 +161,7 @@ pub(crate) struct ListenerHandle {
     schema: String,
     op_timeout: Duration,
     buffer: usize,
+    buffer_bytes: usize,
     lifeline: Arc<Lifeline>,
 }
 
@@ -176,6 +189,7 @@ impl ListenerHandle {
             schema: settings.schema.clone(),
             op_timeout: settings.op_timeout,
             buffer: settings.buffer,
+            buffer_bytes: settings.buffer_bytes,
             lifeline: Arc::new(Lifeline { stop }),
         };
         let supervisor = Supervisor {
@@ -209,7 +223,7 @@ impl ListenerHandle {
     /// published before the call started has gone by.
     pub(crate) async fn subscribe(&self, channel: &str) -> Result<Subscription> {
         let ident = wire::channel_identifier(&self.schema, channel);
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let (tx, rx) = gap::channel(self.buffer, self.buffer_bytes);
         let id = {
             let mut registry = self.shared.registry();
             if registry.closed {
@@ -224,7 +238,7 @@ impl ListenerHandle {
                 .or_default()
                 .push(Subscriber {
                     id,
-                    tx: GapSender::new(tx),
+                    tx,
                     live: false,
                 });
             id

@@ -56,8 +56,9 @@
 //!   back, then fails with [`ErrorKind::Unavailable`].
 //!
 //!   Each subscription buffers up to [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer)
-//!   messages; when its reader falls further behind, new messages are dropped and the next item
-//!   it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
+//!   messages and [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes)
+//!   payload bytes; when its reader falls further behind, new messages are dropped and the next
+//!   item it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
 //!
 //! Subscriptions keep the subscription connection alive: it closes when the last clone of the
 //! broker and the last subscription are dropped, or at once with [`RedisBroker::close`], which
@@ -123,6 +124,7 @@
 //! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the pub/sub connection is pinged |
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | payload bytes buffered per subscription |
 //!
 //! # Tests
 //!

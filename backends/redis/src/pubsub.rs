@@ -17,7 +17,7 @@ use tokio::time::{timeout, MissedTickBehavior};
 use crate::config::RedisConfig;
 use crate::error::{closed, from_redis, no_answer};
 use bgtask_core::backoff::reconnect_delay;
-use bgtask_core::gap::GapSender;
+use bgtask_core::gap::{self, GapReceiver, GapSender};
 
 /// A request to the supervisor.
 enum Command {
@@ -77,6 +77,7 @@ pub(crate) struct PubSubHandle {
     commands: mpsc::UnboundedSender<Command>,
     op_timeout: Duration,
     buffer: usize,
+    buffer_bytes: usize,
     lifeline: Arc<Lifeline>,
 }
 
@@ -113,6 +114,7 @@ impl PubSubHandle {
             commands,
             op_timeout: config.connection.op_timeout,
             buffer: config.connection.subscription_buffer,
+            buffer_bytes: config.connection.subscription_buffer_bytes,
             lifeline: Arc::new(Lifeline { stop }),
         })
     }
@@ -129,7 +131,7 @@ impl PubSubHandle {
 
     /// Subscribe to `channel`; returns once the server confirmed the subscription.
     pub(crate) async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let (tx, rx) = gap::channel(self.buffer, self.buffer_bytes);
         let (id, confirmed) = {
             let mut registry = self.shared.registry();
             if registry.closed {
@@ -144,10 +146,7 @@ impl PubSubHandle {
                     subscribers: Vec::new(),
                     active: false,
                 });
-            entry.subscribers.push(Subscriber {
-                id,
-                tx: GapSender::new(tx),
-            });
+            entry.subscribers.push(Subscriber { id, tx });
             (id, entry.active)
         };
         // From here on, dropping the guard (on error or with the stream) removes the subscriber.
@@ -180,7 +179,7 @@ impl PubSubHandle {
 
 /// The stream of one subscription: its buffer, and the guard that unsubscribes on drop.
 struct SubscriptionStream {
-    rx: mpsc::Receiver<Incoming>,
+    rx: GapReceiver<Incoming>,
     _guard: Unsubscribe,
 }
 

@@ -199,6 +199,26 @@ async fn channel_names_are_exact_never_patterns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_of_large_payloads_holds_the_byte_bound_then_gets_a_gap() {
+    const PAYLOAD: usize = 256 << 10;
+    let config = RedisConfig::new(common::url()).with_subscription_buffer_bytes(4 * PAYLOAD);
+    let b = connect(config).await;
+    let ch = format!("{}:large", prefix());
+    let mut sub = b.subscribe(&ch).await.unwrap();
+    for i in 0..10u8 {
+        b.publish(&ch, Bytes::from(vec![i; PAYLOAD])).await.unwrap();
+    }
+    sleep(Duration::from_millis(500)).await;
+    // Four payloads make the bound: the other six were lost to one gap.
+    for i in 0..4u8 {
+        assert_eq!(next_message(&mut sub).await.as_ref(), vec![i; PAYLOAD]);
+    }
+    b.publish(&ch, Bytes::from_static(b"later")).await.unwrap();
+    assert_eq!(next(&mut sub).await, Incoming::Gap);
+    assert_eq!(next_message(&mut sub).await.as_ref(), b"later");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_gets_a_gap() {
     let b = connect(RedisConfig::new(common::url()).with_subscription_buffer(4)).await;
     let ch = format!("{}:slow", prefix());
