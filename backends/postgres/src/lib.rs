@@ -86,7 +86,8 @@
 //!
 //! # The listener, its liveness and reconnection
 //!
-//! A supervisor task owns the listener connection (a `sqlx` `PgListener`). It replaces the
+//! A supervisor task (the one of every backend, [`bgtask_core::supervisor`]) owns the listener
+//! connection (a `sqlx` `PgListener`). It replaces the
 //! connection when `try_recv` reports it lost, when receiving fails with any error (sqlx
 //! returns some, like a connection reset, as errors without reconnecting), and when the
 //! periodic liveness round trip (`SELECT 1` every
@@ -375,12 +376,7 @@ impl PostgresBroker {
             ListenerSettings {
                 options: options.application_name(&listener_application_name),
                 schema: config.schema.clone(),
-                op_timeout: config.connection.op_timeout,
-                connect_timeout: config.connection.connect_timeout,
-                liveness_interval: config.connection.liveness_interval,
-                max_backoff: config.connection.max_backoff,
-                buffer: config.connection.subscription_buffer,
-                buffer_bytes: config.connection.subscription_buffer_bytes,
+                connection: config.connection,
                 secret,
             },
             db.clone(),

@@ -40,7 +40,8 @@
 //!   the subscription connection (below) is found lost, the command connection is dropped as
 //!   well, so the first command after an outage does not fail on a dead socket. Nothing is
 //!   retried after a request may have reached the server, so a publish is never delivered twice.
-//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task. It
+//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task (the
+//!   one of every backend, [`bgtask_core::supervisor`]). It
 //!   keeps a registry of channels and their local subscribers: the first subscriber of a channel
 //!   sends `SUBSCRIBE` (never `PSUBSCRIBE`, so `*` and `?` in names are plain characters) and
 //!   [`subscribe`](Broker::subscribe) returns once the server confirmed it; further subscribers
@@ -255,10 +256,7 @@ impl RedisBroker {
 
     fn check_open(&self, what: &str) -> Result<()> {
         if self.is_closed() {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                format!("redis broker is closed; cannot {what}"),
-            ));
+            return Err(error::closed(what));
         }
         Ok(())
     }
