@@ -34,6 +34,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::gap::{self, GapReceiver, GapSender, Weigh};
 
 mod task;
+#[cfg(test)]
+mod tests;
 
 pub use task::Supervisor;
 
