@@ -501,36 +501,29 @@ async fn a_new_subscription_sees_only_later_messages() {
 async fn slow_reader_of_inline_payloads_holds_the_byte_bound_then_gets_a_gap() {
     const PAYLOAD: usize = 1024;
     let schema = TestSchema::new();
-    let b = connect(schema.config().with_subscription_buffer_bytes(4 * PAYLOAD)).await;
-    let mut sub = b.subscribe("large").await.unwrap();
-    for i in 0..10u8 {
-        b.publish("large", Bytes::from(vec![i; PAYLOAD]))
-            .await
-            .unwrap();
-    }
-    sleep(Duration::from_millis(500)).await;
-    // Four payloads make the bound: the other six were lost to one gap.
-    for i in 0..4u8 {
-        assert_eq!(next_message(&mut sub).await.as_ref(), vec![i; PAYLOAD]);
-    }
-    b.publish("large", Bytes::from_static(b"later"))
-        .await
-        .unwrap();
-    assert_eq!(next(&mut sub).await, Incoming::Gap);
-    assert_eq!(next_message(&mut sub).await.as_ref(), b"later");
+    let config = schema.config().with_subscription_buffer_bytes(4 * PAYLOAD);
+    slow_reader_keeps_four_then_a_gap(config, PAYLOAD).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_gets_a_gap() {
     let schema = TestSchema::new();
-    let b = connect(schema.config().with_subscription_buffer(4)).await;
+    slow_reader_keeps_four_then_a_gap(schema.config().with_subscription_buffer(4), 1).await;
+}
+
+/// Ten `payload`-byte messages to a reader that does not read, whose buffer (`config`) holds
+/// four: it reads those four, then one gap, then what comes next.
+async fn slow_reader_keeps_four_then_a_gap(config: PostgresConfig, payload: usize) {
+    let b = connect(config).await;
     let mut sub = b.subscribe("slow").await.unwrap();
     for i in 0..10u8 {
-        b.publish("slow", Bytes::from(vec![i])).await.unwrap();
+        b.publish("slow", Bytes::from(vec![i; payload]))
+            .await
+            .unwrap();
     }
-    sleep(Duration::from_millis(300)).await;
+    sleep(Duration::from_millis(500)).await;
     for i in 0..4u8 {
-        assert_eq!(next_message(&mut sub).await.as_ref(), [i]);
+        assert_eq!(next_message(&mut sub).await.as_ref(), vec![i; payload]);
     }
     b.publish("slow", Bytes::from_static(b"later"))
         .await

@@ -32,6 +32,15 @@ async fn numsub(channel: &str) -> u64 {
     n
 }
 
+/// Wait (at most 5 s) until the server has no subscriber of `channel` any more.
+async fn until_unsubscribed(channel: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while numsub(channel).await != 0 {
+        assert!(Instant::now() < deadline, "still subscribed on the server");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_subscribe() {
     let b = broker().await;
@@ -132,11 +141,7 @@ async fn dropping_the_last_subscription_unsubscribes() {
         "unsubscribed while a subscriber is left"
     );
     drop(s2);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while numsub(&ch).await != 0 {
-        assert!(Instant::now() < deadline, "still subscribed on the server");
-        sleep(Duration::from_millis(20)).await;
-    }
+    until_unsubscribed(&ch).await;
     assert_eq!(
         b.publish(&ch, Bytes::from_static(b"x")).await.unwrap(),
         Published::Receivers(0)
@@ -202,33 +207,27 @@ async fn channel_names_are_exact_never_patterns() {
 async fn slow_reader_of_large_payloads_holds_the_byte_bound_then_gets_a_gap() {
     const PAYLOAD: usize = 256 << 10;
     let config = RedisConfig::new(common::url()).with_subscription_buffer_bytes(4 * PAYLOAD);
-    let b = connect(config).await;
-    let ch = format!("{}:large", prefix());
-    let mut sub = b.subscribe(&ch).await.unwrap();
-    for i in 0..10u8 {
-        b.publish(&ch, Bytes::from(vec![i; PAYLOAD])).await.unwrap();
-    }
-    sleep(Duration::from_millis(500)).await;
-    // Four payloads make the bound: the other six were lost to one gap.
-    for i in 0..4u8 {
-        assert_eq!(next_message(&mut sub).await.as_ref(), vec![i; PAYLOAD]);
-    }
-    b.publish(&ch, Bytes::from_static(b"later")).await.unwrap();
-    assert_eq!(next(&mut sub).await, Incoming::Gap);
-    assert_eq!(next_message(&mut sub).await.as_ref(), b"later");
+    slow_reader_keeps_four_then_a_gap(config, PAYLOAD).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_gets_a_gap() {
-    let b = connect(RedisConfig::new(common::url()).with_subscription_buffer(4)).await;
+    let config = RedisConfig::new(common::url()).with_subscription_buffer(4);
+    slow_reader_keeps_four_then_a_gap(config, 1).await;
+}
+
+/// Ten `payload`-byte messages to a reader that does not read, whose buffer (`config`) holds
+/// four: it reads those four, then one gap, then what comes next.
+async fn slow_reader_keeps_four_then_a_gap(config: RedisConfig, payload: usize) {
+    let b = connect(config).await;
     let ch = format!("{}:slow", prefix());
     let mut sub = b.subscribe(&ch).await.unwrap();
     for i in 0..10u8 {
-        b.publish(&ch, Bytes::from(vec![i])).await.unwrap();
+        b.publish(&ch, Bytes::from(vec![i; payload])).await.unwrap();
     }
-    sleep(Duration::from_millis(300)).await;
+    sleep(Duration::from_millis(500)).await;
     for i in 0..4u8 {
-        assert_eq!(next_message(&mut sub).await.as_ref(), [i]);
+        assert_eq!(next_message(&mut sub).await.as_ref(), vec![i; payload]);
     }
     b.publish(&ch, Bytes::from_static(b"later")).await.unwrap();
     assert_eq!(next(&mut sub).await, Incoming::Gap);
@@ -246,11 +245,7 @@ async fn subscriptions_outlive_the_broker_handle() {
         .unwrap();
     assert_eq!(next_message(&mut sub).await.as_ref(), b"x");
     drop(sub);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while numsub(&ch).await != 0 {
-        assert!(Instant::now() < deadline, "still subscribed on the server");
-        sleep(Duration::from_millis(20)).await;
-    }
+    until_unsubscribed(&ch).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,11 +263,7 @@ async fn close_ends_streams_and_refuses_calls() {
     assert_eq!(err.kind(), ErrorKind::Closed);
     let err = b.count(&ch).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while numsub(&ch).await != 0 {
-        assert!(Instant::now() < deadline, "still subscribed on the server");
-        sleep(Duration::from_millis(20)).await;
-    }
+    until_unsubscribed(&ch).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
