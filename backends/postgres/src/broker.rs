@@ -33,13 +33,11 @@ impl PostgresBroker {
         key: &str,
         request: &LeaseRequest,
     ) -> Result<(AdmitRow, LeaseId)> {
-        self.check_open(what)?;
         let db = &self.inner.db;
         let id = LeaseId::random();
         let ttl = stored_ttl_millis(request.ttl_millis());
         let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
-        let deadline = self.deadline();
-        let mut conn = db.conn(what, deadline).await?;
+        let (mut conn, deadline) = self.conn(what).await?;
         let result = timeout_at(
             deadline,
             sqlx::query_as::<_, AdmitRow>(&db.statements.admit)
@@ -89,8 +87,7 @@ impl Broker for PostgresBroker {
         let db = &self.inner.db;
         let ident = self.channel_identifier(channel);
         let id = wire::message_id();
-        let deadline = self.deadline();
-        let mut conn = db.conn("publish", deadline).await?;
+        let (mut conn, deadline) = self.conn("publish").await?;
         let result = match wire::encode_inline(&id, channel, &payload) {
             Some(text) => {
                 timeout_at(
@@ -162,7 +159,6 @@ impl Broker for PostgresBroker {
         channel: &str,
         payload: Bytes,
     ) -> Result<(Published, bool)> {
-        self.check_open("release and publish")?;
         let id = wire::message_id();
         let Some(text) = wire::encode_inline(&id, channel, &payload) else {
             let released = self.release(key, lease).await?;
@@ -170,8 +166,7 @@ impl Broker for PostgresBroker {
         };
         let db = &self.inner.db;
         let ident = self.channel_identifier(channel);
-        let deadline = self.deadline();
-        let mut conn = db.conn("release and publish", deadline).await?;
+        let (mut conn, deadline) = self.conn("release and publish").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_scalar::<_, Option<bool>>(&db.statements.release_and_notify)
@@ -187,10 +182,8 @@ impl Broker for PostgresBroker {
     }
 
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
-        self.check_open("release")?;
         let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("release", deadline).await?;
+        let (mut conn, deadline) = self.conn("release").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_scalar::<_, bool>(&db.statements.release)
@@ -203,10 +196,8 @@ impl Broker for PostgresBroker {
     }
 
     async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
-        self.check_open("leases")?;
         let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("leases", deadline).await?;
+        let (mut conn, deadline) = self.conn("leases").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_as::<_, (String, Vec<u8>, f64)>(&db.statements.leases)
@@ -226,10 +217,8 @@ impl Broker for PostgresBroker {
     }
 
     async fn count(&self, key: &str) -> Result<u64> {
-        self.check_open("count")?;
         let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("count", deadline).await?;
+        let (mut conn, deadline) = self.conn("count").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_scalar::<_, i64>(&db.statements.count)
@@ -242,11 +231,9 @@ impl Broker for PostgresBroker {
 
     /// One statement over the live leases, grouped by key, in key order.
     async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
-        self.check_open("list keys")?;
         let db = &self.inner.db;
         let limit = limit.clamp(1, MAX_KEY_PAGE);
-        let deadline = self.deadline();
-        let mut conn = db.conn("list keys", deadline).await?;
+        let (mut conn, deadline) = self.conn("list keys").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_as::<_, (Vec<u8>, i64)>(&db.statements.list_keys)
@@ -269,11 +256,9 @@ impl Broker for PostgresBroker {
     /// One statement on the `claims` table, judged by the database clock (see the crate docs,
     /// *Claims*).
     async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.check_open("claim")?;
         let db = &self.inner.db;
         let ttl = claim_ttl_millis(ttl);
-        let deadline = self.deadline();
-        let mut conn = db.conn("claim", deadline).await?;
+        let (mut conn, deadline) = self.conn("claim").await?;
         let result = timeout_at(
             deadline,
             sqlx::query_scalar::<_, bool>(&db.statements.claim)

@@ -434,8 +434,12 @@ impl PostgresBroker {
         Ok(())
     }
 
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.inner.config.connection.op_timeout
+    /// For a call `what` on an open broker: a pooled connection, and the deadline (the call's
+    /// `op_timeout`, counted from now) that its statement must finish by.
+    async fn conn(&self, what: &str) -> Result<(pool::Conn, Instant)> {
+        self.check_open(what)?;
+        let deadline = Instant::now() + self.inner.config.connection.op_timeout;
+        Ok((self.inner.db.conn(what, deadline).await?, deadline))
     }
 }
 
