@@ -9,6 +9,9 @@ mod common;
 use std::time::Duration;
 
 use bgtask_conformance::proxy::FaultProxy;
+use bgtask_conformance::servers::{
+    refused_connection_is_unavailable, silent_server_is_unavailable,
+};
 use bgtask_core::{Broker, ErrorKind, Incoming, LeaseRequest, Published};
 use bgtask_redis::{RedisBroker, RedisConfig};
 use bytes::Bytes;
@@ -483,30 +486,15 @@ async fn wrong_password_is_an_auth_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_is_unavailable_at_once() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let started = Instant::now();
-    let err = RedisBroker::connect(&format!("redis://:secret-pw@127.0.0.1:{port}"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(2));
-    assert!(!format!("{err:?}").contains("secret-pw"));
+    let url = |port| format!("redis://:secret-pw@127.0.0.1:{port}");
+    let connect = |port| RedisBroker::connect_with(RedisConfig::new(url(port)));
+    refused_connection_is_unavailable(connect, "secret-pw", Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_server_is_unavailable_within_the_connect_timeout() {
-    let proxy = FaultProxy::start(server_addr()).await.unwrap();
-    proxy.black_hole();
-    let started = Instant::now();
-    let err = RedisBroker::connect_with(fault_config(proxy.addr()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    let connect = |proxy| RedisBroker::connect_with(fault_config(proxy));
+    silent_server_is_unavailable(server_addr(), connect, Duration::from_millis(2500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
