@@ -5,6 +5,9 @@
 pub mod admission;
 pub mod broker;
 pub mod faults;
+pub mod hostile;
+pub mod keys;
+pub mod lifecycle;
 pub mod listing;
 pub mod offers;
 pub mod protocol;
