@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bgtask_core::{
-    BlacklistConfig, ClientConfig, ErrorDetail, ErrorKind, KeyLimit, SubmitOptions, Worker,
+    BlacklistConfig, Client, ClientConfig, ErrorDetail, ErrorKind, KeyLimit, SubmitOptions, Worker,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -13,7 +13,7 @@ use super::protocol::{next_task, WAIT};
 use crate::Harness;
 
 /// A client config whose tasks are keyed by `user`, at most `limit` in flight per value.
-pub(super) fn keyed(h: &Harness, limit: KeyLimit) -> ClientConfig {
+fn keyed(h: &Harness, limit: KeyLimit) -> ClientConfig {
     ClientConfig {
         task_key: Some("user".into()),
         per_key_limit: limit,
@@ -21,20 +21,31 @@ pub(super) fn keyed(h: &Harness, limit: KeyLimit) -> ClientConfig {
     }
 }
 
-/// Over the per-key limit, submit fails at once with `LimitReached`; other values are admitted.
-pub async fn per_key_limit_rejects_over_limit(h: Harness) {
-    let _worker = h.worker(h.worker_config(&["held"])).await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(2)))
-        .await;
-    let _a = client.submit("held", &json!({"user": "u1"})).await.unwrap();
-    let _b = client.submit("held", &json!({"user": "u1"})).await.unwrap();
-    let started = Instant::now();
+/// A worker of `held` that never answers (its tasks stay in flight), and a client whose tasks
+/// are keyed by `user` with `limit`.
+pub(super) async fn holding(h: &Harness, limit: KeyLimit) -> (Worker, Client) {
+    let worker = h.worker(h.worker_config(&["held"])).await;
+    let client = h.client_on(h.broker().await, keyed(h, limit)).await;
+    (worker, client)
+}
+
+/// A task for key value `u1` that `client` must refuse at once: the value is at its limit.
+async fn limit_reached(client: &Client) -> bgtask_core::Error {
     let err = client
         .submit("held", &json!({"user": "u1"}))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::LimitReached);
+    err
+}
+
+/// Over the per-key limit, submit fails at once with `LimitReached`; other values are admitted.
+pub async fn per_key_limit_rejects_over_limit(h: Harness) {
+    let (_worker, client) = holding(&h, KeyLimit::Max(2)).await;
+    let _a = client.submit("held", &json!({"user": "u1"})).await.unwrap();
+    let _b = client.submit("held", &json!({"user": "u1"})).await.unwrap();
+    let started = Instant::now();
+    let err = limit_reached(&client).await;
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(matches!(
         err.detail(),
@@ -90,10 +101,7 @@ pub async fn per_key_limit_frees_on_timeout(h: Harness) {
 
 /// With an explicit unlimited limit, every task is admitted.
 pub async fn unlimited_per_key_admits_all(h: Harness) {
-    let _worker = h.worker(h.worker_config(&["held"])).await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Unlimited))
-        .await;
+    let (_worker, client) = holding(&h, KeyLimit::Unlimited).await;
     let mut handles = Vec::new();
     for _ in 0..20 {
         handles.push(client.submit("held", &json!({"user": "u1"})).await.unwrap());
@@ -125,11 +133,7 @@ pub async fn crashed_creator_leases_free_themselves(h: Harness) {
     std::mem::forget(crashed);
     let survivor = h.client_on(h.broker().await, config).await;
     let started = Instant::now();
-    let err = survivor
-        .submit("held", &json!({"user": "u1"}))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::LimitReached);
+    limit_reached(&survivor).await;
     loop {
         match survivor.submit("held", &json!({"user": "u1"})).await {
             Ok(_) => break,

@@ -9,7 +9,7 @@ use bgtask_core::{ErrorKind, KeyLimit, SubmitOptions};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::keys::keyed;
+use super::keys::holding;
 use super::protocol::{accept_next, next_task, WAIT};
 use crate::harness::WorkerGuard;
 use crate::Harness;
@@ -95,10 +95,7 @@ pub async fn worker_shutdown_drains_in_flight(h: Harness) {
 
 /// Client shutdown ends pending tasks with `Closed` and releases their key leases.
 pub async fn client_shutdown_ends_pending_tasks(h: Harness) {
-    let _worker = h.worker(h.worker_config(&["held"])).await;
-    let client = h
-        .client_on(h.broker().await, keyed(&h, KeyLimit::Max(5)))
-        .await;
+    let (_worker, client) = holding(&h, KeyLimit::Max(5)).await;
     let handle = client.submit("held", &json!({"user": "u1"})).await.unwrap();
     assert_eq!(client.in_flight("held", "u1").await.unwrap(), 1);
     client.shutdown().await;
