@@ -43,3 +43,18 @@ pub fn hostile_names() -> Vec<String> {
     names.push(long.to_uppercase());
     names
 }
+
+/// Make `calls` calls of `call` at once, spread over four brokers (as from four processes):
+/// the results in call order, and the brokers.
+pub(crate) async fn from_four_brokers<T, Fut: std::future::Future<Output = T>>(
+    h: &crate::Harness,
+    calls: usize,
+    call: impl Fn(bgtask_core::DynBroker) -> Fut,
+) -> (Vec<T>, Vec<bgtask_core::DynBroker>) {
+    let mut brokers = Vec::new();
+    for _ in 0..4 {
+        brokers.push(h.broker().await);
+    }
+    let all = (0..calls).map(|i| call(brokers[i % brokers.len()].clone()));
+    (futures::future::join_all(all).await, brokers)
+}
