@@ -276,6 +276,7 @@
 //! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the client pings the server |
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | not applied: async-nats counts messages only, so a subscription holds at most `subscription_buffer` × the server's `max_payload` |
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
 //! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases; the claims' is `<lease_stream>_CLAIMS` |
 //! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease and claim; the streams' `max_age` |

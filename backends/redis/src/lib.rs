@@ -43,7 +43,8 @@
 //!   the subscription connection (below) is found lost, the command connection is dropped as
 //!   well, so the first command after an outage does not fail on a dead socket. Nothing is
 //!   retried after a request may have reached the server, so a publish is never delivered twice.
-//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task. It
+//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task (the
+//!   one of every backend, [`bgtask_core::supervisor`]). It
 //!   keeps a registry of channels and their local subscribers: the first subscriber of a channel
 //!   sends `SUBSCRIBE` (never `PSUBSCRIBE`, so `*` and `?` in names are plain characters) and
 //!   [`subscribe`](Broker::subscribe) returns once the server confirmed it; further subscribers
@@ -59,8 +60,9 @@
 //!   back, then fails with [`ErrorKind::Unavailable`].
 //!
 //!   Each subscription buffers up to [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer)
-//!   messages; when its reader falls further behind, new messages are dropped and the next item
-//!   it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
+//!   messages and [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes)
+//!   payload bytes; when its reader falls further behind, new messages are dropped and the next
+//!   item it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
 //!
 //! Subscriptions keep the subscription connection alive: it closes when the last clone of the
 //! broker and the last subscription are dropped, or at once with [`RedisBroker::close`], which
@@ -161,6 +163,7 @@
 //! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the pub/sub connection is pinged |
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | payload bytes buffered per subscription |
 //!
 //! # Tests
 //!
@@ -194,7 +197,7 @@ use redis::Value;
 
 pub use config::{
     RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF,
-    DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER,
+    DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER, DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
 };
 
 use cluster_pubsub::ClusterPubSub;
@@ -364,10 +367,7 @@ impl RedisBroker {
 
     fn check_open(&self, what: &str) -> Result<()> {
         if self.is_closed() {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                format!("redis broker is closed; cannot {what}"),
-            ));
+            return Err(error::closed(what));
         }
         Ok(())
     }

@@ -137,7 +137,10 @@ mod tests {
     fn schemes() {
         assert_eq!(Scheme::of("redis://localhost").unwrap(), Scheme::Redis);
         assert_eq!(Scheme::of("REDISS://x").unwrap(), Scheme::Redis);
-        assert_eq!(Scheme::of("redis+cluster://a:1,b:2").unwrap(), Scheme::Redis);
+        assert_eq!(
+            Scheme::of("redis+cluster://a:1,b:2").unwrap(),
+            Scheme::Redis
+        );
         assert_eq!(Scheme::of("memory://").unwrap(), Scheme::Memory);
         assert_eq!(Scheme::of("postgresql://x").unwrap(), Scheme::Postgres);
         let err = Scheme::of("ftp://user:secret@x").unwrap_err();
