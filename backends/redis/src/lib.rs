@@ -138,13 +138,14 @@
 //! - **Pub/sub is sharded**: `publish` is `SPUBLISH` and subscriptions are `SSUBSCRIBE`s on the
 //!   master of the channel's slot, so a message is not forwarded to every node; the receiver
 //!   count `SPUBLISH` returns is the shard's. One cluster connection carries every subscription
-//!   of a broker. A watchdog pings every master each `liveness_interval`; when one does not
-//!   answer within `op_timeout` (dead, paused, failed over), every subscription is owed a gap, a
-//!   fresh subscription connection replaces the old one, and once every master of the new view
-//!   answers, every channel is subscribed again on the master that now owns its slot and the
-//!   gaps are paid. The two connections never hold subscriptions at once, so nothing arrives
-//!   twice. A server-side `sunsubscribe` (the channel's slot moved away, by a resharding or a
-//!   failover) resubscribes that channel at once, with a gap.
+//!   of a broker, under the same supervisor as one server's pub/sub connection. Its liveness ping
+//!   goes to every master; when one does not answer within `op_timeout` (dead, paused, failed
+//!   over), when a node's connection drops, or when the server ends a subscription itself
+//!   (`sunsubscribe`: the channel's slot moved away, by a resharding or a failover), the
+//!   connection counts as lost: every subscription is owed a gap, a fresh connection (a fresh
+//!   view of the slots) replaces it, every channel is subscribed again on the master that now
+//!   owns its slot, and then the gaps are paid. The old connection is gone before the new one
+//!   subscribes, so nothing arrives twice.
 //! - During a failover a request whose connection broke after it was sent may be retried by the
 //!   client on the slot's new master, so a published message can, rarely, arrive twice; the task
 //!   protocol tolerates that (the claim decides who runs a task, and a reply is taken once).
