@@ -161,8 +161,8 @@ impl Broker for PostgresBroker {
     ) -> Result<(Published, bool)> {
         let id = wire::message_id();
         let Some(text) = wire::encode_inline(&id, channel, &payload) else {
-            let released = self.release(key, lease).await?;
-            return Ok((self.publish(channel, payload).await?, released));
+            return bgtask_core::broker::release_then_publish(self, key, lease, channel, payload)
+                .await;
         };
         let db = &self.inner.db;
         let ident = self.channel_identifier(channel);

@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use bgtask_core::supervisor::{
     Connection, Failure, Subscribers, Supervisor, SupervisorHandle, Transport,
 };
-use bgtask_core::{Incoming, Result, Subscription};
+use bgtask_core::{Incoming, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::cluster_async::ClusterConnection;
@@ -33,45 +33,17 @@ use tokio::sync::mpsc;
 use crate::config::RedisConfig;
 use crate::error::{from_redis, refine_cluster_connect};
 
-/// The broker's handle on its cluster subscriptions; see [`PubSubHandle`](crate::pubsub) for
-/// the one-server form.
-pub(crate) struct ClusterPubSub {
-    supervisor: SupervisorHandle<ClusterTransport>,
-}
-
-impl ClusterPubSub {
-    /// Open the subscription connection (reporting a failure) and start its supervisor.
-    pub(crate) async fn start(config: &RedisConfig) -> Result<Self> {
-        let transport = ClusterTransport {
-            config: config.clone(),
-        };
-        let supervisor = Supervisor::start(transport, &config.connection).await?;
-        Ok(ClusterPubSub { supervisor })
-    }
-
-    /// Stop the supervisor now: every subscription stream ends and new subscriptions fail.
-    pub(crate) fn close(&self) {
-        self.supervisor.close();
-    }
-
-    /// The number of channels with local subscribers.
-    pub(crate) fn channels(&self) -> usize {
-        self.supervisor.channels()
-    }
-
-    /// Subscribe to `channel`; returns once its shard's master confirmed the subscription (at
-    /// once when the channel is subscribed already).
-    pub(crate) async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        let subscribed = self
-            .supervisor
-            .subscribe(channel.to_owned(), channel)
-            .await?;
-        Ok(Subscription::new(channel, subscribed.boxed()))
-    }
+/// Open the cluster subscription connection (reporting a failure) and start its supervisor;
+/// subscribe through it with [`pubsub::subscribe`](crate::pubsub::subscribe).
+pub(crate) async fn start(config: &RedisConfig) -> Result<SupervisorHandle<ClusterTransport>> {
+    let transport = ClusterTransport {
+        config: config.clone(),
+    };
+    Supervisor::start(transport, &config.connection).await
 }
 
 /// Redis Cluster sharded pub/sub as the supervisor's transport: a channel is its own key.
-struct ClusterTransport {
+pub(crate) struct ClusterTransport {
     config: RedisConfig,
 }
 
@@ -117,7 +89,7 @@ impl Transport for ClusterTransport {
 }
 
 /// One cluster connection with the pushes of all its nodes, and the channels it subscribed.
-struct ShardedConnection {
+pub(crate) struct ShardedConnection {
     conn: ClusterConnection,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
     /// What this connection subscribed and did not unsubscribe: a `sunsubscribe` for one of

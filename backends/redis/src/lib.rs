@@ -201,9 +201,10 @@ pub use config::{
     DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER, DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
 };
 
-use cluster_pubsub::ClusterPubSub;
+use bgtask_core::supervisor::SupervisorHandle;
+use cluster_pubsub::ClusterTransport;
 use conn::{Commands, Conn, Target};
-use pubsub::PubSubHandle;
+use pubsub::RedisPubSub;
 use redis::cluster_routing::RoutingInfo;
 
 /// A [`Broker`] on a Redis server. Cheap to clone; clones share the connections.
@@ -227,8 +228,8 @@ struct Inner {
 
 /// Where subscriptions live: one server's pub/sub connection, or a cluster's sharded pub/sub.
 enum Subscriptions {
-    Server(PubSubHandle),
-    Cluster(ClusterPubSub),
+    Server(SupervisorHandle<RedisPubSub>),
+    Cluster(SupervisorHandle<ClusterTransport>),
 }
 
 impl Subscriptions {
@@ -305,7 +306,7 @@ impl RedisBroker {
                 commands.invalidate_current();
             }
         });
-        let pubsub = PubSubHandle::start(client, &config, on_lost).await?;
+        let pubsub = pubsub::start(client, &config, on_lost).await?;
         tracing::debug!(url = %config.redacted_url(), "redis: broker connected");
         Ok(Self::new(config, commands, Subscriptions::Server(pubsub)))
     }
@@ -323,7 +324,7 @@ impl RedisBroker {
                 redis::cmd("PING").query_async::<()>(&mut conn).await
             })
             .await?;
-        let pubsub = ClusterPubSub::start(&config).await?;
+        let pubsub = cluster_pubsub::start(&config).await?;
         tracing::debug!(url = %config.redacted_url(), "redis: cluster broker connected");
         Ok(Self::new(config, commands, Subscriptions::Cluster(pubsub)))
     }
@@ -552,8 +553,8 @@ impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &str) -> Result<Subscription> {
         self.check_open("subscribe")?;
         match &self.inner.subscriptions {
-            Subscriptions::Server(pubsub) => pubsub.subscribe(channel).await,
-            Subscriptions::Cluster(pubsub) => pubsub.subscribe(channel).await,
+            Subscriptions::Server(supervisor) => pubsub::subscribe(supervisor, channel).await,
+            Subscriptions::Cluster(supervisor) => pubsub::subscribe(supervisor, channel).await,
         }
     }
 
@@ -569,10 +570,7 @@ impl Broker for RedisBroker {
     /// acquire.
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
         if self.is_cluster() && !cluster::same_slot(&lease::keys(flag).0, &lease::keys(key).0) {
-            if let Some(flag) = self.leases(flag).await?.into_iter().next() {
-                return Ok(Admission::Blacklisted(flag));
-            }
-            return Ok(Admission::from(self.acquire(key, request).await?));
+            return bgtask_core::broker::admit_in_two_steps(self, flag, key, request).await;
         }
         let id = LeaseId::random();
         let args = lease::acquire_args("admit", &id, &request);
@@ -592,8 +590,8 @@ impl Broker for RedisBroker {
     ) -> Result<(Published, bool)> {
         self.check_open("release and publish")?;
         if self.is_cluster() {
-            let released = self.release(key, lease).await?;
-            return Ok((self.publish(channel, payload).await?, released));
+            return bgtask_core::broker::release_then_publish(self, key, lease, channel, payload)
+                .await;
         }
         let mut pipe = lease::release_pipe(key, lease);
         pipe.publish(channel, payload.as_ref());

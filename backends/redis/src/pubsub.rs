@@ -13,50 +13,31 @@ use redis::{Client, Msg, RedisError};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 
-/// The broker's handle on its subscription machinery. The supervisor runs as long as this handle
-/// or any subscription exists, or until [`close`](Self::close).
-pub(crate) struct PubSubHandle {
-    supervisor: SupervisorHandle<RedisPubSub>,
+/// Open the pub/sub connection (reporting a failure) and start its supervisor, which runs as
+/// long as the handle or any subscription exists, or until it is closed.
+///
+/// `on_lost` runs whenever the supervisor finds the connection lost.
+pub(crate) async fn start(
+    client: Client,
+    config: &RedisConfig,
+    on_lost: Box<dyn Fn() + Send + Sync>,
+) -> Result<SupervisorHandle<RedisPubSub>> {
+    Supervisor::start(RedisPubSub { client, on_lost }, &config.connection).await
 }
 
-impl PubSubHandle {
-    /// Open the pub/sub connection (reporting a failure) and start its supervisor.
-    ///
-    /// `on_lost` runs whenever the supervisor finds the connection lost.
-    pub(crate) async fn start(
-        client: Client,
-        config: &RedisConfig,
-        on_lost: Box<dyn Fn() + Send + Sync>,
-    ) -> Result<Self> {
-        let transport = RedisPubSub { client, on_lost };
-        let supervisor = Supervisor::start(transport, &config.connection).await?;
-        Ok(PubSubHandle { supervisor })
-    }
-
-    /// Stop the supervisor now: every subscription stream ends and new subscriptions fail.
-    pub(crate) fn close(&self) {
-        self.supervisor.close();
-    }
-
-    /// The number of channels with local subscribers.
-    pub(crate) fn channels(&self) -> usize {
-        self.supervisor.channels()
-    }
-
-    /// Subscribe to `channel`; returns once the server confirmed the subscription (at once when
-    /// the channel is subscribed already).
-    pub(crate) async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        let subscribed = self
-            .supervisor
-            .subscribe(channel.to_owned(), channel)
-            .await?;
-        Ok(Subscription::new(channel, subscribed.boxed()))
-    }
+/// Subscribe to `channel` through `supervisor` (one server's or a cluster's); returns once the
+/// server confirmed the subscription (at once when the channel is subscribed already).
+pub(crate) async fn subscribe<T: Transport<Item = Incoming>>(
+    supervisor: &SupervisorHandle<T>,
+    channel: &str,
+) -> Result<Subscription> {
+    let subscribed = supervisor.subscribe(channel.to_owned(), channel).await?;
+    Ok(Subscription::new(channel, subscribed.boxed()))
 }
 
 /// Redis pub/sub as the supervisor's transport: a channel is its own key (`SUBSCRIBE`, never
 /// `PSUBSCRIBE`, so `*` and `?` in names are plain characters).
-struct RedisPubSub {
+pub(crate) struct RedisPubSub {
     client: Client,
     /// Called when the connection is found lost.
     on_lost: Box<dyn Fn() + Send + Sync>,
@@ -107,7 +88,7 @@ impl Transport for RedisPubSub {
 
 /// One pub/sub connection, split: commands go out on the sink while messages come in on the
 /// stream.
-struct PubSubConnection {
+pub(crate) struct PubSubConnection {
     sink: PubSubSink,
     stream: PubSubStream,
 }

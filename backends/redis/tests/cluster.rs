@@ -16,15 +16,20 @@ use bgtask_redis::RedisBroker;
 /// The environment variable naming the test cluster.
 const URL_VAR: &str = "BGTASK_REDIS_CLUSTER_URL";
 
+/// The test cluster's URL; panics saying how to start one when it is not set.
+fn cluster_url() -> String {
+    std::env::var(URL_VAR).unwrap_or_else(|_| {
+        panic!("{URL_VAR} is not set: run `export {URL_VAR}=$(scripts/redis-cluster up)`")
+    })
+}
+
 /// Brokers on the test cluster.
 pub struct RedisClusterFactory;
 
 #[async_trait]
 impl BrokerFactory for RedisClusterFactory {
     async fn broker(&self) -> DynBroker {
-        let url = std::env::var(URL_VAR).unwrap_or_else(|_| {
-            panic!("{URL_VAR} is not set: run `export {URL_VAR}=$(scripts/redis-cluster up)`")
-        });
+        let url = cluster_url();
         match RedisBroker::connect(&url).await {
             Ok(broker) => Arc::new(broker),
             Err(e) => panic!(
@@ -66,9 +71,7 @@ async fn cluster_and_single_server_urls_are_not_mixed_up() {
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert!(e.to_string().contains("not in cluster mode"), "{e}");
 
-    let cluster = std::env::var(URL_VAR).unwrap_or_else(|_| {
-        panic!("{URL_VAR} is not set: run `export {URL_VAR}=$(scripts/redis-cluster up)`")
-    });
+    let cluster = cluster_url();
     let node = cluster
         .trim_start_matches("redis+cluster://")
         .split(',')

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bgtask_conformance::scenarios::faults::{under_load, LoadReport};
+use bgtask_conformance::scenarios::faults::under_load;
 use bgtask_conformance::{BrokerFactory, Harness};
 use bgtask_core::{Broker, DynBroker, Error, ErrorKind, Incoming, LeaseRequest, Result};
 use bgtask_redis::{RedisBroker, RedisConfig};
@@ -135,8 +135,9 @@ impl BrokerFactory for Factory {
     }
 }
 
-/// Run the load on `cluster` with `fault` (given the first master's pid) from 5 s in.
-async fn fault_under_load<F, Fut>(name: &str, cluster: &PrivateCluster, fault: F) -> LoadReport
+/// Run the load on a private cluster with `fault` (given the first master's pid) from 5 s in,
+/// and check what it must leave true.
+async fn fault_under_load<F, Fut>(name: &str, fault: F)
 where
     F: FnOnce(u32) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -146,6 +147,7 @@ where
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+    let cluster = PrivateCluster::up(name);
     let (pid, port) = cluster.masters()[0];
     eprintln!("{name}: the fault hits the master on port {port} (pid {pid})");
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -167,10 +169,6 @@ where
         report.rate_before(),
         report.throughput_back(0.8)
     );
-    report
-}
-
-fn check(report: &LoadReport) {
     report.check();
     let back = report.throughput_back(0.8);
     assert!(
@@ -181,28 +179,20 @@ fn check(report: &LoadReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_under_load() {
-    let cluster = PrivateCluster::up("kill");
-    let report = fault_under_load("a_master_killed_under_load", &cluster, |pid| async move {
+    fault_under_load("a_master_killed_under_load", |pid| async move {
         signal(pid, "-KILL");
     })
     .await;
-    check(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_paused_10s_under_load() {
-    let cluster = PrivateCluster::up("pause");
-    let report = fault_under_load(
-        "a_master_paused_10s_under_load",
-        &cluster,
-        |pid| async move {
-            signal(pid, "-STOP");
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            signal(pid, "-CONT");
-        },
-    )
+    fault_under_load("a_master_paused_10s_under_load", |pid| async move {
+        signal(pid, "-STOP");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        signal(pid, "-CONT");
+    })
     .await;
-    check(&report);
 }
 
 /// A channel whose slot moves to another master (as a resharding does) while it is subscribed:
