@@ -240,6 +240,19 @@ fn interrupts(mode: &mut watch::Receiver<Mode>) -> bool {
     matches!(current(mode), Mode::Cut | Mode::BlackHole)
 }
 
+/// What a mode change means for a copy in progress: the proxy is gone (`Done`), the new mode
+/// stops forwarding (`interrupted`), or nothing (`None`: go on).
+fn stops(
+    changed: Result<(), watch::error::RecvError>,
+    mode: &mut watch::Receiver<Mode>,
+    interrupted: Phase,
+) -> Option<Phase> {
+    if changed.is_err() {
+        return Some(Phase::Done);
+    }
+    interrupts(mode).then_some(interrupted)
+}
+
 /// Copy both directions until a peer closes, an error occurs, or the mode changes to one that
 /// stops forwarding.
 async fn forward(
@@ -288,11 +301,8 @@ where
         tokio::select! {
             biased;
             changed = mode.changed() => {
-                if changed.is_err() {
-                    return Some(Phase::Done);
-                }
-                if interrupts(mode) {
-                    return Some(Phase::ModeChanged);
+                if let Some(phase) = stops(changed, mode, Phase::ModeChanged) {
+                    return Some(phase);
                 }
             }
             n = reader.read(&mut buffer) => match n {
@@ -322,12 +332,9 @@ async fn write_unless_interrupted<W: AsyncWriteExt + Unpin>(
         tokio::select! {
             biased;
             changed = mode.changed() => {
-                if changed.is_err() {
-                    return Some(Phase::Done);
-                }
-                if interrupts(mode) {
-                    // Part of the bytes may be lost: this connection cannot resume.
-                    return Some(Phase::Done);
+                // Part of the bytes may be lost: this connection cannot resume.
+                if let Some(phase) = stops(changed, mode, Phase::Done) {
+                    return Some(phase);
                 }
             }
             written = &mut write => {
@@ -379,6 +386,14 @@ mod tests {
     use super::*;
     use std::io::ErrorKind;
     use tokio::time::{sleep, timeout};
+
+    /// A proxy in front of an echo server, and one connection through it that echoed once.
+    async fn echoing() -> (FaultProxy, TcpStream) {
+        let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(echo(&mut s, b"a").await.unwrap(), b"a");
+        (proxy, s)
+    }
 
     /// An echo server on a free port; returns its address.
     async fn echo_server() -> SocketAddr {
@@ -457,9 +472,7 @@ mod tests {
 
     #[tokio::test]
     async fn cut_resets_open_and_new_connections_until_pass() {
-        let proxy = FaultProxy::start(echo_server().await).await.unwrap();
-        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(echo(&mut s, b"a").await.unwrap(), b"a");
+        let (proxy, mut s) = echoing().await;
         proxy.cut();
         assert!(closed(&mut s).await, "open connection survived a cut");
         wait_connections(&proxy, 0).await;
@@ -475,9 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn black_hole_forwards_nothing_and_keeps_connections_open() {
-        let proxy = FaultProxy::start(echo_server().await).await.unwrap();
-        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(echo(&mut s, b"a").await.unwrap(), b"a");
+        let (proxy, mut s) = echoing().await;
         proxy.black_hole();
         let err = echo(&mut s, b"lost").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TimedOut);
@@ -499,9 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuse_keeps_open_connections_and_resets_new_ones() {
-        let proxy = FaultProxy::start(echo_server().await).await.unwrap();
-        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(echo(&mut s, b"a").await.unwrap(), b"a");
+        let (proxy, mut s) = echoing().await;
         proxy.refuse();
         let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
         assert!(
@@ -514,10 +523,8 @@ mod tests {
 
     #[tokio::test]
     async fn drop_closes_everything() {
-        let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+        let (proxy, mut s) = echoing().await;
         let addr = proxy.addr();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(echo(&mut s, b"a").await.unwrap(), b"a");
         drop(proxy);
         assert!(closed(&mut s).await, "connection survived the proxy");
         sleep(Duration::from_millis(50)).await;

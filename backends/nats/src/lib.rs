@@ -323,17 +323,18 @@
 //! creator offers a task to a worker only after hearing of its presence, which the worker
 //! announces after subscribing (when it comes on the presence channel, it follows the
 //! subscription on the same route; read from the lease stream, it gives no such order). The
-//! suite's
-//! `subscription_is_active_on_return`, which publishes from a second broker at once, lost one
-//! message of 20 in 2 of 7 runs on a 3-node 2.15.1 cluster (none in 10 runs on 2.9.10). A
-//! cluster-wide subscription barrier is not built yet.
+//! suite's `subscription_is_active_on_return`, which publishes from a second broker at once,
+//! lost one message of 20 in 2 of 7 runs on a 3-node 2.15.1 cluster and once in a full test
+//! run on 2.9.10, with the brokers spread over the nodes (the cluster tests now put a
+//! scenario's brokers on one node). A cluster-wide subscription barrier is not built yet.
 //!
 //! **Hung nodes.** A node that hangs with its sockets open (a stopped VM, a long stall) is left
 //! by the brokers after three unanswered pings. The servers need the same: with their default
 //! pings (every 2 minutes) the other nodes keep their routes to a hung node for minutes, and in
 //! the cluster fault tests its return stalled the task traffic for about 6 s in 2 runs of 3;
 //! with `ping_interval: "1s"`, `ping_max: 3` and `write_deadline: "2s"` on the servers (as
-//! `scripts/nats-cluster` runs them) it cost 2 s at about 60 % (docs/reliability.md).
+//! `scripts/nats-cluster` runs them) it cost at most 2 s at about 60 % in 4 runs
+//! (docs/reliability.md).
 //!
 //! `scripts/nats-cluster up` starts a local 3-node cluster (from the installed `nats-server`,
 //! on free loopback ports) and prints its URL; see the README.
@@ -361,6 +362,7 @@
 //! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the client pings the server |
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | not applied: async-nats counts messages only, so a subscription holds at most `subscription_buffer` × the server's `max_payload` |
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
 //! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases; the claims' is `<lease_stream>_CLAIMS` |
 //! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease and claim; the streams' `max_age` |

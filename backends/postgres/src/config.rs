@@ -4,6 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use bgtask_core::{Error, ErrorKind, Result};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
 
 /// The default schema of bgtask's tables: [`PostgresConfig::schema`].
 pub const DEFAULT_SCHEMA: &str = "bgtask";
@@ -12,7 +14,7 @@ pub const DEFAULT_SCHEMA: &str = "bgtask";
 pub const DEFAULT_APPLICATION_NAME: &str = "bgtask";
 pub use bgtask_core::connection::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
-    DEFAULT_SUBSCRIPTION_BUFFER,
+    DEFAULT_SUBSCRIPTION_BUFFER, DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
 };
 use bgtask_core::ConnectionSettings;
 
@@ -271,6 +273,76 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `url` names several hosts, libpq style (`postgres://h1:5432,h2:5432/db`).
+fn several_hosts(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    hosts.contains(',')
+}
+
+/// The driver's options for `config`: the URL without bgtask's own parameters, the
+/// application name, and the server-side statement timeout.
+pub(crate) fn connect_options(
+    config: &PostgresConfig,
+    secret: Option<&str>,
+) -> Result<PgConnectOptions> {
+    let bad_url = |detail: String| {
+        let detail = match secret.filter(|s| !s.is_empty()) {
+            Some(secret) => detail.replace(secret, "***"),
+            None => detail,
+        };
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "not a usable PostgreSQL URL: {}: {detail}",
+                config.redacted_url()
+            ),
+        )
+    };
+    if several_hosts(&config.url) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: several hosts in one PostgreSQL URL are not supported (the driver, sqlx, \
+                 connects to one host); give the address of the primary's failover endpoint \
+                 (a virtual IP, a proxy such as HAProxy or PgBouncer, a managed service's \
+                 writer endpoint) instead",
+                config.redacted_url()
+            ),
+        ));
+    }
+    let mut url = url::Url::parse(&config.url).map_err(|e| bad_url(e.to_string()))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(bad_url(
+            "the scheme must be postgres:// or postgresql://".to_owned(),
+        ));
+    }
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != SCHEMA_PARAM)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    let statement_timeout = config.connection.op_timeout.as_millis().max(1).to_string();
+    let mut options = PgConnectOptions::from_url(&url)
+        .map_err(|e| bad_url(e.to_string()))?
+        .application_name(&config.application_name)
+        .options([("statement_timeout", statement_timeout.as_str())]);
+    if !config.synchronous_commit {
+        options = options.options([("synchronous_commit", "off")]);
+    }
+    Ok(options)
 }
 
 #[cfg(test)]

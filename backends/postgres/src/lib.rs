@@ -77,14 +77,17 @@
 //! - **One listener connection per broker** carries every subscription: the first subscriber of
 //!   a channel sends `LISTEN` and [`subscribe`](Broker::subscribe) returns once the server
 //!   answered it; dropping the last one sends `UNLISTEN`. Each subscription buffers
-//!   [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages; a reader that falls
-//!   further behind loses messages and reads a `Gap`.
+//!   [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) messages and
+//!   [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) bytes of inline
+//!   payloads (a payload stored as a row is read when the reader gets to it, so it holds no
+//!   bytes while it waits); a reader that falls further behind loses messages and reads a `Gap`.
 //! - **Receivers are not counted**: PostgreSQL cannot tell who received a notification, so
 //!   publish returns [`Published::Unknown`] and [`Capabilities::receiver_counts`] is false.
 //!
 //! # The listener, its liveness and reconnection
 //!
-//! A supervisor task owns the listener connection (a `sqlx` `PgListener`). It replaces the
+//! A supervisor task (the one of every backend, [`bgtask_core::supervisor`]) owns the listener
+//! connection (a `sqlx` `PgListener`). It replaces the
 //! connection when `try_recv` reports it lost, when receiving fails with any error (sqlx
 //! returns some, like a connection reset, as errors without reconnecting), and when the
 //! periodic liveness round trip (`SELECT 1` every
@@ -217,6 +220,7 @@
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`pool_size`](PostgresConfig::pool_size) | 8 | pooled connections (plus one listener connection) |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | payload bytes buffered per subscription |
 //! | [`payload_ttl`](PostgresConfig::payload_ttl) | 30 s | how long a by-reference message stays readable |
 //! | [`cleanup_interval`](PostgresConfig::cleanup_interval) | 5 s | how often expired rows are deleted |
 //! | [`max_payload`](PostgresConfig::max_payload) | 64 MiB | largest payload `publish` accepts |
@@ -237,6 +241,7 @@
 //! and `pg_ctl` from `BGTASK_POSTGRES_BIN` (default: the newest `/usr/lib/postgresql/*/bin`).
 #![deny(missing_docs)]
 
+mod broker;
 mod config;
 mod db;
 mod error;
@@ -250,23 +255,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, LeaseId,
-    LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
-};
-use bytes::Bytes;
-use sqlx::postgres::PgConnectOptions;
+#[cfg(doc)]
+use bgtask_core::{Broker, Capabilities, Published};
+use bgtask_core::{Error, ErrorKind, Result};
 use sqlx::{ConnectOptions, Connection};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 
 pub use config::{
     PostgresConfig, DEFAULT_APPLICATION_NAME, DEFAULT_CLEANUP_INTERVAL, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_PAYLOAD, DEFAULT_OP_TIMEOUT,
     DEFAULT_PAYLOAD_TTL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, DEFAULT_SUBSCRIPTION_BUFFER,
-    SCHEMA_PARAM,
+    DEFAULT_SUBSCRIPTION_BUFFER_BYTES, SCHEMA_PARAM,
 };
 
+use config::connect_options;
 use db::Db;
 use error::{closed, from_sqlx, no_answer};
 use listener::{ListenerHandle, ListenerSettings};
@@ -372,11 +374,7 @@ impl PostgresBroker {
             ListenerSettings {
                 options: options.application_name(&listener_application_name),
                 schema: config.schema.clone(),
-                op_timeout: config.connection.op_timeout,
-                connect_timeout: config.connection.connect_timeout,
-                liveness_interval: config.connection.liveness_interval,
-                max_backoff: config.connection.max_backoff,
-                buffer: config.connection.subscription_buffer,
+                connection: config.connection,
                 secret,
             },
             db.clone(),
@@ -436,129 +434,13 @@ impl PostgresBroker {
         Ok(())
     }
 
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.inner.config.connection.op_timeout
-    }
-}
-
-/// The driver's options for `config`: the URL without bgtask's own parameters, the
-/// application name, and the server-side statement timeout.
-/// A row of `admit_lease`: (flag id, flag note, flag seconds left, granted, live).
-type AdmitRow = (
-    Option<String>,
-    Option<Vec<u8>>,
-    Option<f64>,
-    Option<bool>,
-    Option<i64>,
-);
-
-impl PostgresBroker {
-    /// One call of `admit_lease` for a new lease on `key` under `request`, refused if `flag` has
-    /// a live lease (no flag: a plain acquire). Returns the row and the id asked for.
-    async fn admit_lease(
-        &self,
-        what: &str,
-        flag: Option<&str>,
-        key: &str,
-        request: &LeaseRequest,
-    ) -> Result<(AdmitRow, LeaseId)> {
+    /// For a call `what` on an open broker: a pooled connection, and the deadline (the call's
+    /// `op_timeout`, counted from now) that its statement must finish by.
+    async fn conn(&self, what: &str) -> Result<(pool::Conn, Instant)> {
         self.check_open(what)?;
-        let db = &self.inner.db;
-        let id = LeaseId::random();
-        let ttl = stored_ttl_millis(request.ttl_millis());
-        let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
-        let deadline = self.deadline();
-        let mut conn = db.conn(what, deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_as::<_, AdmitRow>(&db.statements.admit)
-                .bind(flag.map(str::as_bytes))
-                .bind(key.as_bytes())
-                .bind(id.as_str())
-                .bind(request.note.as_bytes())
-                .bind(ttl)
-                .bind(cap)
-                .fetch_one(&mut *conn),
-        )
-        .await;
-        Ok((db.settle(what, conn, result)?, id))
+        let deadline = Instant::now() + self.inner.config.connection.op_timeout;
+        Ok((self.inner.db.conn(what, deadline).await?, deadline))
     }
-}
-
-/// Whether `url` names several hosts, libpq style (`postgres://h1:5432,h2:5432/db`).
-fn several_hosts(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let hosts = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, hosts)| hosts);
-    hosts.contains(',')
-}
-
-fn connect_options(config: &PostgresConfig, secret: Option<&str>) -> Result<PgConnectOptions> {
-    let bad_url = |detail: String| {
-        let detail = match secret.filter(|s| !s.is_empty()) {
-            Some(secret) => detail.replace(secret, "***"),
-            None => detail,
-        };
-        Error::new(
-            ErrorKind::Config,
-            format!(
-                "not a usable PostgreSQL URL: {}: {detail}",
-                config.redacted_url()
-            ),
-        )
-    };
-    if several_hosts(&config.url) {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "{}: several hosts in one PostgreSQL URL are not supported (the driver, sqlx, \
-                 connects to one host); give the address of the primary's failover endpoint \
-                 (a virtual IP, a proxy such as HAProxy or PgBouncer, a managed service's \
-                 writer endpoint) instead",
-                config.redacted_url()
-            ),
-        ));
-    }
-    let mut url = url::Url::parse(&config.url).map_err(|e| bad_url(e.to_string()))?;
-    if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(bad_url(
-            "the scheme must be postgres:// or postgresql://".to_owned(),
-        ));
-    }
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(k, _)| k != SCHEMA_PARAM)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if kept.is_empty() {
-        url.set_query(None);
-    } else {
-        url.query_pairs_mut().clear().extend_pairs(kept);
-    }
-    let statement_timeout = config.connection.op_timeout.as_millis().max(1).to_string();
-    let mut options = PgConnectOptions::from_url(&url)
-        .map_err(|e| bad_url(e.to_string()))?
-        .application_name(&config.application_name)
-        .options([("statement_timeout", statement_timeout.as_str())]);
-    if !config.synchronous_commit {
-        options = options.options([("synchronous_commit", "off")]);
-    }
-    Ok(options)
-}
-
-/// A TTL in milliseconds as stored: at most [`MAX_TTL_MILLIS`].
-fn stored_ttl_millis(millis: u64) -> i64 {
-    i64::try_from(millis.min(MAX_TTL_MILLIS)).unwrap_or(i64::MAX)
-}
-
-/// A claim's TTL in whole milliseconds as stored: at least 1, at most [`MAX_TTL_MILLIS`] (like
-/// a lease's).
-fn claim_ttl_millis(ttl: Duration) -> i64 {
-    stored_ttl_millis(bgtask_core::broker::ttl_millis(ttl))
 }
 
 /// Delete expired rows every `interval` (with a little jitter, so brokers started together
@@ -578,11 +460,6 @@ async fn cleanup_loop(db: Arc<Db>, interval: Duration) {
     }
 }
 
-/// Seconds left on a lease, as the database computed them, as a duration.
-fn remaining(seconds: f64) -> Duration {
-    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX)
-}
-
 fn rand_fraction() -> f64 {
     let id = bgtask_core::names::random_id();
     u32::from_str_radix(&id[..8], 16).unwrap_or(0) as f64 / u32::MAX as f64
@@ -598,241 +475,5 @@ impl fmt::Debug for PostgresBroker {
             .field("subscribed_channels", &self.inner.listener.channels())
             .field("idle_connections", &self.inner.db.pool.idle_count())
             .finish()
-    }
-}
-
-#[async_trait]
-impl Broker for PostgresBroker {
-    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
-        self.check_open("publish")?;
-        let max = self.inner.config.max_payload;
-        if payload.len() > max {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "payload of {} bytes is over the broker's limit of {max} bytes",
-                    payload.len()
-                ),
-            ));
-        }
-        let db = &self.inner.db;
-        let ident = self.channel_identifier(channel);
-        let id = wire::message_id();
-        let deadline = self.deadline();
-        let mut conn = db.conn("publish", deadline).await?;
-        let result = match wire::encode_inline(&id, channel, &payload) {
-            Some(text) => {
-                timeout_at(
-                    deadline,
-                    sqlx::query(&db.statements.notify)
-                        .bind(&ident)
-                        .bind(&text)
-                        .execute(&mut *conn),
-                )
-                .await
-            }
-            None => {
-                timeout_at(
-                    deadline,
-                    sqlx::query(&db.statements.notify_by_reference)
-                        .bind(&id)
-                        .bind(channel.as_bytes())
-                        .bind(payload.as_ref())
-                        .bind(db.payload_ttl_ms)
-                        .bind(&ident)
-                        .bind(wire::encode_reference(&id))
-                        .execute(&mut *conn),
-                )
-                .await
-            }
-        };
-        db.settle("publish", conn, result)?;
-        Ok(Published::Unknown)
-    }
-
-    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        self.check_open("subscribe")?;
-        self.inner.listener.subscribe(channel).await
-    }
-
-    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
-        let ((.., granted, live), id) = self.admit_lease("acquire", None, key, &request).await?;
-        Ok(Acquired {
-            lease: (granted == Some(true)).then_some(id),
-            live: u64::try_from(live.unwrap_or(0)).unwrap_or(0),
-        })
-    }
-
-    /// One statement calling `admit_lease` (see the crate docs, *Leases*).
-    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
-        let (row, id) = self.admit_lease("admit", Some(flag), key, &request).await?;
-        let (flag_id, flag_note, flag_left, granted, live) = row;
-        if let Some(flag_id) = flag_id {
-            return Ok(Admission::Blacklisted(LeaseInfo {
-                id: LeaseId::new(flag_id),
-                note: String::from_utf8_lossy(&flag_note.unwrap_or_default()).into_owned(),
-                remaining: remaining(flag_left.unwrap_or(0.0)),
-            }));
-        }
-        let live = u64::try_from(live.unwrap_or(0)).unwrap_or(0);
-        Ok(if granted == Some(true) {
-            Admission::Granted(id)
-        } else {
-            Admission::Full { live }
-        })
-    }
-
-    /// One statement: the delete, then `pg_notify`, which the database sends at commit, after
-    /// the delete. A payload too large for one notification takes the two calls.
-    async fn release_and_publish(
-        &self,
-        key: &str,
-        lease: &LeaseId,
-        channel: &str,
-        payload: Bytes,
-    ) -> Result<(Published, bool)> {
-        self.check_open("release and publish")?;
-        let id = wire::message_id();
-        let Some(text) = wire::encode_inline(&id, channel, &payload) else {
-            let released = self.release(key, lease).await?;
-            return Ok((self.publish(channel, payload).await?, released));
-        };
-        let db = &self.inner.db;
-        let ident = self.channel_identifier(channel);
-        let deadline = self.deadline();
-        let mut conn = db.conn("release and publish", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_scalar::<_, Option<bool>>(&db.statements.release_and_notify)
-                .bind(key.as_bytes())
-                .bind(lease.as_str())
-                .bind(&ident)
-                .bind(&text)
-                .fetch_one(&mut *conn),
-        )
-        .await;
-        let released = db.settle("release and publish", conn, result)?;
-        Ok((Published::Unknown, released == Some(true)))
-    }
-
-    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
-        self.check_open("release")?;
-        let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("release", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_scalar::<_, bool>(&db.statements.release)
-                .bind(key.as_bytes())
-                .bind(lease.as_str())
-                .fetch_optional(&mut *conn),
-        )
-        .await;
-        Ok(db.settle("release", conn, result)? == Some(true))
-    }
-
-    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
-        self.check_open("leases")?;
-        let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("leases", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_as::<_, (String, Vec<u8>, f64)>(&db.statements.leases)
-                .bind(key.as_bytes())
-                .fetch_all(&mut *conn),
-        )
-        .await;
-        let rows = db.settle("leases", conn, result)?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, note, seconds)| LeaseInfo {
-                id: LeaseId::new(id),
-                note: String::from_utf8_lossy(&note).into_owned(),
-                remaining: remaining(seconds),
-            })
-            .collect())
-    }
-
-    async fn count(&self, key: &str) -> Result<u64> {
-        self.check_open("count")?;
-        let db = &self.inner.db;
-        let deadline = self.deadline();
-        let mut conn = db.conn("count", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_scalar::<_, i64>(&db.statements.count)
-                .bind(key.as_bytes())
-                .fetch_one(&mut *conn),
-        )
-        .await;
-        Ok(u64::try_from(db.settle("count", conn, result)?).unwrap_or(0))
-    }
-
-    /// One statement over the live leases, grouped by key, in key order.
-    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
-        self.check_open("list keys")?;
-        let db = &self.inner.db;
-        let limit = limit.clamp(1, MAX_KEY_PAGE);
-        let deadline = self.deadline();
-        let mut conn = db.conn("list keys", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_as::<_, (Vec<u8>, i64)>(&db.statements.list_keys)
-                .bind(prefix.as_bytes())
-                .bind(after.map(str::as_bytes))
-                .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
-                .fetch_all(&mut *conn),
-        )
-        .await;
-        let rows = db.settle("list keys", conn, result)?;
-        let keys = rows.into_iter().filter_map(|(key, live)| {
-            Some(KeyCount {
-                key: String::from_utf8(key).ok()?,
-                live: u64::try_from(live).unwrap_or(0),
-            })
-        });
-        Ok(KeyPage::collect(keys, prefix, after, limit))
-    }
-
-    /// One statement on the `claims` table, judged by the database clock (see the crate docs,
-    /// *Claims*).
-    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.check_open("claim")?;
-        let db = &self.inner.db;
-        let ttl = claim_ttl_millis(ttl);
-        let deadline = self.deadline();
-        let mut conn = db.conn("claim", deadline).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_scalar::<_, bool>(&db.statements.claim)
-                .bind(key.as_bytes())
-                .bind(ttl)
-                .fetch_optional(&mut *conn),
-        )
-        .await;
-        Ok(db.settle("claim", conn, result)?.is_some())
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, true).with_key_listing()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claim_ttls_are_bounded() {
-        assert_eq!(claim_ttl_millis(Duration::ZERO), 1);
-        assert_eq!(claim_ttl_millis(Duration::from_micros(1500)), 1);
-        assert_eq!(claim_ttl_millis(Duration::from_secs(30)), 30_000);
-        let max = i64::try_from(MAX_TTL_MILLIS).unwrap();
-        assert_eq!(
-            claim_ttl_millis(Duration::from_millis(MAX_TTL_MILLIS + 1)),
-            max
-        );
-        assert_eq!(claim_ttl_millis(Duration::MAX), max);
     }
 }

@@ -6,7 +6,7 @@ use bgtask_core::Result;
 
 pub use bgtask_core::connection::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_OP_TIMEOUT,
-    DEFAULT_SUBSCRIPTION_BUFFER,
+    DEFAULT_SUBSCRIPTION_BUFFER, DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
 };
 use bgtask_core::ConnectionSettings;
 
@@ -59,8 +59,20 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` without secrets: the password and the `pass` query value become `***`.
+/// `url` without secrets: the password and the `pass` query value become `***`. A cluster URL
+/// (`redis+cluster://user:password@h1:p1,h2:p2`) keeps its nodes and loses its password.
 pub(crate) fn redact(url: &str) -> String {
+    if crate::cluster::is_cluster_url(url) {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+        return match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{hosts}{path}"),
+                None => url.to_owned(),
+            },
+            None => url.to_owned(),
+        };
+    }
     let secrets = bgtask_core::connection::Secrets {
         query: &["pass"],
         bare_user: false,
@@ -86,6 +98,14 @@ mod tests {
         assert!(!unix.contains("s3cret"), "{unix}");
         assert!(unix.contains("db=1"), "{unix}");
         assert_eq!(redact("redis://:s3cret@[bad"), "<unparsable url>");
+        assert_eq!(
+            redact("redis+cluster://u:s3cret@a:1,b:2/0"),
+            "redis+cluster://u:***@a:1,b:2/0"
+        );
+        assert_eq!(
+            redact("rediss+cluster://a:1,b:2"),
+            "rediss+cluster://a:1,b:2"
+        );
     }
 
     #[test]

@@ -74,6 +74,29 @@ pub(crate) fn no_answer(what: &str, bound: Duration) -> Error {
     )
 }
 
+/// The error of a failed connection to a cluster: a seed node that is not in cluster mode is a
+/// [`ErrorKind::Config`] error naming the problem; anything else is `e` unchanged.
+pub(crate) fn refine_cluster_connect(config: &crate::RedisConfig, e: Error) -> Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if text.contains("cluster support disabled") || text.contains("cluster mode is not enabled")
+        {
+            return Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{} names a Redis Cluster, but the server is not in cluster mode \
+                     (cluster_enabled:0): use a redis:// URL for one server",
+                    config.redacted_url()
+                ),
+            )
+            .with_source(e);
+        }
+        cause = error.source();
+    }
+    e
+}
+
 /// The error of an operation on a broker whose background task has stopped.
 pub(crate) fn closed(what: &str) -> Error {
     Error::new(

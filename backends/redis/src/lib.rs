@@ -24,7 +24,10 @@
 //!   another crate enables a second rustls provider, install one with
 //!   `rustls::crypto::CryptoProvider::install_default` before connecting;
 //! - `redis+unix:///path/to/redis.sock?db=0&user=...&pass=...` for a Unix socket;
-//! - `?protocol=resp3` selects RESP3 for the command connection.
+//! - `?protocol=resp3` selects RESP3 for the command connection;
+//! - `redis+cluster://[user[:password]@]host:port[,host:port...]` for a Redis Cluster (7.0 or
+//!   later), `rediss+cluster://...` with TLS: any reachable nodes, each with its port; database 0
+//!   only, no query (see [Redis Cluster](#redis-cluster)).
 //!
 //! The password never appears in `Debug` output or in error messages.
 //!
@@ -40,7 +43,8 @@
 //!   the subscription connection (below) is found lost, the command connection is dropped as
 //!   well, so the first command after an outage does not fail on a dead socket. Nothing is
 //!   retried after a request may have reached the server, so a publish is never delivered twice.
-//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task. It
+//! - **Subscriptions** share one dedicated pub/sub connection owned by a supervisor task (the
+//!   one of every backend, [`bgtask_core::supervisor`]). It
 //!   keeps a registry of channels and their local subscribers: the first subscriber of a channel
 //!   sends `SUBSCRIBE` (never `PSUBSCRIBE`, so `*` and `?` in names are plain characters) and
 //!   [`subscribe`](Broker::subscribe) returns once the server confirmed it; further subscribers
@@ -56,8 +60,9 @@
 //!   back, then fails with [`ErrorKind::Unavailable`].
 //!
 //!   Each subscription buffers up to [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer)
-//!   messages; when its reader falls further behind, new messages are dropped and the next item
-//!   it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
+//!   messages and [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes)
+//!   payload bytes; when its reader falls further behind, new messages are dropped and the next
+//!   item it reads is an [`Incoming::Gap`](bgtask_core::Incoming::Gap).
 //!
 //! Subscriptions keep the subscription connection alive: it closes when the last clone of the
 //! broker and the last subscription are dropped, or at once with [`RedisBroker::close`], which
@@ -92,7 +97,8 @@
 //! inside the script: `acquire` drops the expired leases, counts the live ones, and, under the
 //! cap, adds one. `admit` (every keyed task's admission) is one run of the same script on four
 //! keys: the blacklist flag's live lease, if any, refuses; else it acquires as `acquire` does.
-//! (On a Redis Cluster the flag and the limit key would have to share a hash slot.) The two hot calls that need no decision skip the script, which costs far more
+//! (On a Redis Cluster, where the flag and the limit key hash to different slots, `admit` is the
+//! flag check, then the acquire.) The two hot calls that need no decision skip the script, which costs far more
 //! on the server than the commands it runs:
 //!
 //! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
@@ -106,12 +112,47 @@
 //! not shorten it. So a key outlives neither the leases acquired on it nor, when the last lease
 //! is released, the longest of them (the hash then holds only its counter), even when its
 //! creators crashed. The `{K}` hash tag keeps both
-//! keys of a lease key on one slot, though Redis Cluster is not a goal. TTLs are capped at
+//! keys of a lease key on one slot of a Redis Cluster. TTLs are capped at
 //! [`lease::MAX_TTL_MILLIS`] (about 69 years).
 //!
 //! A claim ([`Broker::claim`], the protocol's first-accept-wins) is one native command instead:
 //! `SET bgc:{K} 1 NX PX <ttl>`, judged by the server's clock and gone at its TTL. It costs one
 //! round trip and no script, which roughly doubles the task rate (`bgtask bench --compare`).
+//!
+//! # Redis Cluster
+//!
+//! With a `redis+cluster://` URL the broker uses `redis`'s cluster client over RESP3:
+//!
+//! - **Commands** go to the master of their key's slot. The two Redis keys of a lease key share
+//!   a slot (the `{K}` hash tag), so `acquire`, `leases`, `count` and `release` stay one script
+//!   or transaction on one node, and different lease keys (task names, key values) spread over
+//!   the slots. What spans slots runs as separate steps: `admit` (the blacklist flag, then the
+//!   limit key), `release_and_publish` (the release, then the publish) and `list_keys` (`SCAN`
+//!   on every master, then each key's count). MOVED and ASK redirections and a failover's
+//!   `TRYAGAIN`/`CLUSTERDOWN` are retried by the client within the operation's bound; a
+//!   `NOSCRIPT` (a promoted replica, a restart) reloads the script on every node. Each try on a
+//!   node waits at most half of `op_timeout`, and a node's connection at most half of
+//!   `connect_timeout`, so a silent node fails its tries instead of holding the others up; an
+//!   operation that gets no answer at all opens a fresh cluster connection (a fresh view of the
+//!   slots) in the background, which the next operations use once it is up.
+//! - **Pub/sub is sharded**: `publish` is `SPUBLISH` and subscriptions are `SSUBSCRIBE`s on the
+//!   master of the channel's slot, so a message is not forwarded to every node; the receiver
+//!   count `SPUBLISH` returns is the shard's. One cluster connection carries every subscription
+//!   of a broker, under the same supervisor as one server's pub/sub connection. Its liveness ping
+//!   goes to every master; when one does not answer within `op_timeout` (dead, paused, failed
+//!   over), when a node's connection drops, or when the server ends a subscription itself
+//!   (`sunsubscribe`: the channel's slot moved away, by a resharding or a failover), the
+//!   connection counts as lost: every subscription is owed a gap, a fresh connection (a fresh
+//!   view of the slots) replaces it, every channel is subscribed again on the master that now
+//!   owns its slot, and then the gaps are paid. The old connection is gone before the new one
+//!   subscribes, so nothing arrives twice.
+//! - During a failover a request whose connection broke after it was sent may be retried by the
+//!   client on the slot's new master, so a published message can, rarely, arrive twice; the task
+//!   protocol tolerates that (the claim decides who runs a task, and a reply is taken once).
+//!
+//! A `redis+cluster://` URL naming a server that is not in cluster mode, and a `redis://` URL
+//! naming a cluster node (whose keys would answer MOVED), are [`ErrorKind::Config`] errors that
+//! say so.
 //!
 //! # Configuration
 //!
@@ -123,6 +164,7 @@
 //! | [`connection.liveness_interval`](bgtask_core::ConnectionSettings::liveness_interval) | 2 s | how often the pub/sub connection is pinged |
 //! | [`connection.max_backoff`](bgtask_core::ConnectionSettings::max_backoff) | 2 s | longest wait between reconnection attempts |
 //! | [`connection.subscription_buffer`](bgtask_core::ConnectionSettings::subscription_buffer) | 65536 | messages buffered per subscription |
+//! | [`connection.subscription_buffer_bytes`](bgtask_core::ConnectionSettings::subscription_buffer_bytes) | 64 MiB | payload bytes buffered per subscription |
 //!
 //! # Tests
 //!
@@ -133,6 +175,8 @@
 //! with `cargo test -p bgtask-redis -- --ignored`.
 #![deny(missing_docs)]
 
+mod cluster;
+mod cluster_pubsub;
 mod config;
 mod conn;
 mod error;
@@ -154,11 +198,14 @@ use redis::Value;
 
 pub use config::{
     RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF,
-    DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER,
+    DEFAULT_OP_TIMEOUT, DEFAULT_SUBSCRIPTION_BUFFER, DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
 };
 
-use conn::Commands;
-use pubsub::PubSubHandle;
+use bgtask_core::supervisor::SupervisorHandle;
+use cluster_pubsub::ClusterTransport;
+use conn::{Commands, Conn, Target};
+use pubsub::RedisPubSub;
+use redis::cluster_routing::RoutingInfo;
 
 /// A [`Broker`] on a Redis server. Cheap to clone; clones share the connections.
 ///
@@ -175,8 +222,34 @@ struct Inner {
     config: RedisConfig,
     closed: AtomicBool,
     commands: Arc<Commands>,
-    pubsub: PubSubHandle,
+    subscriptions: Subscriptions,
     script: redis::Script,
+}
+
+/// Where subscriptions live: one server's pub/sub connection, or a cluster's sharded pub/sub.
+enum Subscriptions {
+    Server(SupervisorHandle<RedisPubSub>),
+    Cluster(SupervisorHandle<ClusterTransport>),
+}
+
+impl Subscriptions {
+    fn is_cluster(&self) -> bool {
+        matches!(self, Subscriptions::Cluster(_))
+    }
+
+    fn close(&self) {
+        match self {
+            Subscriptions::Server(pubsub) => pubsub.close(),
+            Subscriptions::Cluster(pubsub) => pubsub.close(),
+        }
+    }
+
+    fn channels(&self) -> usize {
+        match self {
+            Subscriptions::Server(pubsub) => pubsub.channels(),
+            Subscriptions::Cluster(pubsub) => pubsub.channels(),
+        }
+    }
 }
 
 impl RedisBroker {
@@ -192,6 +265,9 @@ impl RedisBroker {
     /// Connect with the given settings; fails like [`connect`](Self::connect).
     pub async fn connect_with(config: RedisConfig) -> Result<RedisBroker> {
         config.validate()?;
+        if cluster::is_cluster_url(&config.url) {
+            return Self::connect_cluster(config).await;
+        }
         let client = redis::Client::open(config.url.as_str()).map_err(|e| {
             Error::new(
                 ErrorKind::Config,
@@ -199,16 +275,29 @@ impl RedisBroker {
             )
             .with_source(e)
         })?;
-        let commands = Arc::new(Commands::new(client.clone(), &config));
+        let commands = Arc::new(Commands::new(Target::Server(client.clone()), &config));
         commands.connect_now().await?;
         // Opening a connection sends no command when the URL has no credentials: ask the server
         // once, so a server that wants a password (NOAUTH) is an `Auth` error here, at connect,
-        // and not on the first publish.
-        commands
+        // and not on the first publish. The same answer says whether it is a cluster node, which
+        // would answer most keys with MOVED.
+        let info: String = commands
             .run("connect", |mut conn| async move {
-                redis::cmd("PING").query_async::<()>(&mut conn).await
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async(&mut conn)
+                    .await
             })
             .await?;
+        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{} is a Redis Cluster node: use redis+cluster://host:port[,host:port...]",
+                    config.redacted_url()
+                ),
+            ));
+        }
         // When the subscription connection is lost, the command connection most likely is too:
         // drop it, so that the first command after an outage does not fail on a dead socket.
         let weak = Arc::downgrade(&commands);
@@ -217,17 +306,44 @@ impl RedisBroker {
                 commands.invalidate_current();
             }
         });
-        let pubsub = PubSubHandle::start(client, &config, on_lost).await?;
+        let pubsub = pubsub::start(client, &config, on_lost).await?;
         tracing::debug!(url = %config.redacted_url(), "redis: broker connected");
-        Ok(RedisBroker {
+        Ok(Self::new(config, commands, Subscriptions::Server(pubsub)))
+    }
+
+    /// Connect to the Redis Cluster of a `redis+cluster://` URL.
+    async fn connect_cluster(config: RedisConfig) -> Result<RedisBroker> {
+        let client = cluster::client(&config, None)?;
+        let commands = Arc::new(Commands::new(Target::Cluster(client), &config));
+        commands
+            .connect_now()
+            .await
+            .map_err(|e| error::refine_cluster_connect(&config, e))?;
+        commands
+            .run("connect", |mut conn| async move {
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await?;
+        let pubsub = cluster_pubsub::start(&config).await?;
+        tracing::debug!(url = %config.redacted_url(), "redis: cluster broker connected");
+        Ok(Self::new(config, commands, Subscriptions::Cluster(pubsub)))
+    }
+
+    fn new(config: RedisConfig, commands: Arc<Commands>, subscriptions: Subscriptions) -> Self {
+        RedisBroker {
             inner: Arc::new(Inner {
                 config,
                 closed: AtomicBool::new(false),
                 commands,
-                pubsub,
+                subscriptions,
                 script: redis::Script::new(lease::SCRIPT),
             }),
-        })
+        }
+    }
+
+    /// Whether this broker talks to a Redis Cluster (a `redis+cluster://` URL).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.subscriptions.is_cluster()
     }
 
     /// The settings this broker was built with.
@@ -242,7 +358,7 @@ impl RedisBroker {
     /// dropped.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        self.inner.pubsub.close();
+        self.inner.subscriptions.close();
         self.inner.commands.invalidate_current();
     }
 
@@ -253,10 +369,7 @@ impl RedisBroker {
 
     fn check_open(&self, what: &str) -> Result<()> {
         if self.is_closed() {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                format!("redis broker is closed; cannot {what}"),
-            ));
+            return Err(error::closed(what));
         }
         Ok(())
     }
@@ -279,9 +392,70 @@ impl RedisBroker {
             .map(|n| n > 0)
     }
 
+    /// The lease keys whose sorted set matches `pattern`, by `SCAN` (on the node `route` names,
+    /// on a cluster).
+    async fn scan(&self, pattern: &[u8], route: Option<RoutingInfo>) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("zset");
+            let route = route.clone();
+            let (next, batch): (u64, Vec<Vec<u8>>) = self
+                .inner
+                .commands
+                .run("list keys", |conn| async move {
+                    match (conn, route) {
+                        (Conn::Cluster(mut conn), Some(route)) => {
+                            let value = conn.route_command(scan, route).await?;
+                            Ok(redis::FromRedisValue::from_redis_value(value)?)
+                        }
+                        (mut conn, _) => scan.query_async(&mut conn).await,
+                    }
+                })
+                .await?;
+            found.extend(batch.iter().filter_map(|k| lease::lease_key_of(k)));
+            if next == 0 {
+                return Ok(found);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The masters of the cluster.
+    async fn masters(&self) -> Result<Vec<(String, u16)>> {
+        self.inner
+            .commands
+            .run("list keys", |conn| async move {
+                match conn {
+                    Conn::Cluster(mut conn) => cluster::masters(&mut conn).await,
+                    Conn::Server(_) => Ok(Vec::new()),
+                }
+            })
+            .await
+    }
+
     /// The live leases of each of `keys`, by the server's clock: `TIME`, then one pipeline of
-    /// `ZCOUNT bgl:{key} (now +inf`.
+    /// `ZCOUNT bgl:{key} (now +inf`. On a cluster, where the keys live in different slots (and
+    /// each node has its clock), each key's `count`.
     async fn live_counts(&self, keys: &[String]) -> Result<Vec<KeyCount>> {
+        if self.is_cluster() {
+            let mut counts = Vec::with_capacity(keys.len());
+            for key in keys {
+                let live = self.count(key).await?;
+                counts.push(KeyCount {
+                    key: key.clone(),
+                    live,
+                });
+            }
+            return Ok(counts);
+        }
         let time: (u64, u64) = self
             .inner
             .commands
@@ -346,20 +520,27 @@ impl fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker")
             .field("url", &self.inner.config.redacted_url())
             .field("op_timeout", &self.inner.config.connection.op_timeout)
-            .field("subscribed_channels", &self.inner.pubsub.channels())
+            .field("cluster", &self.is_cluster())
+            .field("subscribed_channels", &self.inner.subscriptions.channels())
             .finish()
     }
 }
 
 #[async_trait]
 impl Broker for RedisBroker {
+    /// `PUBLISH`; on a cluster `SPUBLISH`, which reaches the subscribers of the channel's shard.
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
         self.check_open("publish")?;
+        let command = if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
         let receivers = self
             .inner
             .commands
             .run("publish", |mut conn| async move {
-                redis::cmd("PUBLISH")
+                redis::cmd(command)
                     .arg(channel)
                     .arg(payload.as_ref())
                     .query_async::<u64>(&mut conn)
@@ -371,7 +552,10 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, channel: &str) -> Result<Subscription> {
         self.check_open("subscribe")?;
-        self.inner.pubsub.subscribe(channel).await
+        match &self.inner.subscriptions {
+            Subscriptions::Server(supervisor) => pubsub::subscribe(supervisor, channel).await,
+            Subscriptions::Cluster(supervisor) => pubsub::subscribe(supervisor, channel).await,
+        }
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
@@ -381,8 +565,13 @@ impl Broker for RedisBroker {
         lease::parse_acquired(id, value)
     }
 
-    /// One script run: the flag check and the acquire (see the crate docs, *Lease layout*).
+    /// One script run: the flag check and the acquire (see the crate docs, *Lease layout*). On
+    /// a cluster, where the flag and the key live in different slots, the flag check, then the
+    /// acquire.
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
+        if self.is_cluster() && !cluster::same_slot(&lease::keys(flag).0, &lease::keys(key).0) {
+            return bgtask_core::broker::admit_in_two_steps(self, flag, key, request).await;
+        }
         let id = LeaseId::random();
         let args = lease::acquire_args("admit", &id, &request);
         let value = self.lease_script("admit", key, Some(flag), args).await?;
@@ -390,7 +579,8 @@ impl Broker for RedisBroker {
     }
 
     /// One `MULTI`/`EXEC`: the release's commands (see [`release`](Broker::release)), then
-    /// `PUBLISH`. One round trip, and the release is applied before the message goes out.
+    /// `PUBLISH`. One round trip, and the release is applied before the message goes out. On a
+    /// cluster (the key and the channel live in different slots): the release, then `SPUBLISH`.
     async fn release_and_publish(
         &self,
         key: &str,
@@ -399,6 +589,10 @@ impl Broker for RedisBroker {
         payload: Bytes,
     ) -> Result<(Published, bool)> {
         self.check_open("release and publish")?;
+        if self.is_cluster() {
+            return bgtask_core::broker::release_then_publish(self, key, lease, channel, payload)
+                .await;
+        }
         let mut pipe = lease::release_pipe(key, lease);
         pipe.publish(channel, payload.as_ref());
         let (time, expiry, _, _, receivers): lease::ReleaseAndPublishReply = self
@@ -469,35 +663,21 @@ impl Broker for RedisBroker {
     }
 
     /// An incremental `SCAN … MATCH bgl:{<prefix>* TYPE zset` over the keyspace (never one
-    /// blocking command), then `TIME` and one pipelined `ZCOUNT` per matching key.
+    /// blocking command; on a cluster, over each master's), then the live leases of a page of
+    /// the keys found.
     async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
         self.check_open("list keys")?;
         let pattern = lease::scan_pattern(prefix);
         let mut found = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let pattern = pattern.clone();
-            let (next, batch): (u64, Vec<Vec<u8>>) = self
-                .inner
-                .commands
-                .run("list keys", |mut conn| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("TYPE")
-                        .arg("zset")
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            found.extend(batch.iter().filter_map(|k| lease::lease_key_of(k)));
-            if next == 0 {
-                break;
+        if self.is_cluster() {
+            for (host, port) in self.masters().await? {
+                found.extend(
+                    self.scan(&pattern, Some(cluster::node(&host, port)))
+                        .await?,
+                );
             }
-            cursor = next;
+        } else {
+            found = self.scan(&pattern, None).await?;
         }
         found.retain(|key| after.is_none_or(|after| key.as_str() > after));
         found.sort_unstable();

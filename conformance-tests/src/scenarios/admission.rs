@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde_json::{json, Value};
 
+use super::from_four_brokers;
 use crate::harness::{expect_message, next_message, RawWorker};
 use crate::Harness;
 
@@ -33,13 +34,8 @@ fn limit(cap: u64, ttl: Duration) -> LeaseRequest {
 /// 64 concurrent admissions with cap 5, from four brokers: exactly 5 granted, the rest `Full`
 /// with a live count of 5, and 5 leases live after.
 pub async fn admit_caps_exactly_under_64_creators(h: Harness) {
-    let mut brokers = Vec::new();
-    for _ in 0..4 {
-        brokers.push(h.broker().await);
-    }
     let (flag, key) = (h.name("flag"), h.name("limit"));
-    let results = join_all((0..64).map(|i| {
-        let broker = brokers[i % brokers.len()].clone();
+    let (results, brokers) = from_four_brokers(&h, 64, |broker| {
         let (flag, key) = (flag.clone(), key.clone());
         async move {
             broker
@@ -47,7 +43,7 @@ pub async fn admit_caps_exactly_under_64_creators(h: Harness) {
                 .await
                 .unwrap()
         }
-    }))
+    })
     .await;
     let granted = results
         .iter()

@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use bgtask_core::{LeaseId, LeaseRequest, Published};
 use bytes::Bytes;
-use futures::future::join_all;
 
-use super::hostile_names;
+use super::{from_four_brokers, hostile_names};
 use crate::harness::next_message;
 use crate::Harness;
 
@@ -239,17 +238,12 @@ pub async fn lease_cap_is_respected(h: Harness) {
 
 /// 100 concurrent acquires with cap 5, from four brokers, yield exactly 5 leases.
 pub async fn concurrent_acquires_respect_the_cap(h: Harness) {
-    let mut brokers = Vec::new();
-    for _ in 0..4 {
-        brokers.push(h.broker().await);
-    }
     let key = h.name("race");
     let request = LeaseRequest::new(Duration::from_secs(30)).cap(5);
-    let results = join_all((0..100).map(|i| {
-        let broker = brokers[i % brokers.len()].clone();
+    let (results, brokers) = from_four_brokers(&h, 100, |broker| {
         let (key, request) = (key.clone(), request.clone());
         async move { broker.acquire(&key, request).await.unwrap() }
-    }))
+    })
     .await;
     let granted = results.iter().filter(|a| a.lease.is_some()).count();
     assert_eq!(granted, 5, "100 concurrent acquires with cap 5");
@@ -388,17 +382,12 @@ pub async fn uncapped_leases_count_up(h: Harness) {
 /// 100 concurrent claims of one key, from four brokers: exactly one wins; the claim expires by
 /// itself; claim keys are exact (hostile names never meet).
 pub async fn claims_are_exclusive_and_expire(h: Harness) {
-    let mut brokers = Vec::new();
-    for _ in 0..4 {
-        brokers.push(h.broker().await);
-    }
     let key = h.name("claim");
     let ttl = Duration::from_millis(400);
-    let results = join_all((0..100).map(|i| {
-        let broker = brokers[i % brokers.len()].clone();
+    let (results, brokers) = from_four_brokers(&h, 100, |broker| {
         let key = key.clone();
         async move { broker.claim(&key, ttl).await.unwrap() }
-    }))
+    })
     .await;
     assert_eq!(results.iter().filter(|&&won| won).count(), 1);
     tokio::time::sleep(Duration::from_millis(800)).await;

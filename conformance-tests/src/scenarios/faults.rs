@@ -236,21 +236,149 @@ pub const RECOVERY: Duration = Duration::from_secs(3);
 /// runs twice, workers serve new tasks within [`RECOVERY`] of the broker coming back, and no
 /// lease is left once the leases' TTL has passed.
 async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-
-    use bgtask_core::{ClientConfig, KeyLimit};
+    use std::sync::Arc;
 
     let Some((proxy, worker_broker)) = h.proxied_broker().await else {
         return;
     };
     let proxy = Arc::new(proxy);
+    let workers = vec![worker_broker, h.broker_via(&proxy).await.unwrap()];
+    let creator = h.broker_via(&proxy).await.unwrap();
+    // The brokers' connections go through the proxy: it lives as long as the load.
+    let _proxy = proxy.clone();
+    let fault = move || async move {
+        match outage {
+            Outage::Cut => proxy.cut(),
+            Outage::BlackHole => proxy.black_hole(),
+        }
+        tokio::time::sleep(length).await;
+        proxy.pass();
+    };
+    let report = under_load(&h, workers, creator, fault).await;
+    eprintln!("outage under load ({outage:?}, {length:?}): {report}");
+    report.check();
+    assert!(
+        report.recovered <= RECOVERY,
+        "workers served again only {:?} after the broker came back",
+        report.recovered
+    );
+}
+
+/// What [`under_load`] saw.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// Tasks submitted; each ended exactly once (asserted while running).
+    pub tasks: u64,
+    /// Tasks that got their reply.
+    pub replies: u64,
+    /// Tasks that ended with an error, by kind.
+    pub errors: std::collections::HashMap<ErrorKind, u64>,
+    /// Tasks that ended later than their deadline plus a 500 ms grace.
+    pub late: u64,
+    /// Tasks a worker ran more than once.
+    pub twice: u64,
+    /// From the end of the fault to the first reply of a task submitted after it (or of a
+    /// probe, when the load had ended by then).
+    pub recovered: Duration,
+    /// Leases of the run's key values left once the longest lease's TTL had passed.
+    pub leases_left: u64,
+    /// Replies in each second of the run.
+    pub per_second: Vec<u64>,
+    /// When the fault began and ended, from the start of the run.
+    pub fault: (Duration, Duration),
+}
+
+impl LoadReport {
+    /// Assert what every fault must leave true: every task ended in time, none ran twice, each
+    /// error is one a fault explains, no lease is left, and some tasks succeeded.
+    pub fn check(&self) {
+        assert_eq!(self.late, 0, "tasks ended after their deadline: {self}");
+        assert_eq!(self.twice, 0, "tasks executed twice: {self}");
+        for kind in self.errors.keys() {
+            assert!(
+                // NoWorker: the creator's connection came back before the workers' subscriptions.
+                matches!(
+                    kind,
+                    ErrorKind::Unavailable | ErrorKind::TimedOut | ErrorKind::NoWorker
+                ),
+                "unexpected error kind {kind:?}: {self}"
+            );
+        }
+        assert_eq!(self.leases_left, 0, "leases left after their TTL: {self}");
+        assert!(self.replies > 0, "no task succeeded at all: {self}");
+    }
+
+    /// The replies per second before the fault (the seconds after the first, which warms up).
+    pub fn rate_before(&self) -> f64 {
+        let before = &self.per_second[1..(self.fault.0.as_secs() as usize).max(2)];
+        before.iter().sum::<u64>() as f64 / before.len() as f64
+    }
+
+    /// How long after the fault began the replies per second were back to `share` of
+    /// [`rate_before`](Self::rate_before), and stayed there for 3 full seconds (or to the end of
+    /// the load); `None` if they never were.
+    pub fn throughput_back(&self, share: f64) -> Option<Duration> {
+        let floor = share * self.rate_before();
+        let from = self.fault.0.as_secs() as usize;
+        // The last second is partial (the load's tail).
+        let full = self.per_second.len().saturating_sub(1);
+        (from..full)
+            .find(|&s| {
+                self.per_second[s..full.min(s + 3)]
+                    .iter()
+                    .all(|&n| n as f64 >= floor)
+            })
+            .map(|s| Duration::from_secs(s as u64 + 1).saturating_sub(self.fault.0))
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tasks ended once each: {} replies, errors {:?}; {} after deadline, {} executed \
+             twice; served again {:?} after the fault ended; {} leases left; replies per second \
+             {:?} (fault from {:?} to {:?})",
+            self.tasks,
+            self.replies,
+            self.errors,
+            self.late,
+            self.twice,
+            self.recovered,
+            self.leases_left,
+            self.per_second,
+            self.fault.0,
+            self.fault.1,
+        )
+    }
+}
+
+/// 10,000 keyed tasks (50 key values) at a steady 500 per second, 2 s timeout, served by one
+/// worker (256 at a time) on each of `workers` and submitted through `creator`, while `fault`
+/// runs from 5 s into the load: it causes the fault and returns when it is over. Each task's
+/// ending is checked as it comes (exactly once, the right reply); what else happened is in the
+/// report, for the caller to assert ([`LoadReport::check`]).
+pub async fn under_load<F, Fut>(
+    h: &Harness,
+    workers: Vec<bgtask_core::DynBroker>,
+    creator: bgtask_core::DynBroker,
+    fault: F,
+) -> LoadReport
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use bgtask_core::{ClientConfig, KeyLimit};
+
     const TASKS: u64 = 10_000;
     const TIMEOUT: Duration = Duration::from_secs(2);
     const GRACE: Duration = Duration::from_millis(500);
     let executions: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
     let mut guards = Vec::new();
-    for broker in [worker_broker, h.broker_via(&proxy).await.unwrap()] {
+    for broker in workers {
         let worker = Worker::new(broker, h.worker_config(&["load"]))
             .await
             .unwrap();
@@ -270,25 +398,15 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
         lease_margin: Duration::from_millis(500),
         ..h.client_config()
     };
-    let client = Client::new(h.broker_via(&proxy).await.unwrap(), config)
-        .await
-        .unwrap();
+    let client = Client::new(creator, config).await.unwrap();
 
     let started = Instant::now();
-    let outage_at = started + Duration::from_secs(5);
-    let restore_at = outage_at + length;
-    let faults = {
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(outage_at).await;
-            match outage {
-                Outage::Cut => proxy.cut(),
-                Outage::BlackHole => proxy.black_hole(),
-            }
-            tokio::time::sleep_until(restore_at).await;
-            proxy.pass();
-        })
-    };
+    let fault_at = started + Duration::from_secs(5);
+    let faults = tokio::spawn(async move {
+        tokio::time::sleep_until(fault_at).await;
+        fault().await;
+        Instant::now()
+    });
     let mut ticker = tokio::time::interval(Duration::from_millis(2));
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..TASKS {
@@ -307,8 +425,7 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
     }
     let mut ended = HashMap::new();
     let (mut replies, mut errors, mut late) = (0u64, HashMap::new(), 0u64);
-    // The first reply to a task submitted after the broker came back.
-    let mut first_after_restore: Option<Duration> = None;
+    let mut done: Vec<(Instant, Instant)> = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         let (n, submitted, took, result) = joined.expect("a task future panicked");
         assert!(ended.insert(n, ()).is_none(), "task {n} ended twice");
@@ -319,37 +436,36 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
             Ok(reply) => {
                 assert_eq!(reply["n"], json!(n), "a reply for another task");
                 replies += 1;
-                if submitted >= restore_at {
-                    let after = (submitted + took) - restore_at;
-                    first_after_restore = Some(first_after_restore.map_or(after, |f| f.min(after)));
-                }
+                done.push((submitted, submitted + took));
             }
             Err(e) => *errors.entry(e.kind()).or_insert(0u64) += 1,
         }
     }
-    faults.await.unwrap();
+    let restore_at = faults.await.unwrap();
     assert_eq!(ended.len() as u64, TASKS);
-    assert_eq!(late, 0, "tasks ended after their deadline");
     let twice = executions
         .lock()
         .unwrap()
         .values()
         .filter(|&&c| c > 1)
-        .count();
-    assert_eq!(twice, 0, "tasks executed twice");
-    for kind in errors.keys() {
-        assert!(
-            // NoWorker: the creator's connection came back before the workers' subscriptions.
-            matches!(
-                kind,
-                ErrorKind::Unavailable | ErrorKind::TimedOut | ErrorKind::NoWorker
-            ),
-            "unexpected error kind {kind:?}: {errors:?}"
-        );
+        .count() as u64;
+    let mut per_second = Vec::new();
+    for (_, at) in &done {
+        let second = (*at - started).as_secs() as usize;
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
     }
+    // The first reply to a task submitted after the fault ended.
+    let first_after_restore = done
+        .iter()
+        .filter(|(submitted, _)| *submitted >= restore_at)
+        .map(|(_, at)| *at - restore_at)
+        .min();
 
-    // Recovery: new tasks are served within RECOVERY of the broker coming back: the first reply
-    // to a task submitted after the restore, or (when the load ended before it) a probe.
+    // Recovery: new tasks are served after the fault: the first reply to a task submitted after
+    // it, or (when the load ended before it) a probe.
     let probe_from = Instant::now().max(restore_at);
     tokio::time::sleep_until(probe_from).await;
     let recovered = if let Some(first) = first_after_restore {
@@ -382,16 +498,18 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
     for user in 0..50 {
         leases_left += direct.in_flight("load", &format!("u{user}")).await.unwrap();
     }
-    eprintln!(
-        "outage under load ({outage:?}, {length:?}): {TASKS} tasks ended once each: {replies} replies, errors {errors:?}; \
-         0 after deadline, 0 executed twice; served again {recovered:?} after the broker came back; {leases_left} leases left"
-    );
-    assert!(
-        recovered <= RECOVERY,
-        "workers served again only {recovered:?} after the broker came back"
-    );
-    assert_eq!(leases_left, 0, "leases left after their TTL");
-    assert!(replies > 0, "no task succeeded at all");
+    drop(guards);
+    LoadReport {
+        tasks: TASKS,
+        replies,
+        errors,
+        late,
+        twice,
+        recovered,
+        leases_left,
+        per_second,
+        fault: (fault_at - started, restore_at - started),
+    }
 }
 
 /// Outage under load: a 5 s cut.

@@ -4,8 +4,10 @@
 
 pub mod admission;
 pub mod broker;
-pub mod cluster;
 pub mod faults;
+pub mod hostile;
+pub mod keys;
+pub mod lifecycle;
 pub mod listing;
 pub mod offers;
 pub mod protocol;
@@ -40,4 +42,19 @@ pub fn hostile_names() -> Vec<String> {
     names.push(format!("{long}2"));
     names.push(long.to_uppercase());
     names
+}
+
+/// Make `calls` calls of `call` at once, spread over four brokers (as from four processes):
+/// the results in call order, and the brokers.
+pub(crate) async fn from_four_brokers<T, Fut: std::future::Future<Output = T>>(
+    h: &crate::Harness,
+    calls: usize,
+    call: impl Fn(bgtask_core::DynBroker) -> Fut,
+) -> (Vec<T>, Vec<bgtask_core::DynBroker>) {
+    let mut brokers = Vec::new();
+    for _ in 0..4 {
+        brokers.push(h.broker().await);
+    }
+    let all = (0..calls).map(|i| call(brokers[i % brokers.len()].clone()));
+    (futures::future::join_all(all).await, brokers)
 }

@@ -145,19 +145,11 @@ pub(crate) async fn run(settings: Settings, args: DemoArgs) -> CliResult {
         let payload = json!({"user": "gus", "image": format!("gus-{n}.png"), "step_ms": 70});
         match client.submit(TASK, &payload).await {
             Ok(handle) => running.push(tokio::spawn(follow(phase.line(&label), handle))),
-            Err(e) if e.kind() == ErrorKind::LimitReached => {
-                let detail = match e.detail() {
-                    Some(ErrorDetail::Limit { in_flight, limit }) => {
-                        format!("{in_flight} in flight, limit {limit}")
-                    }
-                    _ => e.to_string(),
-                };
-                phase
-                    .line(&label)
-                    .finish(false, format!("refused at once: limit reached ({detail})"));
-                tally.add(Outcome::LimitReached);
+            Err(e) => {
+                let (outcome, line) = refused(e, ErrorKind::LimitReached)?;
+                phase.line(&label).finish(false, line);
+                tally.add(outcome);
             }
-            Err(e) => return Err(e.into()),
         }
     }
     for outcome in futures::future::join_all(running).await {
@@ -204,19 +196,11 @@ pub(crate) async fn run(settings: Settings, args: DemoArgs) -> CliResult {
             json!({"user": "mallory", "image": format!("evil-{attempt}.png"), "kind": "corrupt"});
         match client.submit(TASK, &payload).await {
             Ok(handle) => tally.add(follow(phase.line(&label), handle).await),
-            Err(e) if e.kind() == ErrorKind::Blacklisted => {
-                let detail = match e.detail() {
-                    Some(ErrorDetail::Blacklisted { reason, remaining }) => {
-                        format!("{reason}; {} left", human(*remaining))
-                    }
-                    _ => e.to_string(),
-                };
-                phase
-                    .line(&label)
-                    .finish(false, format!("refused at once: blacklisted ({detail})"));
-                tally.add(Outcome::Blacklisted);
+            Err(e) => {
+                let (outcome, line) = refused(e, ErrorKind::Blacklisted)?;
+                phase.line(&label).finish(false, line);
+                tally.add(outcome);
             }
-            Err(e) => return Err(e.into()),
         }
     }
     drop(phase);
@@ -309,6 +293,31 @@ async fn thumbnail(task: &bgtask::TaskContext, worker: u64) -> bgtask::HandlerRe
         }
     }
     Ok(json!({"thumbnail": format!("thumbs/{user}.png"), "worker": worker}))
+}
+
+/// A submit that admission control refused at once with `expected` (a limit or a blacklist):
+/// its outcome and the line that shows it. Any other error is the demo's own.
+fn refused(e: bgtask::Error, expected: ErrorKind) -> CliResult<(Outcome, String)> {
+    if e.kind() != expected {
+        return Err(e.into());
+    }
+    let (outcome, what, detail) = match e.detail() {
+        Some(ErrorDetail::Limit { in_flight, limit }) => (
+            Outcome::LimitReached,
+            "limit reached",
+            format!("{in_flight} in flight, limit {limit}"),
+        ),
+        Some(ErrorDetail::Blacklisted { reason, remaining }) => (
+            Outcome::Blacklisted,
+            "blacklisted",
+            format!("{reason}; {} left", human(*remaining)),
+        ),
+        _ if expected == ErrorKind::LimitReached => {
+            (Outcome::LimitReached, "limit reached", e.to_string())
+        }
+        _ => (Outcome::Blacklisted, "blacklisted", e.to_string()),
+    };
+    Ok((outcome, format!("refused at once: {what} ({detail})")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

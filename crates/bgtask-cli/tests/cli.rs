@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::scratch::{
-    bgtask, free_port, is_gone, keyed_submit, wait_until, Scratch, BIN, CALL_LIMIT,
+    bgtask, free_port, is_gone, keyed_submit, wait_until, Run, Scratch, BIN, CALL_LIMIT,
 };
 
 #[test]
@@ -339,31 +339,12 @@ fn ctrl_c_on_submit_cancels_the_task_and_the_worker_kills_the_program() {
 #[test]
 fn bench_counts_errors_and_exits_70_when_tasks_fail() {
     let s = Scratch::new("bench", "");
-    let run = s.bgtask(&[
-        "bench",
-        "--workers",
-        "0",
-        "--tasks",
-        "5",
-        "--concurrency",
-        "2",
-        "--json",
-    ]);
-    assert_eq!(run.code, 70, "{run:?}");
-    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let args = ["--workers", "0", "--tasks", "5", "--concurrency", "2"];
+    let (run, out) = bench_json(&s, &args, 70);
     assert_eq!(out["bgtask"]["errors"]["no worker"], 5, "{run:?}");
 
-    let run = s.bgtask(&[
-        "bench",
-        "--tasks",
-        "200",
-        "--concurrency",
-        "8",
-        "--compare",
-        "--json",
-    ]);
-    assert_eq!(run.code, 0, "{run:?}");
-    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let args = ["--tasks", "200", "--concurrency", "8", "--compare"];
+    let (run, out) = bench_json(&s, &args, 0);
     assert_eq!(out["bgtask"]["ok"], 200, "{run:?}");
     assert_eq!(out["baseline"]["ok"], 200, "{run:?}");
     assert!(
@@ -374,6 +355,20 @@ fn bench_counts_errors_and_exits_70_when_tasks_fail() {
         out["bgtask"]["latency_ms"]["p99"].as_f64().unwrap() > 0.0,
         "{run:?}"
     );
+}
+
+/// `bgtask bench <args> --json`, which must exit with `code`: the run and its JSON report.
+fn bench_json(s: &Scratch, args: &[&str], code: i32) -> (Run, serde_json::Value) {
+    let all: Vec<&str> = ["bench"]
+        .iter()
+        .chain(args)
+        .chain(&["--json"])
+        .copied()
+        .collect();
+    let run = s.bgtask(&all);
+    assert_eq!(run.code, code, "{run:?}");
+    let out = serde_json::from_str(&run.stdout).unwrap();
+    (run, out)
 }
 
 #[test]

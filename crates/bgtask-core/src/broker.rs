@@ -136,10 +136,7 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// [`leases`](Broker::leases) then [`acquire`](Broker::acquire): two round trips, which a
     /// backend overrides with one where it can (Redis: one script; PostgreSQL: one statement).
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
-        if let Some(flag) = self.leases(flag).await?.into_iter().next() {
-            return Ok(Admission::Blacklisted(flag));
-        }
-        Ok(Admission::from(self.acquire(key, request).await?))
+        admit_in_two_steps(self, flag, key, request).await
     }
 
     /// [`Release`](Broker::release) `lease` of `key`, then [`publish`](Broker::publish)
@@ -163,9 +160,7 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         channel: &str,
         payload: Bytes,
     ) -> Result<(Published, bool)> {
-        let released = self.release(key, lease).await?;
-        let published = self.publish(channel, payload).await?;
-        Ok((published, released))
+        release_then_publish(self, key, lease, channel, payload).await
     }
 
     /// One page of the lease keys that start with `prefix` and have at least one live lease,
@@ -393,6 +388,36 @@ impl LeaseRequest {
     pub fn ttl_millis(&self) -> u64 {
         ttl_millis(self.ttl)
     }
+}
+
+/// [`Broker::admit`]'s provided implementation, [`leases`](Broker::leases) of `flag` then
+/// [`acquire`](Broker::acquire) on `key`: for a backend whose own `admit` cannot take one step
+/// every time (e.g. a Redis Cluster, when `flag` and `key` live on different nodes).
+pub async fn admit_in_two_steps<B: Broker + ?Sized>(
+    broker: &B,
+    flag: &str,
+    key: &str,
+    request: LeaseRequest,
+) -> Result<Admission> {
+    if let Some(flag) = broker.leases(flag).await?.into_iter().next() {
+        return Ok(Admission::Blacklisted(flag));
+    }
+    Ok(Admission::from(broker.acquire(key, request).await?))
+}
+
+/// [`Broker::release_and_publish`]'s provided implementation, [`release`](Broker::release)
+/// then [`publish`](Broker::publish): for a backend whose own one cannot take one step every
+/// time (a payload too large for one PostgreSQL notification, a Redis Cluster).
+pub async fn release_then_publish<B: Broker + ?Sized>(
+    broker: &B,
+    key: &str,
+    lease: &LeaseId,
+    channel: &str,
+    payload: Bytes,
+) -> Result<(Published, bool)> {
+    let released = broker.release(key, lease).await?;
+    let published = broker.publish(channel, payload).await?;
+    Ok((published, released))
 }
 
 /// A lease or claim TTL in whole milliseconds, at least 1 (saturating): the unit every backend

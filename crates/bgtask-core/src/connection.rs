@@ -1,6 +1,6 @@
 //! [`ConnectionSettings`]: what every networked backend's configuration shares — how long to
 //! wait for the server, how often to prove the subscription connection alive, how to back off
-//! while reconnecting, how much one subscription buffers. Each backend's config embeds one as
+//! while reconnecting, how much one subscription buffers (in messages and in bytes). Each backend's config embeds one as
 //! its `connection` field, and gets the `with_*` setters from
 //! [`connection_setters!`](crate::connection_setters).
 
@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The default number of messages one subscription buffers:
 /// [`ConnectionSettings::subscription_buffer`].
 pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 65_536;
+/// The default number of payload bytes one subscription buffers:
+/// [`ConnectionSettings::subscription_buffer_bytes`] (64 MiB).
+pub const DEFAULT_SUBSCRIPTION_BUFFER_BYTES: usize = 64 << 20;
 
 /// How a backend waits for its server and recovers from losing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,12 @@ pub struct ConnectionSettings {
     /// How many messages one subscription holds for a slow reader before it drops messages and
     /// yields [`Incoming::Gap`](crate::Incoming::Gap). Default 65536.
     pub subscription_buffer: usize,
+    /// How many payload bytes one subscription holds for a slow reader: past this, as past
+    /// `subscription_buffer` messages, messages are dropped and the reader gets
+    /// [`Incoming::Gap`](crate::Incoming::Gap). One message larger than this still goes into an
+    /// empty buffer. NATS does not apply it: async-nats buffers whole messages, counted only
+    /// (see the bgtask-nats docs). Default 64 MiB.
+    pub subscription_buffer_bytes: usize,
 }
 
 impl Default for ConnectionSettings {
@@ -53,6 +62,7 @@ impl Default for ConnectionSettings {
             liveness_interval: DEFAULT_LIVENESS_INTERVAL,
             max_backoff: DEFAULT_MAX_BACKOFF,
             subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
+            subscription_buffer_bytes: DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
         }
     }
 }
@@ -74,11 +84,17 @@ impl ConnectionSettings {
                 ));
             }
         }
-        if self.subscription_buffer == 0 {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("{backend}: subscription_buffer must be at least 1"),
-            ));
+        let counts = [
+            ("subscription_buffer", self.subscription_buffer),
+            ("subscription_buffer_bytes", self.subscription_buffer_bytes),
+        ];
+        for (name, value) in counts {
+            if value == 0 {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{backend}: {name} must be at least 1"),
+                ));
+            }
         }
         Ok(())
     }
@@ -141,7 +157,8 @@ macro_rules! connection_setters {
             with_connect_timeout connect_timeout: ::std::time::Duration,
             with_liveness_interval liveness_interval: ::std::time::Duration,
             with_max_backoff max_backoff: ::std::time::Duration,
-            with_subscription_buffer subscription_buffer: usize
+            with_subscription_buffer subscription_buffer: usize,
+            with_subscription_buffer_bytes subscription_buffer_bytes: usize
         );
     };
     (@setters $config:ty; $($setter:ident $field:ident: $type:ty),*) => {
@@ -212,6 +229,15 @@ mod tests {
         assert_eq!(
             empty.validate("postgres").unwrap_err().kind(),
             ErrorKind::Config
+        );
+        let no_bytes = ConnectionSettings {
+            subscription_buffer_bytes: 0,
+            ..ConnectionSettings::default()
+        };
+        let error = no_bytes.validate("redis").unwrap_err();
+        assert!(
+            error.to_string().contains("subscription_buffer_bytes"),
+            "{error}"
         );
     }
 }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod names;
 pub mod protocol;
 mod status;
+pub mod supervisor;
 
 pub use broker::{
     Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, KeyCount, KeyPage, LeaseId,

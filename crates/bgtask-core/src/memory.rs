@@ -1,6 +1,6 @@
 //! [`MemoryBroker`]: the embedded backend for one process.
 
-use crate::gap::{Delivery, GapSender};
+use crate::gap::{self, Delivery, GapSender};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::broker::{
@@ -20,12 +19,17 @@ use crate::error::Result;
 
 /// How many messages one subscription buffers before it drops and signals [`Incoming::Gap`].
 pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = crate::connection::DEFAULT_SUBSCRIPTION_BUFFER;
+/// How many payload bytes one subscription buffers before it drops and signals
+/// [`Incoming::Gap`] (one larger message still goes into an empty buffer).
+pub const DEFAULT_SUBSCRIPTION_BUFFER_BYTES: usize =
+    crate::connection::DEFAULT_SUBSCRIPTION_BUFFER_BYTES;
 
 /// A broker that lives inside one process: publish, subscribe and leases in memory.
 ///
 /// Clones share the same state. Its clock is the process's monotonic clock. A subscriber that
-/// falls more than [`DEFAULT_SUBSCRIPTION_BUFFER`] messages behind loses the newest messages and
-/// is told so by an [`Incoming::Gap`]; publishers never wait for slow subscribers.
+/// falls more than [`DEFAULT_SUBSCRIPTION_BUFFER`] messages or
+/// [`DEFAULT_SUBSCRIPTION_BUFFER_BYTES`] bytes behind loses the newest messages and is told so
+/// by an [`Incoming::Gap`]; publishers never wait for slow subscribers.
 #[derive(Clone, Default)]
 pub struct MemoryBroker {
     state: Arc<Mutex<State>>,
@@ -216,7 +220,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        let (tx, rx) = mpsc::channel(DEFAULT_SUBSCRIPTION_BUFFER);
+        let (tx, rx) = gap::channel(
+            DEFAULT_SUBSCRIPTION_BUFFER,
+            DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
+        );
         let id = {
             let mut state = self.state();
             state.next_subscriber += 1;
@@ -225,10 +232,7 @@ impl Broker for MemoryBroker {
                 .channels
                 .entry(channel.to_owned())
                 .or_default()
-                .push(Subscriber {
-                    id,
-                    tx: GapSender::new(tx),
-                });
+                .push(Subscriber { id, tx });
             id
         };
         let guard = Unsubscribe {
@@ -374,13 +378,53 @@ mod tests {
                 Some(Incoming::Message(Bytes::from_static(b"m")))
             );
         }
-        broker
-            .publish("slow", Bytes::from_static(b"after"))
-            .await
-            .unwrap();
+        gap_then_after(&broker, &mut sub).await;
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_does_not_read_holds_at_most_the_byte_bound_then_gets_a_gap() {
+        use futures::StreamExt;
+        const MIB: usize = 1 << 20;
+        let broker = MemoryBroker::new();
+        let mut sub = broker.subscribe("large").await.unwrap();
+        let fit = DEFAULT_SUBSCRIPTION_BUFFER_BYTES / MIB;
+        // A burst of 1 MiB payloads, each its own allocation, to a reader that does not read.
+        for i in 0..fit + 8 {
+            let payload = Bytes::from(vec![u8::try_from(i % 251).unwrap(); MIB]);
+            let published = broker.publish("large", payload).await.unwrap();
+            assert_eq!(published, Published::Receivers(1), "still a receiver");
+        }
+        let held = {
+            let state = broker.state();
+            state.channels["large"][0].tx.held_bytes()
+        };
+        assert_eq!(
+            held,
+            fit * MIB,
+            "the buffer holds the byte bound, not the burst"
+        );
+        for i in 0..fit {
+            match sub.next().await {
+                Some(Incoming::Message(bytes)) => {
+                    assert_eq!(
+                        (bytes.len(), bytes[0]),
+                        (MIB, u8::try_from(i % 251).unwrap())
+                    );
+                }
+                other => panic!("message {i}: {other:?}"),
+            }
+        }
+        gap_then_after(&broker, &mut sub).await;
+    }
+
+    /// After a reader caught up with a buffer that overflowed: the next message comes after
+    /// one gap.
+    async fn gap_then_after(broker: &MemoryBroker, sub: &mut Subscription) {
+        use futures::StreamExt;
+        let after = Bytes::from_static(b"after");
+        broker.publish(sub.channel(), after.clone()).await.unwrap();
         assert_eq!(sub.next().await, Some(Incoming::Gap));
-        let after = Incoming::Message(Bytes::from_static(b"after"));
-        assert_eq!(sub.next().await, Some(after));
+        assert_eq!(sub.next().await, Some(Incoming::Message(after)));
     }
 
     #[tokio::test]

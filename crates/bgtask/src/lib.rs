@@ -26,7 +26,8 @@ use std::sync::Arc;
 pub enum Scheme {
     /// `memory://`: a new in-process [`MemoryBroker`].
     Memory,
-    /// `redis://` or `rediss://` (TLS).
+    /// `redis://` or `rediss://` (TLS); a Redis Cluster with `redis+cluster://` or
+    /// `rediss+cluster://`.
     Redis,
     /// `nats://` or `tls://`.
     Nats,
@@ -40,13 +41,13 @@ impl Scheme {
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
         match scheme.to_ascii_lowercase().as_str() {
             "memory" => Ok(Scheme::Memory),
-            "redis" | "rediss" => Ok(Scheme::Redis),
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(Scheme::Redis),
             "nats" | "tls" => Ok(Scheme::Nats),
             "postgres" | "postgresql" => Ok(Scheme::Postgres),
             _ => Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "unknown broker URL {:?}: expected memory://, redis://, rediss://, nats://, tls://, postgres:// or postgresql://",
+                    "unknown broker URL {:?}: expected memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, nats://, tls://, postgres:// or postgresql://",
                     redact(url)
                 ),
             )),
@@ -70,6 +71,7 @@ impl Scheme {
 /// |---|---|
 /// | `memory://` | a new [`MemoryBroker`] (one process; share it by cloning the `Arc`) |
 /// | `redis://[user:password@]host[:port][/db]`, `rediss://...` | Redis (feature `redis`, default) |
+/// | `redis+cluster://[user:password@]host:port[,host:port...]`, `rediss+cluster://...` | a Redis Cluster (feature `redis`) |
 /// | `nats://...`, `tls://...` | NATS (feature `nats`) |
 /// | `postgres://...`, `postgresql://...` | PostgreSQL (feature `postgres`) |
 ///
@@ -135,6 +137,10 @@ mod tests {
     fn schemes() {
         assert_eq!(Scheme::of("redis://localhost").unwrap(), Scheme::Redis);
         assert_eq!(Scheme::of("REDISS://x").unwrap(), Scheme::Redis);
+        assert_eq!(
+            Scheme::of("redis+cluster://a:1,b:2").unwrap(),
+            Scheme::Redis
+        );
         assert_eq!(Scheme::of("memory://").unwrap(), Scheme::Memory);
         assert_eq!(Scheme::of("postgresql://x").unwrap(), Scheme::Postgres);
         let err = Scheme::of("ftp://user:secret@x").unwrap_err();

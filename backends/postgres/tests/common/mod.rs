@@ -75,16 +75,17 @@ impl TestSchema {
 
     /// The number of rows in this schema's `payloads` table.
     pub async fn payload_rows(&self) -> i64 {
-        let sql = format!("SELECT count(*) FROM \"{}\".payloads", self.name);
-        sqlx::query_scalar(&sql)
-            .fetch_one(&mut raw().await)
-            .await
-            .unwrap()
+        self.rows("payloads").await
     }
 
     /// The number of rows in this schema's `leases` table, expired ones included.
     pub async fn lease_rows(&self) -> i64 {
-        let sql = format!("SELECT count(*) FROM \"{}\".leases", self.name);
+        self.rows("leases").await
+    }
+
+    /// The number of rows in this schema's `table`.
+    async fn rows(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM \"{}\".{table}", self.name);
         sqlx::query_scalar(&sql)
             .fetch_one(&mut raw().await)
             .await

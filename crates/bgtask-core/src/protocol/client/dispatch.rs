@@ -1,6 +1,7 @@
 //! Delivery back to the creator: the reply channel's messages routed to their tasks, presence
 //! applied to the roster, and the loops that read both subscriptions.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,15 +115,9 @@ impl Inner {
         };
         let id = || message.id.clone().into_owned();
         if message.kind == Kind::Progress {
-            let mut dropped = false;
-            slot.push(|state| {
-                if state.progress.len() < PROGRESS_BUFFER {
-                    state.progress.push_back(body);
-                } else {
-                    dropped = true;
-                }
-            });
-            if dropped {
+            let mut kept = true;
+            slot.push(|state| kept = push_bounded(&mut state.progress, body, PROGRESS_BUFFER));
+            if !kept {
                 self.counters.count_dropped();
             }
             self.emit(|| ClientEvent::Progress { id: id() });
@@ -130,15 +125,9 @@ impl Inner {
             let status = message.status.unwrap_or(Status::Failed);
             let worker = message.worker.as_deref().unwrap_or_default().to_owned();
             let reply = Reply::from_wire(status, worker, body);
-            let mut dropped = false;
-            slot.push(|state| {
-                if state.replies.len() < BROADCAST_BUFFER {
-                    state.replies.push_back(reply);
-                } else {
-                    dropped = true;
-                }
-            });
-            if dropped {
+            let mut kept = true;
+            slot.push(|state| kept = push_bounded(&mut state.replies, reply, BROADCAST_BUFFER));
+            if !kept {
                 self.counters.count_dropped();
             }
             self.emit(|| ClientEvent::Done { id: id(), status });
@@ -242,4 +231,13 @@ pub(super) async fn dispatch(inner: std::sync::Weak<Inner>, subscription: crate:
         true
     })
     .await
+}
+
+/// Push `item` at the back of `queue` unless it holds `cap` items already; whether it was kept.
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) -> bool {
+    let kept = queue.len() < cap;
+    if kept {
+        queue.push_back(item);
+    }
+    kept
 }
