@@ -91,6 +91,11 @@ impl Claims {
         })
     }
 
+    /// The claim stream's replicas.
+    pub(crate) fn replicas(&self) -> u32 {
+        self.store.stream.replicas()
+    }
+
     /// The claim stream's name.
     pub(crate) fn stream(&self) -> &str {
         self.store.stream.js().stream()

@@ -23,6 +23,19 @@ pub const DEFAULT_LEASE_MAX_TTL: Duration = Duration::from_secs(32 * 24 * 60 * 6
 /// chunks where the server's `max_payload` is smaller: [`NatsConfig::max_message_size`].
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 
+/// The most replicas a JetStream stream can have.
+pub const MAX_REPLICAS: u32 = 5;
+
+/// The replicas of the lease and claim streams when the server is in a cluster of at least this
+/// many servers and [`NatsConfig::replicas`] is not set.
+pub const CLUSTER_REPLICAS: u32 = 3;
+
+/// The oldest nats-server that keeps compare-and-set writes exclusive on a replicated stream,
+/// which the leases and claims rely on: before it, concurrent writes expecting the same last
+/// sequence of a subject could all succeed on a stream with more than one replica
+/// (nats-server#4320, fixed in 2.9.21; #5794, "expect no message" writes, fixed in 2.10.19).
+pub const MIN_REPLICATED_SERVER: (u32, u32, u32) = (2, 10, 19);
+
 /// The port of a URL that names none.
 pub const DEFAULT_PORT: u16 = 4222;
 
@@ -39,6 +52,8 @@ pub struct NatsConfig {
     /// (port 4222 when none is given). Several servers of one cluster may be given, separated by
     /// commas (`nats://a:4222,nats://b:4222`); credentials may then appear in any of them but
     /// must be the same wherever they do. User, password and token are percent-decoded.
+    /// The one query parameter is `replicas=N` (see [`replicas`](Self::replicas)), e.g.
+    /// `nats://a:4222,nats://b:4222,nats://c:4222?replicas=3`; any other is an error.
     pub url: String,
     /// How long to wait for the server, how often the client pings it (three pings left
     /// unanswered drop the connection, which is then re-established; the NATS clients' own
@@ -63,6 +78,21 @@ pub struct NatsConfig {
     /// a stream already exists with a shorter `max_age`, that is the limit for its calls.
     /// Default 32 days (the protocol's longest task timeout, 30 days, with room for margins).
     pub lease_max_ttl: Duration,
+    /// How many replicas the lease and claim streams are created with (1 to 5). `None` (the
+    /// default) picks [`CLUSTER_REPLICAS`] (3) when the server the broker connects to is in a
+    /// cluster of at least 3 servers (its `INFO` names a cluster and lists at least 3 client
+    /// URLs) and is [`MIN_REPLICATED_SERVER`] (2.10.19) or later, else 1. A `replicas=N` query
+    /// parameter in the [`url`](Self::url) sets it too.
+    ///
+    /// More than 1 on an older server fails with [`ErrorKind::Config`]: before 2.10.19, JetStream
+    /// did not keep compare-and-set writes exclusive on a replicated stream (nats-server#4320),
+    /// which the leases and claims rely on; an existing lease or claim stream with replicas is
+    /// refused there for the same reason. Creating a stream with more replicas than the cluster
+    /// can place fails with [`ErrorKind::Config`] naming the problem. An existing stream is
+    /// otherwise used with the replicas it has (a warning is logged when they differ from this
+    /// setting): change them with the JetStream API (`nats stream edit --replicas`), never
+    /// silently from here. See the crate docs, "Replicas and clusters".
+    pub replicas: Option<u32>,
     /// The largest payload [`publish`](bgtask_core::Broker::publish) carries; a larger one
     /// fails with [`ErrorKind::TooLarge`]. Payloads larger than the server's `max_payload`
     /// travel in chunks, which subscribers reassemble, so this may exceed it. Default 64 MiB.
@@ -84,6 +114,7 @@ impl NatsConfig {
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_owned(),
             lease_stream: DEFAULT_LEASE_STREAM.to_owned(),
             lease_max_ttl: DEFAULT_LEASE_MAX_TTL,
+            replicas: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             tls_root_certificates: Vec::new(),
             tls_client_certificate: None,
@@ -105,6 +136,13 @@ impl NatsConfig {
     /// Set [`lease_max_ttl`](Self::lease_max_ttl).
     pub fn with_lease_max_ttl(mut self, ttl: Duration) -> Self {
         self.lease_max_ttl = ttl;
+        self
+    }
+
+    /// Set [`replicas`](Self::replicas): the lease and claim streams are created with `n`
+    /// replicas (1 to 5).
+    pub fn with_replicas(mut self, n: u32) -> Self {
+        self.replicas = Some(n);
         self
     }
 
@@ -142,6 +180,17 @@ impl NatsConfig {
         if self.lease_max_ttl < Duration::from_secs(1) {
             return Err(config_error("lease_max_ttl must be at least 1 s"));
         }
+        if let Some(problem) = self.replicas.and_then(replicas_problem) {
+            return Err(config_error(problem));
+        }
+        let in_url = self.target()?.replicas;
+        if let (Some(set), Some(url)) = (self.replicas, in_url) {
+            if set != url {
+                return Err(config_error(format!(
+                    "replicas is {set} but the URL says replicas={url}; give it once"
+                )));
+            }
+        }
         if self.max_message_size == 0 {
             return Err(config_error("max_message_size must be at least 1"));
         }
@@ -168,6 +217,11 @@ impl NatsConfig {
         format!("{}_CLAIMS", self.lease_stream)
     }
 
+    /// The replicas asked for: [`replicas`](Self::replicas), else the URL's `replicas=N`.
+    pub(crate) fn asked_replicas(&self) -> Result<Option<u32>> {
+        Ok(self.replicas.or(self.target()?.replicas))
+    }
+
     /// The servers to connect to and the credentials, from [`url`](Self::url).
     pub(crate) fn target(&self) -> Result<Target> {
         parse_urls(&self.url)
@@ -184,11 +238,18 @@ impl fmt::Debug for NatsConfig {
             .field("subject_prefix", &self.subject_prefix)
             .field("lease_stream", &self.lease_stream)
             .field("lease_max_ttl", &self.lease_max_ttl)
+            .field("replicas", &self.replicas)
             .field("max_message_size", &self.max_message_size)
             .field("tls_root_certificates", &self.tls_root_certificates)
             .field("tls_client_certificate", &self.tls_client_certificate)
             .finish()
     }
+}
+
+/// What is wrong with `n` replicas, if anything.
+fn replicas_problem(n: u32) -> Option<String> {
+    (n == 0 || n > MAX_REPLICAS)
+        .then(|| format!("replicas must be 1 to {MAX_REPLICAS} (JetStream's limit), not {n}"))
 }
 
 fn config_error(message: impl Into<String>) -> Error {
@@ -210,12 +271,15 @@ pub(crate) struct Target {
     pub(crate) servers: Vec<String>,
     pub(crate) credentials: Credentials,
     pub(crate) tls: bool,
+    /// `replicas=N` from the query.
+    pub(crate) replicas: Option<u32>,
 }
 
 fn parse_urls(urls: &str) -> Result<Target> {
     let mut servers = Vec::new();
     let mut credentials = Credentials::None;
     let mut tls = false;
+    let mut replicas = None;
     for one in urls.split(',').map(str::trim) {
         let shown = redact(one);
         let bad = |why: &str| config_error(format!("{shown:?} is not a usable NATS URL: {why}"));
@@ -233,6 +297,23 @@ fn parse_urls(urls: &str) -> Result<Target> {
         let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
         if parsed.path() != "" && parsed.path() != "/" {
             return Err(bad("a path is not allowed"));
+        }
+        for (name, value) in parsed.query_pairs() {
+            if name != "replicas" {
+                return Err(bad(&format!(
+                    "unknown parameter {name:?} (the one parameter is replicas=N)"
+                )));
+            }
+            let n: u32 = value
+                .parse()
+                .map_err(|_| bad(&format!("replicas={value:?} is not a number")))?;
+            if let Some(problem) = replicas_problem(n) {
+                return Err(bad(&problem));
+            }
+            if replicas.is_some_and(|r| r != n) {
+                return Err(bad("the servers name different replicas"));
+            }
+            replicas = Some(n);
         }
         let port = parsed.port().unwrap_or(DEFAULT_PORT);
         let user = percent_decode(parsed.username()).ok_or_else(|| bad("bad user"))?;
@@ -256,6 +337,7 @@ fn parse_urls(urls: &str) -> Result<Target> {
         servers,
         credentials,
         tls,
+        replicas,
     })
 }
 
@@ -337,10 +419,21 @@ mod tests {
             "h:4222",
             "nats://h/path",
             "nats://a:b@h,nats://c:d@h",
+            "nats://h?replicas=0",
+            "nats://h?replicas=6",
+            "nats://h?replicas=three",
+            "nats://h?replica=3",
+            "nats://a?replicas=1,nats://b?replicas=3",
         ] {
             let err = parse_urls(bad).err().unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
         }
+        let t = parse_urls("nats://a:1,nats://b:2?replicas=3").unwrap();
+        assert_eq!(t.servers, ["nats://a:1", "nats://b:2"]);
+        assert_eq!(t.replicas, Some(3));
+        assert_eq!(parse_urls("nats://a").unwrap().replicas, None);
+        let err = parse_urls("nats://h?replicas=9").err().unwrap();
+        assert!(err.to_string().contains("replicas must be 1 to 5"), "{err}");
         let err = parse_urls("redis://u:s3cret@h").err().unwrap();
         assert!(!err.to_string().contains("s3cret"), "{err}");
     }
@@ -357,6 +450,9 @@ mod tests {
             ok.clone().with_lease_stream("a b"),
             ok.clone().with_lease_max_ttl(Duration::from_millis(10)),
             ok.clone().with_max_message_size(0),
+            ok.clone().with_replicas(0),
+            ok.clone().with_replicas(7),
+            NatsConfig::new("nats://h?replicas=3").with_replicas(1),
         ] {
             assert_eq!(bad.validate().unwrap_err().kind(), ErrorKind::Config);
         }

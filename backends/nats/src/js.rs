@@ -21,8 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::from_request;
 use crate::time::parse_rfc3339_nanos;
 
-/// `wrong last sequence`: a compare-and-set publish lost the race.
+/// `wrong last sequence: <n>`: a compare-and-set publish lost the race.
 const ERR_WRONG_LAST_SEQUENCE: u32 = 10071;
+/// `wrong last sequence` (no number): a compare-and-set publish lost the race to another one on
+/// the same subject still in flight, on a clustered stream (servers with the fix of
+/// nats-server#4320, 2.9.21 and later).
+const ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT: u32 = 10164;
 /// `no message found` (get and delete).
 const ERR_NO_MESSAGE: u32 = 10037;
 /// `no message found` as the delete API words it.
@@ -33,6 +37,12 @@ const ERR_SEQUENCE_NOT_FOUND: u32 = 10043;
 const ERR_STREAM_NOT_FOUND: u32 = 10059;
 /// `stream name already in use with a different configuration`.
 const ERR_STREAM_EXISTS: u32 = 10058;
+/// `replicas > 1 not supported in non-clustered mode`.
+const ERR_REPLICAS_NOT_CLUSTERED: u32 = 10074;
+/// `no suitable peers for placement`.
+const ERR_NO_PEERS: u32 = 10005;
+/// `insufficient resources`.
+const ERR_INSUFFICIENT_RESOURCES: u32 = 10023;
 /// `invalid per-message TTL` (server 2.11+).
 const ERR_TTL_INVALID: u32 = 10165;
 /// `per-message TTL is disabled` (server 2.11+, a stream without `allow_msg_ttl`).
@@ -99,6 +109,8 @@ pub(crate) struct StreamConfigIn {
     pub(crate) deny_delete: bool,
     #[serde(default)]
     pub(crate) allow_msg_ttl: bool,
+    #[serde(default)]
+    pub(crate) num_replicas: u32,
     #[serde(default)]
     pub(crate) sealed: bool,
     #[serde(default)]
@@ -200,6 +212,14 @@ pub(crate) struct Js {
     stream: String,
     /// What the stream holds, for messages: `lease` or `claim`.
     holds: &'static str,
+    /// The replicas the stream is created with.
+    replicas: u32,
+    /// How many servers the connected server says its cluster has (0: not in a cluster), for
+    /// error messages.
+    cluster_servers: usize,
+    /// The server's version, when it cannot keep compare-and-set writes exclusive on a
+    /// replicated stream (an existing stream with replicas is then refused).
+    unsafe_replicated: Option<String>,
     /// The record operations as error messages name them ("read a lease record", …), built
     /// once rather than per request.
     reading: String,
@@ -214,6 +234,8 @@ pub(crate) struct StreamFacts {
     pub(crate) max_age: Duration,
     /// The server keeps per-message TTLs on this stream (2.11+, `allow_msg_ttl`).
     pub(crate) message_ttl: bool,
+    /// The stream's replicas.
+    pub(crate) replicas: u32,
 }
 
 impl Js {
@@ -223,10 +245,27 @@ impl Js {
             client,
             stream: stream.to_owned(),
             holds,
+            replicas: 1,
+            cluster_servers: 0,
+            unsafe_replicated: None,
             reading: format!("read a {holds} record"),
             writing: format!("write a {holds} record"),
             deleting: format!("delete a {holds} record"),
         }
+    }
+
+    /// Create the stream with `replicas` replicas, on a server of version `version` that
+    /// reports a cluster of `cluster_servers` servers (0: none).
+    pub(crate) fn with_replicas(
+        mut self,
+        replicas: u32,
+        cluster_servers: usize,
+        version: &str,
+    ) -> Js {
+        self.replicas = replicas;
+        self.cluster_servers = cluster_servers;
+        self.unsafe_replicated = (!keeps_replicated_cas(version)).then(|| version.to_owned());
+        self
     }
 
     pub(crate) fn stream(&self) -> &str {
@@ -312,7 +351,7 @@ impl Js {
             max_msg_size: -1,
             storage: "file",
             discard: "old",
-            num_replicas: 1,
+            num_replicas: self.replicas,
             duplicate_window: Duration::from_secs(1).as_nanos() as u64,
             deny_delete: false,
             deny_purge: false,
@@ -352,9 +391,35 @@ impl Js {
                     }
                 }
             }
+            StreamReply { error: Some(e), .. }
+                if matches!(
+                    e.err_code,
+                    ERR_REPLICAS_NOT_CLUSTERED | ERR_NO_PEERS | ERR_INSUFFICIENT_RESOURCES
+                ) =>
+            {
+                return Err(self.placement_error(e))
+            }
             StreamReply { error, .. } => return Err(api_error(&create, error, ErrorKind::Config)),
         };
         self.check(&found, &subjects)?;
+        if let (true, Some(version)) = (found.num_replicas > 1, &self.unsafe_replicated) {
+            return Err(replicated_cas_error(
+                version,
+                &format!(
+                    "the existing {} stream {:?} has {} replicas",
+                    self.holds, self.stream, found.num_replicas
+                ),
+            ));
+        }
+        if found.num_replicas != 0 && found.num_replicas != self.replicas {
+            tracing::warn!(
+                stream = %self.stream,
+                replicas = found.num_replicas,
+                wanted = self.replicas,
+                "nats: the existing stream is used with the replicas it has; change them with \
+                 `nats stream edit --replicas` if needed"
+            );
+        }
         Ok(StreamFacts {
             max_age: if found.max_age == 0 {
                 Duration::MAX
@@ -362,7 +427,27 @@ impl Js {
                 Duration::from_nanos(found.max_age)
             },
             message_ttl: found.allow_msg_ttl,
+            replicas: found.num_replicas.max(1),
         })
+    }
+
+    /// The error for a stream the cluster cannot place with its replicas.
+    fn placement_error(&self, e: ApiError) -> Error {
+        let (replicas, stream, holds) = (self.replicas, &self.stream, self.holds);
+        let cluster = match self.cluster_servers {
+            0 => "the server is not in a cluster".to_owned(),
+            1 => "the cluster has 1 server".to_owned(),
+            n => format!("the cluster of {n} servers cannot place them (a server may be down or without JetStream)"),
+        };
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "nats: the {holds} stream {stream:?} needs {replicas} replicas but {cluster}: \
+                 set replicas=1 (NatsConfig::with_replicas or ?replicas=1 in the URL) or add \
+                 JetStream servers"
+            ),
+        )
+        .with_source(e)
     }
 
     fn check(&self, found: &StreamConfigIn, subjects: &[String]) -> Result<()> {
@@ -492,7 +577,10 @@ impl Js {
             PubAck {
                 error: None, seq, ..
             } if seq > 0 => Ok(Cas::Stored(seq)),
-            PubAck { error: Some(e), .. } if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
+            PubAck { error: Some(e), .. }
+                if e.err_code == ERR_WRONG_LAST_SEQUENCE
+                    || e.err_code == ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT =>
+            {
                 Ok(Cas::Conflict)
             }
             PubAck { error: Some(e), .. }
@@ -560,10 +648,55 @@ fn api_error(what: &str, error: Option<ApiError>, other: ErrorKind) -> Error {
     }
 }
 
+/// Whether nats-server `version` keeps compare-and-set writes (`Nats-Expected-Last-Subject-
+/// Sequence`) exclusive on a replicated stream: [`MIN_REPLICATED_SERVER`] or later. A version
+/// that does not parse counts as older.
+///
+/// [`MIN_REPLICATED_SERVER`]: crate::MIN_REPLICATED_SERVER
+pub(crate) fn keeps_replicated_cas(version: &str) -> bool {
+    let core = version.split(['-', '+']).next().unwrap_or("");
+    let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) => {
+            (major, minor, patch) >= crate::MIN_REPLICATED_SERVER
+        }
+        _ => false,
+    }
+}
+
+/// The error for replicated lease or claim streams on a server that cannot keep them exclusive.
+pub(crate) fn replicated_cas_error(version: &str, what: &str) -> Error {
+    let (a, b, c) = crate::MIN_REPLICATED_SERVER;
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "nats: {what}, but nats-server {version} does not keep compare-and-set writes \
+             exclusive on a replicated stream (nats-server#4320, #5794): two workers could claim \
+             one task; use 1 replica (replicas=1, the default on this server) or nats-server \
+             {a}.{b}.{c} or later"
+        ),
+    )
+}
+
 /// The error for a stream that disappeared and could not be created again.
 pub(crate) fn stream_missing(stream: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
         format!("nats: the stream {stream:?} keeps disappearing"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps_replicated_cas;
+
+    #[test]
+    fn replicated_cas_needs_a_recent_server() {
+        for old in ["2.9.10", "2.9.25", "2.10.18", "1.4.0", "", "x.y.z", "2.10"] {
+            assert!(!keeps_replicated_cas(old), "{old}");
+        }
+        for new in ["2.10.19", "2.10.29", "2.11.0", "2.12.1-beta.2", "3.0.0"] {
+            assert!(keeps_replicated_cas(new), "{new}");
+        }
+    }
 }

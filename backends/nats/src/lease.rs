@@ -328,6 +328,11 @@ impl Leases {
         self.stream.max_ttl()
     }
 
+    /// The lease stream's replicas.
+    pub(crate) fn replicas(&self) -> u32 {
+        self.stream.replicas()
+    }
+
     /// Whether records carry a per-message TTL (the server keeps them: 2.11+).
     pub(crate) fn message_ttl(&self) -> bool {
         self.stream.message_ttl()

@@ -26,7 +26,10 @@
 //! - `tls://...` for TLS, with the platform's root certificates (`SSL_CERT_FILE` is honoured)
 //!   or the ones in [`tls_root_certificates`](NatsConfig::tls_root_certificates), and an
 //!   optional [client certificate](NatsConfig::tls_client_certificate);
-//! - several servers of a cluster, comma-separated: `nats://a:4222,nats://b:4222`.
+//! - several servers of a cluster, comma-separated: `nats://a:4222,nats://b:4223,nats://c:4224`
+//!   (see [Replicas and clusters](#replicas-and-clusters));
+//! - one query parameter, `?replicas=N` (1 to 5), the replicas of the lease and claim streams
+//!   ([`replicas`](NatsConfig::replicas)); any other parameter is a [`ErrorKind::Config`] error.
 //!
 //! Passwords and tokens never appear in `Debug` output or in error messages. Wrong credentials
 //! fail [`connect`](NatsBroker::connect) at once with [`ErrorKind::Auth`]; a server that
@@ -103,11 +106,12 @@
 //! The leases live in one JetStream stream, [`lease_stream`](NatsConfig::lease_stream) (default
 //! `BGTASK_LEASES`), which the backend creates when it is missing, with its own JSON through
 //! the JetStream API (async-nats' typed API cannot create streams or key-value buckets on
-//! nats-server 2.9): file storage, one replica, subjects `<prefix>.lease.*` and `<prefix>.clock`,
+//! nats-server 2.9): file storage, [`replicas`](NatsConfig::replicas) replicas (see
+//! [Replicas and clusters](#replicas-and-clusters)), subjects `<prefix>.lease.*` and `<prefix>.clock`,
 //! **one message per subject** (`max_msgs_per_subject: 1`), and `max_age` =
 //! [`lease_max_ttl`](NatsConfig::lease_max_ttl). An existing stream is used as it is if it
-//! captures those subjects and keeps one message per subject (so it can be created beforehand
-//! with more replicas).
+//! captures those subjects and keeps one message per subject (so it can be created beforehand,
+//! with other limits), with the replicas it has.
 //!
 //! Each lease key has one subject, whose one message (the *record*) holds the key's whole lease
 //! set as JSON: for each lease, its id, its note and its expiry. Every operation:
@@ -181,7 +185,7 @@
 //! task claims it once; the creator claims it to abandon it), does not go through the lease
 //! records above: claims live apart, in the *claim stream*, named after the lease stream with
 //! `_CLAIMS` appended (default `BGTASK_LEASES_CLAIMS`; see [`NatsBroker::claim_stream`]), which
-//! the backend creates like the lease stream: file storage, one replica, subjects
+//! the backend creates like the lease stream: file storage, the same replicas, subjects
 //! `<prefix>.claim.*` and `<prefix>.claimclock`, one message per subject, `max_age` =
 //! [`lease_max_ttl`](NatsConfig::lease_max_ttl), and the same checks on an existing stream.
 //! It is a stream of its own so that a lease stream created by an earlier version (or
@@ -253,6 +257,88 @@
 //! All the brokers of a namespace must claim the same way: a version of this crate that claims
 //! through lease records (before the claim stream) does not see claims in the claim stream.
 //!
+//! # Replicas and clusters
+//!
+//! Give every server of the cluster you know in the URL (`nats://a:4222,nats://b:4223,...`):
+//! the client connects to one of them (in random order), learns the others from its `INFO`
+//! (`connect_urls`), and, when its server dies or stops answering (three pings left
+//! unanswered, see [Connection](#connection)), reconnects to another one by itself; the
+//! subscriptions come back with a gap as after any reconnect. Calls made while it reconnects
+//! fail with [`ErrorKind::Unavailable`] within their bound.
+//!
+//! **Replicas.** The lease and claim streams are created with
+//! [`replicas`](NatsConfig::replicas) replicas (`with_replicas(n)` or `?replicas=n` in the
+//! URL, 1 to 5). The default is [`CLUSTER_REPLICAS`] (3) when the server the broker connects
+//! to is in a cluster (its `INFO` names one) that lists at least 3 servers, and the server is
+//! [`MIN_REPLICATED_SERVER`] (2.10.19) or later; else 1.
+//!
+//! The version matters: before it, JetStream did not keep compare-and-set writes exclusive on a
+//! replicated stream. Several concurrent writes expecting the same last sequence of a subject
+//! could all be stored (the check was a pre-check on the stream leader, outside the Raft
+//! proposal: nats-server#4320, fixed in 2.9.21; "expect no message" writes, #5794, fixed in
+//! 2.10.19). The leases and claims rely on exactly that check, so on such a server a replicated
+//! stream would let two workers claim one task and let a per-key limit be exceeded (measured
+//! here on a 3-node 2.9.10 cluster with 3 replicas: the conformance suite's cap scenarios
+//! granted 7 to 48 leases where the cap allowed 5; with 1 replica, exact in every run). So, on
+//! a server before 2.10.19:
+//!
+//! - the default is 1 replica even in a cluster (with a warning in the log);
+//! - asking for more than 1 fails [`connect`](NatsBroker::connect) with [`ErrorKind::Config`],
+//!   naming the server version and the fix;
+//! - an existing lease or claim stream with more than 1 replica is refused the same way.
+//!
+//! With 1 replica in a cluster, the streams live on one server (JetStream picks it): when that
+//! server is down, leases, claims and so task admission fail with [`ErrorKind::Unavailable`]
+//! until it is back (its file store keeps them across a restart); publish and subscribe keep
+//! working through the other servers. With 3 replicas (2.10.19+), they survive the loss of
+//! one server, after JetStream elects a new stream leader: about 6 s without leases and claims
+//! when the leader was killed, measured on a 3-node nats-server 2.15.1 cluster (where the whole
+//! conformance suite ran with 3 replicas; see docs/reliability.md).
+//!
+//! On a clustered stream, a server with the fix of nats-server#4320 refuses a compare-and-set
+//! write while another one on the same subject is still in flight (`wrong last sequence`,
+//! err_code 10164, without the sequence): the backend treats it as the conflict it is and
+//! starts the operation again, as for any lost compare-and-set.
+//!
+//! Creating a stream with more replicas than the cluster can place (fewer JetStream servers
+//! than replicas, or some of them down) fails with [`ErrorKind::Config`] naming the stream,
+//! the replicas, the servers the cluster reported and the fix. An existing stream is used with
+//! the replicas it has (a warning is logged when they differ from the setting): change them
+//! with the JetStream API (`nats stream edit --replicas`), never silently from here.
+//! [`NatsBroker::stream_replicas`] says what the broker found.
+//!
+//! **Read after write.** Every lease and claim read (`$JS.API.STREAM.MSG.GET`, never the
+//! "direct get" API, and the backend does not set `allow_direct`) and every write goes
+//! through the stream's leader, which answers a write once it is stored (on a majority of the
+//! replicas); so a read that starts after a write was acknowledged sees it, from any broker
+//! and through any server of the cluster. The clock reading (see [Leases](#leases)) is a write
+//! then a read on the same stream, so it is the leader's clock; when the leader moves, leases
+//! shift by the skew between the two servers' clocks.
+//!
+//! **Channels.** Publish and subscribe are core NATS: a message is routed to the
+//! subscriptions on every server of the cluster. [`subscribe`](Broker::subscribe) returns once
+//! the broker's own server has the subscription; the other servers learn of it
+//! asynchronously (usually within a millisecond), so a message published through another
+//! server right after `subscribe` returns may miss it. The protocol rarely meets that race: a
+//! creator offers a task to a worker only after hearing of its presence, which the worker
+//! announces after subscribing (when it comes on the presence channel, it follows the
+//! subscription on the same route; read from the lease stream, it gives no such order). The
+//! suite's `subscription_is_active_on_return`, which publishes from a second broker at once,
+//! lost one message of 20 in 2 of 7 runs on a 3-node 2.15.1 cluster and once in a full test
+//! run on 2.9.10, with the brokers spread over the nodes (the cluster tests now put a
+//! scenario's brokers on one node). A cluster-wide subscription barrier is not built yet.
+//!
+//! **Hung nodes.** A node that hangs with its sockets open (a stopped VM, a long stall) is left
+//! by the brokers after three unanswered pings. The servers need the same: with their default
+//! pings (every 2 minutes) the other nodes keep their routes to a hung node for minutes, and in
+//! the cluster fault tests its return stalled the task traffic for about 6 s in 2 runs of 3;
+//! with `ping_interval: "1s"`, `ping_max: 3` and `write_deadline: "2s"` on the servers (as
+//! `scripts/nats-cluster` runs them) it cost at most 2 s at about 60 % in 4 runs
+//! (docs/reliability.md).
+//!
+//! `scripts/nats-cluster up` starts a local 3-node cluster (from the installed `nats-server`,
+//! on free loopback ports) and prints its URL; see the README.
+//!
 //! # Time bounds
 //!
 //! Every operation finishes within [`connection.op_timeout`](bgtask_core::ConnectionSettings::op_timeout): publish (including
@@ -280,6 +366,7 @@
 //! | [`subject_prefix`](NatsConfig::subject_prefix) | `bgtask` | first token of every subject |
 //! | [`lease_stream`](NatsConfig::lease_stream) | `BGTASK_LEASES` | the JetStream stream of the leases; the claims' is `<lease_stream>_CLAIMS` |
 //! | [`lease_max_ttl`](NatsConfig::lease_max_ttl) | 32 days | longest lease and claim; the streams' `max_age` |
+//! | [`replicas`](NatsConfig::replicas) | 3 in a cluster of 3+ on 2.10.19+, else 1 | replicas of the lease and claim streams (`?replicas=N`) |
 //! | [`max_message_size`](NatsConfig::max_message_size) | 64 MiB | largest payload `publish` carries |
 //! | [`tls_root_certificates`](NatsConfig::tls_root_certificates) | none | CA files for `tls://` |
 //! | [`tls_client_certificate`](NatsConfig::tls_client_certificate) | none | client certificate and key |
@@ -291,6 +378,12 @@
 //! there is none. They use random names and never purge or reconfigure the server; they create
 //! the default lease and claim streams if they are missing. Tests of authentication, TLS and server restarts
 //! start private `nats-server`s (the binary must be on `PATH`) on free ports.
+//!
+//! `tests/cluster.rs` runs the whole conformance suite, and the replica settings, on the
+//! cluster at `BGTASK_NATS_CLUSTER_URL` (no default: it fails when unset, saying to run
+//! `export BGTASK_NATS_CLUSTER_URL=$(scripts/nats-cluster up)`; `scripts/test` does that).
+//! `tests/cluster_faults.rs` starts private clusters with the same script and kills or stops
+//! their nodes under load.
 #![deny(missing_docs)]
 
 mod chunk;
@@ -318,9 +411,10 @@ use bgtask_core::{
 use bytes::Bytes;
 
 pub use config::{
-    NatsConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_MAX_TTL, DEFAULT_LEASE_STREAM,
-    DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_OP_TIMEOUT,
-    DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
+    NatsConfig, CLUSTER_REPLICAS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_MAX_TTL,
+    DEFAULT_LEASE_STREAM, DEFAULT_LIVENESS_INTERVAL, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_OP_TIMEOUT, DEFAULT_PORT, DEFAULT_SUBJECT_PREFIX, DEFAULT_SUBSCRIPTION_BUFFER,
+    MAX_REPLICAS, MIN_REPLICATED_SERVER,
 };
 
 use claim::Claims;
@@ -379,17 +473,54 @@ impl NatsBroker {
             ));
         }
         let subjects = Subjects::new(&config.subject_prefix);
+        let cluster_servers = if info.cluster.is_some() {
+            info.connect_urls.len()
+        } else {
+            0
+        };
+        let replicated_ok = js::keeps_replicated_cas(&info.version);
+        let replicas = match config.asked_replicas()? {
+            Some(n) if n > 1 && !replicated_ok => {
+                return Err(js::replicated_cas_error(
+                    &info.version,
+                    &format!("replicas={n} was asked for"),
+                ))
+            }
+            Some(n) => n,
+            None if cluster_servers >= config::CLUSTER_REPLICAS as usize => {
+                if replicated_ok {
+                    config::CLUSTER_REPLICAS
+                } else {
+                    tracing::warn!(
+                        server = %info.version,
+                        "nats: the server is in a cluster, but its version cannot keep leases \
+                         and claims exclusive on replicated streams (nats-server#4320): the lease \
+                         and claim streams get 1 replica; upgrade to 2.10.19 or later for 3"
+                    );
+                    1
+                }
+            }
+            None => 1,
+        };
         let setup = async {
             let barrier = Arc::new(Barrier::start(&client, config.connection.op_timeout).await?);
             let (leases, claims) = futures::try_join!(
                 Leases::start(
-                    Js::new(client.clone(), &config.lease_stream, "lease"),
+                    Js::new(client.clone(), &config.lease_stream, "lease").with_replicas(
+                        replicas,
+                        cluster_servers,
+                        &info.version
+                    ),
                     subjects.clone(),
                     config.connection.op_timeout,
                     config.lease_max_ttl,
                 ),
                 Claims::start(
-                    Js::new(client.clone(), &config.claim_stream(), "claim"),
+                    Js::new(client.clone(), &config.claim_stream(), "claim").with_replicas(
+                        replicas,
+                        cluster_servers,
+                        &info.version
+                    ),
                     subjects.clone(),
                     config.connection.op_timeout,
                     config.lease_max_ttl,
@@ -417,6 +548,8 @@ impl NatsBroker {
             url = %shown,
             server = %info.version,
             max_payload = info.max_payload,
+            cluster = ?info.cluster,
+            replicas,
             "nats: broker connected"
         );
         Ok(NatsBroker {
@@ -454,6 +587,19 @@ impl NatsBroker {
     /// [`lease_max_ttl`](NatsConfig::lease_max_ttl) and the lease stream's `max_age`.
     pub fn lease_max_ttl(&self) -> Duration {
         self.inner.leases.max_ttl()
+    }
+
+    /// The replicas of the lease stream and of the claim stream, as the server reported them
+    /// when the broker connected (see [Replicas](crate#replicas-and-clusters)).
+    pub fn stream_replicas(&self) -> (u32, u32) {
+        (self.inner.leases.replicas(), self.inner.claims.replicas())
+    }
+
+    /// Whether the server keeps compare-and-set writes exclusive on replicated streams
+    /// (version [`MIN_REPLICATED_SERVER`] or later), so the lease and claim streams may have
+    /// more than one replica (see [Replicas](crate#replicas-and-clusters)).
+    pub fn replicated_streams_supported(&self) -> bool {
+        js::keeps_replicated_cas(&self.inner.server_version)
     }
 
     /// Whether lease records carry a per-message TTL, so the server deletes them when their

@@ -20,6 +20,8 @@ pub(crate) struct Stream {
     max_ttl: Duration,
     /// The stream keeps per-message TTLs (server 2.11+): records carry one.
     message_ttl: AtomicBool,
+    /// The stream's replicas when it was opened.
+    replicas: u32,
     /// Held while (re)creating the stream.
     creating: tokio::sync::Mutex<()>,
 }
@@ -35,6 +37,7 @@ impl Stream {
             max_age,
             max_ttl: max_age.min(facts.max_age),
             message_ttl: AtomicBool::new(facts.message_ttl),
+            replicas: facts.replicas,
             creating: tokio::sync::Mutex::new(()),
         })
     }
@@ -42,6 +45,11 @@ impl Stream {
     /// The stream's API.
     pub(crate) fn js(&self) -> &Js {
         &self.js
+    }
+
+    /// The stream's replicas when it was opened.
+    pub(crate) fn replicas(&self) -> u32 {
+        self.replicas
     }
 
     /// The longest TTL a record may have.

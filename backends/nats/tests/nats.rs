@@ -1242,3 +1242,32 @@ async fn server_restart_keeps_leases_and_claims_and_resubscribes() {
     assert_eq!(next_message(&mut sub).await.as_ref(), b"back");
     assert_eq!(reconnects(), 1.0, "counted in the metrics");
 }
+
+/// Replicas on a single server: asking for 3 is a clear `Config` error naming the stream and the
+/// fix; the default is 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_need_a_cluster() {
+    let probe = broker().await;
+    assert_eq!(probe.stream_replicas(), (1, 1));
+    let stream = format!("BGTASK_TEST_R3_{}", &bgtask_core::names::random_id()[..12]);
+    let config = NatsConfig::new(format!("{}?replicas=3", common::url()))
+        .with_lease_stream(&stream)
+        .with_subject_prefix(format!("r{}", &bgtask_core::names::random_id()[..12]));
+    let err = NatsBroker::connect_with(config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let shown = err.to_string();
+    // A server before 2.10.19 refuses replicated streams first (nats-server#4320).
+    let expected: &[&str] = if probe.replicated_streams_supported() {
+        &[
+            "needs 3 replicas",
+            "not in a cluster",
+            "replicas=1",
+            &stream,
+        ]
+    } else {
+        &["replicas=3", "#4320", "replicas=1"]
+    };
+    for part in expected {
+        assert!(shown.contains(part), "{part:?} missing from: {shown}");
+    }
+}

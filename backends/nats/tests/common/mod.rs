@@ -156,3 +156,119 @@ impl Drop for PrivateServer {
         }
     }
 }
+
+/// The environment variable naming the test cluster (several URLs, comma-separated).
+pub const CLUSTER_URL_VAR: &str = "BGTASK_NATS_CLUSTER_URL";
+
+/// How to get a cluster for the tests.
+pub const HOW_TO_START_CLUSTER: &str = "start a local 3-node cluster and point the tests at it: \
+     `export BGTASK_NATS_CLUSTER_URL=$(scripts/nats-cluster up)` (scripts/test does this)";
+
+/// The URL of the test cluster; panics with instructions when `BGTASK_NATS_CLUSTER_URL` is not
+/// set (there is no default: a cluster test never runs against a single server by mistake).
+pub fn cluster_url() -> String {
+    match std::env::var(CLUSTER_URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!("{CLUSTER_URL_VAR} is not set: {HOW_TO_START_CLUSTER}"),
+    }
+}
+
+/// A broker with `config` on the test cluster; panics with instructions when it is unreachable.
+pub async fn connect_cluster(config: NatsConfig) -> NatsBroker {
+    let shown = config.redacted_url();
+    match NatsBroker::connect_with(config).await {
+        Ok(broker) => broker,
+        Err(e) => {
+            panic!("cannot reach the test NATS cluster at {shown}: {e}\n{HOW_TO_START_CLUSTER}")
+        }
+    }
+}
+
+/// A broker on the test cluster, with the default settings.
+pub async fn cluster_broker() -> NatsBroker {
+    connect_cluster(NatsConfig::new(cluster_url())).await
+}
+
+/// A 3-node cluster of its own for one test (faults kill and stop its nodes), started by
+/// `scripts/nats-cluster` in a directory of its own; brought down when dropped.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    /// `nats://127.0.0.1:p1,nats://127.0.0.1:p2,nats://127.0.0.1:p3`.
+    pub url: String,
+}
+
+impl PrivateCluster {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/nats-cluster")
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new(Self::script())
+            .args(args)
+            .env("BGTASK_NATS_CLUSTER_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run scripts/nats-cluster: {e}"));
+        assert!(
+            out.status.success(),
+            "scripts/nats-cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Start one (`scripts/nats-cluster up`); panics with the script's message when it fails.
+    pub fn start() -> PrivateCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "bgtask-nats-cluster-test-{}",
+            &bgtask_core::names::random_id()[..12]
+        ));
+        let mut cluster = PrivateCluster {
+            dir,
+            url: String::new(),
+        };
+        cluster.url = cluster.run(&["up"]);
+        cluster
+    }
+
+    /// The client URL of node `n` (1 to 3) alone.
+    pub fn node_url(&self, n: usize) -> String {
+        self.url
+            .split(',')
+            .nth(n - 1)
+            .expect("node 1 to 3")
+            .to_owned()
+    }
+
+    /// `kill -9` node `n`.
+    pub fn kill(&self, n: usize) {
+        self.run(&["kill", &n.to_string()]);
+    }
+
+    /// SIGSTOP node `n`.
+    pub fn stop(&self, n: usize) {
+        self.run(&["stop", &n.to_string()]);
+    }
+
+    /// SIGCONT node `n`.
+    pub fn cont(&self, n: usize) {
+        self.run(&["cont", &n.to_string()]);
+    }
+
+    /// Start node `n` again (after a kill) and wait until it is back in the cluster.
+    pub fn restart(&self, n: usize) {
+        self.run(&["restart", &n.to_string()]);
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script())
+            .arg("down")
+            .env("BGTASK_NATS_CLUSTER_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
