@@ -38,14 +38,25 @@ pub trait BrokerFactory: Send + Sync + 'static {
     /// server when it cannot connect: a missing server fails the suite, it never passes it.
     async fn broker(&self) -> DynBroker;
 
-    /// The server's address, which the fault proxy forwards to; `None` for an in-process broker.
-    fn server_addr(&self) -> Option<SocketAddr>;
+    /// The server's address, which the fault proxy forwards to. The default, `None`, is for
+    /// brokers no proxy can stand in front of: in-process ones, and cluster clients (which
+    /// learn every node's address from the cluster and connect past a proxy); the fault
+    /// scenarios then say they do not apply.
+    fn server_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 
     /// A new broker that connects to `addr` (a fault proxy in front of the server) instead of the
     /// server itself, with short timeouts and reconnect backoff (about 1 s each) so outages are
     /// noticed quickly. Connect errors are returned, not panicked. Only called when
-    /// `server_addr()` is `Some`.
-    async fn broker_via(&self, addr: SocketAddr) -> Result<DynBroker>;
+    /// `server_addr()` is `Some`; the default, for the factories where it is `None`, says so
+    /// with an [`ErrorKind::Unsupported`](bgtask_core::ErrorKind::Unsupported) error.
+    async fn broker_via(&self, _addr: SocketAddr) -> Result<DynBroker> {
+        Err(bgtask_core::Error::new(
+            bgtask_core::ErrorKind::Unsupported,
+            "this factory's brokers cannot be reached through a proxy (server_addr is None)",
+        ))
+    }
 }
 
 /// Expand into one `#[tokio::test]` per scenario, each running against brokers from `$factory`

@@ -2,15 +2,19 @@
 //! `BGTASK_NATS_CLUSTER_URL` (several URLs, comma-separated; `scripts/nats-cluster up` starts a
 //! local 3-node cluster and prints it). There is no default: unset, every test here fails saying
 //! how to start the cluster.
+//!
+//! The fault-proxy scenarios do not apply (the factory has no `server_addr`): the proxy stands
+//! in front of one server, but a cluster client learns the other nodes from the server's `INFO`
+//! (`connect_urls`) and reconnects to them around the proxy, so its cuts would not cut it off.
+//! Node faults on a cluster (a node killed or stopped under load) are `cluster_faults.rs`.
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bgtask_conformance::BrokerFactory;
-use bgtask_core::{DynBroker, Error, ErrorKind, Result};
+use bgtask_core::{DynBroker, ErrorKind};
 use bgtask_nats::{NatsBroker, NatsConfig};
 
 /// Brokers on the test cluster, with the default settings (3 replicas for the lease and claim
@@ -53,22 +57,6 @@ impl BrokerFactory for ClusterFactory {
     async fn broker(&self) -> DynBroker {
         Arc::new(common::connect_cluster(NatsConfig::new(&self.node)).await)
     }
-
-    /// `None`: the fault proxy stands in front of one server, but a cluster client learns the
-    /// other nodes from the server's `INFO` (`connect_urls`) and reconnects to them around the
-    /// proxy, so the proxy's cuts would not cut it off. The proxy scenarios say they do not
-    /// apply; node faults on a cluster (a node killed or stopped under load) are
-    /// `cluster_faults.rs`.
-    fn server_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn broker_via(&self, _addr: SocketAddr) -> Result<DynBroker> {
-        Err(Error::new(
-            ErrorKind::Config,
-            "the cluster tests have no fault proxy (server_addr is None)",
-        ))
-    }
 }
 
 bgtask_conformance::conformance_suite!(ClusterFactory::new());
@@ -108,9 +96,6 @@ async fn replicas_the_cluster_cannot_keep_are_a_config_error() {
         .with_lease_stream(&stream)
         .with_subject_prefix(prefix)
         .with_replicas(5);
-    let err = NatsBroker::connect_with(config).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    let shown = err.to_string();
     let expected: &[&str] = if probe.replicated_streams_supported() {
         &[
             "needs 5 replicas",
@@ -126,9 +111,7 @@ async fn replicas_the_cluster_cannot_keep_are_a_config_error() {
             "2.10.19",
         ]
     };
-    for part in expected {
-        assert!(shown.contains(part), "{part:?} missing from: {shown}");
-    }
+    common::assert_config_error(config, expected).await;
 }
 
 /// On a server before 2.10.19, an existing lease stream with 3 replicas (made by hand) is refused

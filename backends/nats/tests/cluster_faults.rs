@@ -13,14 +13,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_conformance::scenarios::faults::under_load;
 use bgtask_conformance::BrokerFactory;
-use bgtask_core::{DynBroker, Error, ErrorKind, Result};
+use bgtask_core::DynBroker;
 use bgtask_nats::{NatsBroker, NatsConfig};
 
 use common::{short, PrivateCluster};
@@ -39,15 +38,6 @@ impl BrokerFactory for Cluster {
             Ok(broker) => Arc::new(broker),
             Err(e) => panic!("cannot reach the private cluster at {}: {e}", self.url),
         }
-    }
-
-    /// `None`: the faults here are node faults, not proxy faults.
-    fn server_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn broker_via(&self, _addr: SocketAddr) -> Result<DynBroker> {
-        Err(Error::new(ErrorKind::Config, "no fault proxy on a cluster"))
     }
 }
 

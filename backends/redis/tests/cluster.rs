@@ -5,12 +5,11 @@
 //! the cluster and connects to it directly, past any proxy in front of one node. Node failures
 //! (a master killed, a node paused) are the cluster's own fault tests, in `cluster_faults.rs`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bgtask_conformance::BrokerFactory;
-use bgtask_core::{DynBroker, Error, ErrorKind, Result};
+use bgtask_core::{DynBroker, ErrorKind};
 use bgtask_redis::RedisBroker;
 
 /// The environment variable naming the test cluster.
@@ -38,17 +37,6 @@ impl BrokerFactory for RedisClusterFactory {
             ),
         }
     }
-
-    fn server_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn broker_via(&self, _addr: SocketAddr) -> Result<DynBroker> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "a cluster client connects to every node directly, past a proxy",
-        ))
-    }
 }
 
 bgtask_conformance::conformance_suite!(RedisClusterFactory);
@@ -65,21 +53,23 @@ async fn cluster_and_single_server_urls_are_not_mixed_up() {
         .and_then(|rest| rest.rsplit('@').next())
         .map(|rest| rest.trim_end_matches('/').to_owned())
         .unwrap();
-    let e = RedisBroker::connect(&format!("redis+cluster://{hostport}"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("not in cluster mode"), "{e}");
-
+    refused(
+        &format!("redis+cluster://{hostport}"),
+        "not in cluster mode",
+    )
+    .await;
     let cluster = cluster_url();
     let node = cluster
         .trim_start_matches("redis+cluster://")
         .split(',')
         .next()
         .unwrap();
-    let e = RedisBroker::connect(&format!("redis://{node}"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("redis+cluster://"), "{e}");
+    refused(&format!("redis://{node}"), "redis+cluster://").await;
+}
+
+/// Connecting to `url` is a `Config` error whose message contains `says`.
+async fn refused(url: &str, says: &str) {
+    let e = RedisBroker::connect(url).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");
+    assert!(e.to_string().contains(says), "{url}: {e}");
 }

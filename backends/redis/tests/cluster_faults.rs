@@ -5,7 +5,6 @@
 //! deadline, none runs twice, no lease is left, and the task rate is back to 80 % of what it was
 //! within 10 s of the fault.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bgtask_conformance::scenarios::faults::under_load;
 use bgtask_conformance::{BrokerFactory, Harness};
-use bgtask_core::{Broker, DynBroker, Error, ErrorKind, Incoming, LeaseRequest, Result};
+use bgtask_core::{Broker, DynBroker, Incoming, LeaseRequest};
 use bgtask_redis::{RedisBroker, RedisConfig};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -124,14 +123,6 @@ impl BrokerFactory for Factory {
             .with_liveness_interval(Duration::from_secs(1))
             .with_max_backoff(Duration::from_secs(1));
         Arc::new(RedisBroker::connect_with(config).await.unwrap())
-    }
-
-    fn server_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn broker_via(&self, _addr: SocketAddr) -> Result<DynBroker> {
-        Err(Error::new(ErrorKind::Unsupported, "no proxy for a cluster"))
     }
 }
 

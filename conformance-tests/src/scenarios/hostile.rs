@@ -157,10 +157,11 @@ pub async fn invalid_names_are_rejected(h: Harness) {
     assert_eq!(err.kind(), ErrorKind::InvalidName);
 }
 
-/// Tasks named with wildcards, separators, `$` prefixes and long names reach only their own
-/// workers.
+/// Tasks named with wildcards, separators, `$` prefixes and long names (up to the longest a task
+/// name may be) reach only their own workers.
 pub async fn hostile_task_names_reach_only_their_workers(h: Harness) {
-    let names = hostile_names();
+    let mut names = hostile_names();
+    names.push("n".repeat(bgtask_core::names::MAX_NAME_BYTES));
     let mut workers = Vec::new();
     for name in &names {
         let worker = h.worker(h.worker_config(&[name.as_str()])).await;

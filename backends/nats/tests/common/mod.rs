@@ -36,6 +36,16 @@ pub async fn connect(config: NatsConfig) -> NatsBroker {
     }
 }
 
+/// Connecting with `config` is a `Config` error whose message contains each of `parts`.
+pub async fn assert_config_error(config: NatsConfig, parts: &[&str]) {
+    let err = NatsBroker::connect_with(config).await.unwrap_err();
+    assert_eq!(err.kind(), bgtask_core::ErrorKind::Config, "{err}");
+    let shown = err.to_string();
+    for part in parts {
+        assert!(shown.contains(part), "{part:?} missing from: {shown}");
+    }
+}
+
 /// The test server's TCP address.
 pub fn server_addr() -> SocketAddr {
     bgtask_conformance::servers::server_addr(&url(), URL_VAR, 4222)
