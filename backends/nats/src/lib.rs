@@ -504,23 +504,22 @@ impl NatsBroker {
         };
         let setup = async {
             let barrier = Arc::new(Barrier::start(&client, config.connection.op_timeout).await?);
+            let js = |stream: &str, what| {
+                Js::new(client.clone(), stream, what).with_replicas(
+                    replicas,
+                    cluster_servers,
+                    &info.version,
+                )
+            };
             let (leases, claims) = futures::try_join!(
                 Leases::start(
-                    Js::new(client.clone(), &config.lease_stream, "lease").with_replicas(
-                        replicas,
-                        cluster_servers,
-                        &info.version
-                    ),
+                    js(&config.lease_stream, "lease"),
                     subjects.clone(),
                     config.connection.op_timeout,
                     config.lease_max_ttl,
                 ),
                 Claims::start(
-                    Js::new(client.clone(), &config.claim_stream(), "claim").with_replicas(
-                        replicas,
-                        cluster_servers,
-                        &info.version
-                    ),
+                    js(&config.claim_stream(), "claim"),
                     subjects.clone(),
                     config.connection.op_timeout,
                     config.lease_max_ttl,

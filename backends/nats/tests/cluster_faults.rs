@@ -90,14 +90,17 @@ async fn cluster_with_replicas() -> (PrivateCluster, usize, usize, u32) {
 /// [`LoadReport::check`]: bgtask_conformance::scenarios::faults::LoadReport::check
 async fn run_load<F, Fut>(
     name: &'static str,
-    cluster: &PrivateCluster,
+    cluster: PrivateCluster,
     node: usize,
     from_end: bool,
     fault: F,
 ) where
-    F: FnOnce() -> Fut + Send + 'static,
+    F: FnOnce(Arc<PrivateCluster>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let cluster = Arc::new(cluster);
+    let faulted = cluster.clone();
+    let fault = move || fault(faulted);
     let node_url = cluster.node_url(node);
     // The final lease count goes through the whole cluster's URL.
     let factory = Cluster {
@@ -134,14 +137,12 @@ async fn kill_a_node_under_load() {
     let (cluster, leases, claims) = cluster_with_streams().await;
     let node = (1..=3).find(|n| *n != leases && *n != claims).unwrap_or(1);
     eprintln!("streams on nodes {leases} (leases) and {claims} (claims); killing node {node}");
-    let cluster = Arc::new(cluster);
-    let faulted = cluster.clone();
     run_load(
         "kill_a_node_under_load",
-        &cluster,
+        cluster,
         node,
         false,
-        move || async move { faulted.kill(node) },
+        move |cluster| async move { cluster.kill(node) },
     )
     .await;
 }
@@ -163,18 +164,16 @@ async fn kill_the_lease_stream_node_under_load() {
             " for good (3 replicas)"
         }
     );
-    let cluster = Arc::new(cluster);
-    let faulted = cluster.clone();
     run_load(
         "kill_the_lease_stream_node_under_load",
-        &cluster,
+        cluster,
         leases,
         restart,
-        move || async move {
-            faulted.kill(leases);
+        move |cluster| async move {
+            cluster.kill(leases);
             if restart {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                tokio::task::spawn_blocking(move || faulted.restart(leases))
+                tokio::task::spawn_blocking(move || cluster.restart(leases))
                     .await
                     .expect("restart the node");
             }
@@ -197,17 +196,15 @@ async fn stop_a_node_for_10s_under_load() {
     eprintln!(
         "streams on nodes {leases} (leases) and {claims} (claims); stopping node {node} for 10 s"
     );
-    let cluster = Arc::new(cluster);
-    let faulted = cluster.clone();
     run_load(
         "stop_a_node_for_10s_under_load",
-        &cluster,
+        cluster,
         node,
         false,
-        move || async move {
-            faulted.stop(node);
+        move |cluster| async move {
+            cluster.stop(node);
             tokio::time::sleep(Duration::from_secs(10)).await;
-            faulted.cont(node);
+            cluster.cont(node);
         },
     )
     .await;
