@@ -113,14 +113,15 @@ mod tests {
 
     #[test]
     fn maps_kinds() {
-        let auth = ConnectError::new(ConnectErrorKind::AuthorizationViolation);
-        assert_eq!(from_connect("u", auth).kind(), ErrorKind::Auth);
-        let io = ConnectError::new(ConnectErrorKind::Io);
-        assert_eq!(from_connect("u", io).kind(), ErrorKind::Unavailable);
-        let timeout = ConnectError::new(ConnectErrorKind::TimedOut);
-        assert_eq!(from_connect("u", timeout).kind(), ErrorKind::Unavailable);
-        let tls = ConnectError::new(ConnectErrorKind::Tls);
-        assert_eq!(from_connect("u", tls).kind(), ErrorKind::Config);
+        for (connect, kind) in [
+            (ConnectErrorKind::AuthorizationViolation, ErrorKind::Auth),
+            (ConnectErrorKind::Io, ErrorKind::Unavailable),
+            (ConnectErrorKind::TimedOut, ErrorKind::Unavailable),
+            (ConnectErrorKind::Tls, ErrorKind::Config),
+        ] {
+            let error = ConnectError::new(connect);
+            assert_eq!(from_connect("u", error).kind(), kind, "{connect:?}");
+        }
         let big = PublishError::new(PublishErrorKind::MaxPayloadExceeded);
         assert_eq!(from_publish("publish", big).kind(), ErrorKind::TooLarge);
         let late = RequestError::new(RequestErrorKind::TimedOut);

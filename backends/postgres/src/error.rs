@@ -16,19 +16,13 @@ use bgtask_core::{Error, ErrorKind};
 /// `secret` (the connection's password, if any) is scrubbed from the text of the cause.
 pub(crate) fn from_sqlx(what: &str, e: sqlx::Error, secret: Option<&str>) -> Error {
     let kind = kind_of(&e);
-    let message = match kind {
-        ErrorKind::Unavailable => format!("postgres unavailable during {what}"),
-        ErrorKind::Auth => format!("postgres refused the credentials or privileges during {what}"),
-        ErrorKind::Config => format!("postgres configuration rejected during {what}"),
-        _ => format!("postgres failed during {what}"),
-    };
     let mut cause = e.to_string();
     if let Some(secret) = secret.filter(|s| !s.is_empty()) {
         if cause.contains(secret) {
             cause = cause.replace(secret, "***");
         }
     }
-    Error::new(kind, message).with_source(Cause(cause))
+    Error::during("postgres", kind, what).with_source(Cause(cause))
 }
 
 /// The text of a driver error, kept as the source of a bgtask error (already scrubbed of

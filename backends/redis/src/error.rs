@@ -13,14 +13,7 @@ use redis::{RedisError, ServerErrorKind};
 /// - an unusable URL or client setting is [`ErrorKind::Config`];
 /// - anything else the server or the client did not expect is [`ErrorKind::Protocol`].
 pub(crate) fn from_redis(what: &str, e: RedisError) -> Error {
-    let kind = kind_of(&e);
-    let message = match kind {
-        ErrorKind::Unavailable => format!("redis unavailable during {what}"),
-        ErrorKind::Auth => format!("redis refused the credentials during {what}"),
-        ErrorKind::Config => format!("redis configuration rejected during {what}"),
-        _ => format!("redis failed during {what}"),
-    };
-    Error::new(kind, message).with_source(e)
+    Error::during("redis", kind_of(&e), what).with_source(e)
 }
 
 fn kind_of(e: &RedisError) -> ErrorKind {

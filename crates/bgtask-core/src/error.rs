@@ -125,6 +125,21 @@ pub struct Error {
 }
 
 impl Error {
+    /// The error of a backend's failed operation `what` (e.g. "publish"), worded alike by every
+    /// backend: "redis unavailable during publish", "postgres refused the credentials or
+    /// privileges during subscribe", ... (`backend` is the backend's short name).
+    pub fn during(backend: &str, kind: ErrorKind, what: &str) -> Self {
+        let message = match kind {
+            ErrorKind::Unavailable => format!("{backend} unavailable during {what}"),
+            ErrorKind::Auth => {
+                format!("{backend} refused the credentials or privileges during {what}")
+            }
+            ErrorKind::Config => format!("{backend} configuration rejected during {what}"),
+            _ => format!("{backend} failed during {what}"),
+        };
+        Error::new(kind, message)
+    }
+
     /// A new error of `kind` with a human-readable message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
