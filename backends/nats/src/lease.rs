@@ -3,27 +3,27 @@
 //!
 //! See the [crate docs](crate#leases) for the design and the clock argument.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use bgtask_core::{
-    Acquired, Error, ErrorKind, KeyCount, KeyPage, LeaseId, LeaseInfo, LeaseRequest, Result,
-    MAX_KEY_PAGE,
-};
+use bgtask_core::{Error, ErrorKind, KeyCount, KeyPage, LeaseId, LeaseInfo, Result, MAX_KEY_PAGE};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::no_answer;
-use crate::js::{stream_missing, Cas, Deleted, Got, Js, Stored};
+use crate::js::{stream_missing, Cas, Got, Js, Stored};
 use crate::stream::Stream;
 use crate::subject::Subjects;
-use crate::time::{conflict_backoff, nanos};
+use crate::time::conflict_backoff;
+
+mod change;
+mod sweep;
+
+use sweep::Sweeper;
 
 /// Bytes of a lease write kept free for its headers (`Nats-Expected-*`, `Nats-TTL`).
 const HEADER_RESERVE: usize = 512;
@@ -206,86 +206,6 @@ impl Store {
     }
 }
 
-/// How long after its longest lease should have ended a record is checked: covers the time
-/// between reading the server's clock and the write.
-const SWEEP_MARGIN: Duration = Duration::from_millis(500);
-
-/// At most this many records are watched per broker; beyond, the stream's `max_age` removes
-/// them.
-const MAX_SWEEP: usize = 100_000;
-
-/// Deletes the records this broker wrote once their leases are over, on servers that do not
-/// expire messages by themselves (no per-message TTLs before 2.11). A record whose broker is
-/// gone before that stays until the next operation on its key, or the stream's `max_age`.
-#[derive(Debug)]
-struct Sweeper {
-    requests: mpsc::UnboundedSender<(Instant, String)>,
-}
-
-impl Sweeper {
-    fn start(store: Arc<Store>, op_timeout: Duration) -> Sweeper {
-        let (requests, rx) = mpsc::unbounded_channel();
-        tokio::spawn(sweep(store, op_timeout, rx));
-        Sweeper { requests }
-    }
-
-    /// Check `subject` once `left` (and a margin) has passed.
-    fn schedule(&self, subject: &str, left: Duration) {
-        let at = Instant::now() + left.min(Duration::from_secs(400 * 24 * 3600)) + SWEEP_MARGIN;
-        let _ = self.requests.send((at, subject.to_owned()));
-    }
-}
-
-/// The sweeper's loop: one timer for the earliest record due; ends with the broker.
-async fn sweep(
-    store: Arc<Store>,
-    op_timeout: Duration,
-    mut requests: mpsc::UnboundedReceiver<(Instant, String)>,
-) {
-    // The latest time each watched record is due, and one queue entry per record (moved
-    // later, lazily, when a newer request came in meanwhile).
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    let mut queue: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
-    loop {
-        let next = queue.peek().map(|Reverse((at, _))| *at);
-        tokio::select! {
-            request = requests.recv() => match request {
-                Some((at, subject)) => {
-                    if let Some(known) = due.get_mut(&subject) {
-                        *known = (*known).max(at);
-                    } else if due.len() < MAX_SWEEP {
-                        due.insert(subject.clone(), at);
-                        queue.push(Reverse((at, subject)));
-                    }
-                }
-                None => return,
-            },
-            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
-                let Some(Reverse((at, subject))) = queue.pop() else { continue };
-                match due.get(&subject) {
-                    Some(&wanted) if wanted > at => {
-                        queue.push(Reverse((wanted, subject)));
-                        continue;
-                    }
-                    Some(_) => {}
-                    None => continue,
-                }
-                due.remove(&subject);
-                match tokio::time::timeout(op_timeout, store.sweep(&subject)).await {
-                    Ok(Ok(None)) => {}
-                    Ok(Ok(Some(left))) => {
-                        let at = Instant::now() + left + SWEEP_MARGIN;
-                        due.insert(subject.clone(), at);
-                        queue.push(Reverse((at, subject)));
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "nats: lease record sweep failed"),
-                    Err(_) => tracing::debug!("nats: lease record sweep timed out"),
-                }
-            }
-        }
-    }
-}
-
 /// The lease operations of one broker.
 #[derive(Debug)]
 pub(crate) struct Leases {
@@ -336,134 +256,6 @@ impl Leases {
     /// Whether records carry a per-message TTL (the server keeps them: 2.11+).
     pub(crate) fn message_ttl(&self) -> bool {
         self.stream.message_ttl()
-    }
-
-    pub(crate) async fn acquire(&self, key: &str, request: &LeaseRequest) -> Result<Acquired> {
-        let subject = self.subjects.lease(key)?;
-        let ttl = Duration::from_millis(request.ttl_millis());
-        if ttl > self.max_ttl() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "nats: a lease of {ttl:?} is longer than the {:?} this backend keeps \
-                     anything (NatsConfig::lease_max_ttl, or the lease stream's max_age)",
-                    self.max_ttl()
-                ),
-            ));
-        }
-        let id = LeaseId::random();
-        let clock = AtomicU64::new(0);
-        let guess_absent =
-            AtomicBool::new(request.cap != Some(0) && !self.store.had_record(&subject));
-        self.run("acquire a lease", || {
-            self.try_acquire(&subject, &id, request, ttl, &clock, &guess_absent)
-        })
-        .await
-    }
-
-    async fn try_acquire(
-        &self,
-        subject: &str,
-        id: &LeaseId,
-        request: &LeaseRequest,
-        ttl: Duration,
-        clock: &AtomicU64,
-        guess_absent: &AtomicBool,
-    ) -> Result<Outcome<Acquired>> {
-        if guess_absent.swap(false, Ordering::Relaxed) {
-            // Most keys have no record (their last lease was released): create it outright, a
-            // write the server refuses if there is one, and the read is saved. If refused, the
-            // usual way below finds out what is there.
-            let data = encode(&[], Some((id.as_str(), &request.note, nanos(ttl))));
-            self.check_size(&data, 1)?;
-            if let Outcome::Done(()) = self.write(subject, 0, ttl, data).await? {
-                return Ok(Outcome::Done(Acquired {
-                    lease: Some(id.clone()),
-                    live: 1,
-                }));
-            }
-        }
-        let (state, now) = match self.store.snapshot(subject, clock).await? {
-            Outcome::Done(found) => found,
-            Outcome::Conflict => return Ok(Outcome::Conflict),
-            Outcome::NoStream => return Ok(Outcome::NoStream),
-        };
-        let live = state.live(now);
-        let count = live.len() as u64;
-        if request.cap.is_some_and(|cap| count >= cap) {
-            return Ok(Outcome::Done(Acquired {
-                lease: None,
-                live: count,
-            }));
-        }
-        let ttl_nanos = nanos(ttl);
-        let longest = live
-            .iter()
-            .map(|l| l.expires.saturating_sub(now))
-            .max()
-            .unwrap_or(0)
-            .max(ttl_nanos);
-        let data = encode(&live, Some((id.as_str(), &request.note, ttl_nanos)));
-        self.check_size(&data, live.len() + 1)?;
-        let outcome = self
-            .write(subject, state.seq, Duration::from_nanos(longest), data)
-            .await?;
-        Ok(outcome.map(|_| Acquired {
-            lease: Some(id.clone()),
-            live: count + 1,
-        }))
-    }
-
-    pub(crate) async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
-        let subject = self.subjects.lease(key)?;
-        let clock = AtomicU64::new(0);
-        self.run("release a lease", || {
-            self.try_release(&subject, lease, &clock)
-        })
-        .await
-    }
-
-    async fn try_release(
-        &self,
-        subject: &str,
-        lease: &LeaseId,
-        clock: &AtomicU64,
-    ) -> Result<Outcome<bool>> {
-        let (state, now) = match self.store.snapshot(subject, clock).await? {
-            Outcome::Done(found) => found,
-            Outcome::Conflict => return Ok(Outcome::Conflict),
-            Outcome::NoStream => return Ok(Outcome::NoStream),
-        };
-        let Some(found) = state.leases.iter().find(|l| l.id == lease.as_str()) else {
-            self.collect_garbage(&state, now).await;
-            return Ok(Outcome::Done(false));
-        };
-        let was_live = found.expires > now;
-        let rest: Vec<Lease> = state
-            .live(now)
-            .into_iter()
-            .filter(|l| l.id != lease.as_str())
-            .collect();
-        if rest.is_empty() {
-            return Ok(match self.store.js.delete(state.seq).await? {
-                Deleted::Yes => {
-                    self.store.saw(subject, false);
-                    Outcome::Done(was_live)
-                }
-                Deleted::Gone => Outcome::Conflict,
-                Deleted::NoStream => Outcome::NoStream,
-            });
-        }
-        let longest = rest
-            .iter()
-            .map(|l| l.expires.saturating_sub(now))
-            .max()
-            .unwrap_or(0);
-        let data = encode(&rest, None);
-        let outcome = self
-            .write(subject, state.seq, Duration::from_nanos(longest), data)
-            .await?;
-        Ok(outcome.map(|_| was_live))
     }
 
     pub(crate) async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {

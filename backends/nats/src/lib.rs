@@ -386,11 +386,13 @@
 //! their nodes under load.
 #![deny(missing_docs)]
 
+mod broker;
 mod chunk;
 mod claim;
 mod clock;
 mod config;
 mod conn;
+mod connect;
 mod error;
 mod js;
 mod lease;
@@ -403,12 +405,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyPage, LeaseId, LeaseInfo,
-    LeaseRequest, Published, Result, Subscription,
-};
-use bytes::Bytes;
+use bgtask_core::Result;
 
 pub use config::{
     NatsConfig, CLUSTER_REPLICAS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_MAX_TTL,
@@ -418,11 +415,14 @@ pub use config::{
 };
 
 use claim::Claims;
-use conn::{ensure_connected, Barrier, Lifeline, Shared};
-use error::{closed, from_publish, from_subscribe, no_answer};
-use js::Js;
+use conn::{Barrier, Lifeline, Shared};
+use error::{closed, no_answer};
 use lease::Leases;
 use subject::Subjects;
+
+// Named by the docs' links only: the code that uses them is in `broker.rs` and `connect.rs`.
+#[cfg(doc)]
+use bgtask_core::{Broker, ErrorKind, Published};
 
 /// A [`Broker`] on a NATS server with JetStream. Cheap to clone; clones share the connection.
 ///
@@ -446,126 +446,6 @@ struct Inner {
 }
 
 impl NatsBroker {
-    /// Connect to the server at `url` with default settings.
-    ///
-    /// Fails with [`ErrorKind::Config`] for a URL that is not a NATS URL or a server without
-    /// JetStream, [`ErrorKind::Unavailable`] when the server cannot be reached within the
-    /// connect timeout, and [`ErrorKind::Auth`] when it refuses the credentials.
-    pub async fn connect(url: &str) -> Result<NatsBroker> {
-        Self::connect_with(NatsConfig::new(url)).await
-    }
-
-    /// Connect with the given settings; fails like [`connect`](Self::connect).
-    pub async fn connect_with(config: NatsConfig) -> Result<NatsBroker> {
-        config.validate()?;
-        let shared = Shared::new();
-        let client = conn::connect(&config, &shared).await?;
-        let info = client.server_info();
-        let shown = config.redacted_url();
-        if !info.jetstream {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "nats server {} at {shown} has no JetStream, which bgtask-nats needs for \
-                     leases: start it with -js",
-                    info.version
-                ),
-            ));
-        }
-        let subjects = Subjects::new(&config.subject_prefix);
-        let cluster_servers = if info.cluster.is_some() {
-            info.connect_urls.len()
-        } else {
-            0
-        };
-        let replicated_ok = js::keeps_replicated_cas(&info.version);
-        let replicas = match config.asked_replicas()? {
-            Some(n) if n > 1 && !replicated_ok => {
-                return Err(js::replicated_cas_error(
-                    &info.version,
-                    &format!("replicas={n} was asked for"),
-                ))
-            }
-            Some(n) => n,
-            None if cluster_servers >= config::CLUSTER_REPLICAS as usize => {
-                if replicated_ok {
-                    config::CLUSTER_REPLICAS
-                } else {
-                    tracing::warn!(
-                        server = %info.version,
-                        "nats: the server is in a cluster, but its version cannot keep leases \
-                         and claims exclusive on replicated streams (nats-server#4320): the lease \
-                         and claim streams get 1 replica; upgrade to 2.10.19 or later for 3"
-                    );
-                    1
-                }
-            }
-            None => 1,
-        };
-        let setup = async {
-            let barrier = Arc::new(Barrier::start(&client, config.connection.op_timeout).await?);
-            let js = |stream: &str, what| {
-                Js::new(client.clone(), stream, what).with_replicas(
-                    replicas,
-                    cluster_servers,
-                    &info.version,
-                )
-            };
-            let (leases, claims) = futures::try_join!(
-                Leases::start(
-                    js(&config.lease_stream, "lease"),
-                    subjects.clone(),
-                    config.connection.op_timeout,
-                    config.lease_max_ttl,
-                ),
-                Claims::start(
-                    js(&config.claim_stream(), "claim"),
-                    subjects.clone(),
-                    config.connection.op_timeout,
-                    config.lease_max_ttl,
-                ),
-            )?;
-            Ok::<_, Error>((barrier, leases, claims))
-        };
-        let (barrier, leases, claims) =
-            match tokio::time::timeout(config.connection.connect_timeout, setup).await {
-                Ok(result) => result?,
-                Err(_) => {
-                    return Err(no_answer(
-                        "the connection setup",
-                        config.connection.connect_timeout,
-                    ))
-                }
-            };
-        let lifeline = conn::watch_reconnects(
-            &client,
-            barrier.clone(),
-            shared.clone(),
-            config.connection.op_timeout,
-        );
-        tracing::debug!(
-            url = %shown,
-            server = %info.version,
-            max_payload = info.max_payload,
-            cluster = ?info.cluster,
-            replicas,
-            "nats: broker connected"
-        );
-        Ok(NatsBroker {
-            inner: Arc::new(Inner {
-                config,
-                client,
-                shared,
-                barrier,
-                lifeline,
-                subjects,
-                leases,
-                claims,
-                server_version: info.version,
-            }),
-        })
-    }
-
     /// The settings this broker was built with.
     pub fn config(&self) -> &NatsConfig {
         &self.inner.config
@@ -663,135 +543,5 @@ impl fmt::Debug for NatsBroker {
             .field("claim_stream", &self.claim_stream())
             .field("closed", &self.is_closed())
             .finish()
-    }
-}
-
-#[async_trait]
-impl Broker for NatsBroker {
-    async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
-        self.check_open("publish")?;
-        let subject = self.inner.subjects.channel(channel)?;
-        let limit = self.inner.config.max_message_size;
-        if payload.len() > limit {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "nats: a payload of {} bytes is larger than the {limit} bytes this broker \
-                     carries (NatsConfig::max_message_size)",
-                    payload.len()
-                ),
-            ));
-        }
-        let client = &self.inner.client;
-        ensure_connected(client, "publish")?;
-        self.bounded("publish", async {
-            match chunk::split(&payload, client.max_payload()) {
-                None => client
-                    .publish(subject, payload)
-                    .await
-                    .map_err(|e| from_publish("publish", e))?,
-                Some(chunks) => {
-                    for (headers, body) in chunks {
-                        client
-                            .publish_with_headers(subject.clone(), headers, body)
-                            .await
-                            .map_err(|e| from_publish("publish a chunk", e))?;
-                    }
-                }
-            }
-            self.inner.barrier.wait().await
-        })
-        .await?;
-        Ok(Published::Unknown)
-    }
-
-    async fn subscribe(&self, channel: &str) -> Result<Subscription> {
-        self.check_open("subscribe")?;
-        let subject = self.inner.subjects.channel(channel)?;
-        let client = &self.inner.client;
-        ensure_connected(client, "subscribe")?;
-        let baseline = sub::Baseline::now(client, &self.inner.shared);
-        let subscriber = self
-            .bounded("subscribe", async {
-                let subscriber = client.subscribe(subject).await.map_err(from_subscribe)?;
-                // Dropped (and so unsubscribed) if the round trip fails.
-                self.inner.barrier.wait().await?;
-                Ok(subscriber)
-            })
-            .await?;
-        Ok(sub::subscription(
-            channel,
-            subscriber,
-            client.clone(),
-            self.inner.shared.clone(),
-            self.inner.lifeline.clone(),
-            baseline,
-            self.inner.config.max_message_size,
-        ))
-    }
-
-    async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
-        self.check_open("acquire a lease")?;
-        ensure_connected(&self.inner.client, "acquire a lease")?;
-        self.inner.leases.acquire(key, &request).await
-    }
-
-    /// The flag read and the acquire at once, so admission costs one round trip's wait (see
-    /// [Leases](crate#leases)): a blacklisted value's lease, taken meanwhile, is given back
-    /// before this returns.
-    async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
-        let (flag, acquired) = tokio::join!(self.leases(flag), self.acquire(key, request));
-        let flag = flag.map(|flags| flags.into_iter().next());
-        if !matches!(flag, Ok(None)) {
-            if let Ok(Acquired {
-                lease: Some(lease), ..
-            }) = &acquired
-            {
-                if let Err(error) = self.release(key, lease).await {
-                    tracing::debug!(%error, "nats: could not give back a lease; it expires on its own");
-                }
-            }
-        }
-        if let Some(flag) = flag? {
-            return Ok(Admission::Blacklisted(flag));
-        }
-        Ok(Admission::from(acquired?))
-    }
-
-    async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
-        self.check_open("release a lease")?;
-        ensure_connected(&self.inner.client, "release a lease")?;
-        self.inner.leases.release(key, lease).await
-    }
-
-    async fn leases(&self, key: &str) -> Result<Vec<LeaseInfo>> {
-        self.check_open("list leases")?;
-        ensure_connected(&self.inner.client, "list leases")?;
-        self.inner.leases.leases(key).await
-    }
-
-    async fn count(&self, key: &str) -> Result<u64> {
-        self.check_open("count leases")?;
-        ensure_connected(&self.inner.client, "count leases")?;
-        self.inner.leases.count(key).await
-    }
-
-    /// The lease stream's subjects, then each candidate key's record (see
-    /// [Leases](crate#leases)).
-    async fn list_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage> {
-        self.check_open("list lease keys")?;
-        ensure_connected(&self.inner.client, "list lease keys")?;
-        self.inner.leases.list_keys(prefix, after, limit).await
-    }
-
-    /// One write in the common case: see [Claims](crate#claims).
-    async fn claim(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.check_open("claim")?;
-        ensure_connected(&self.inner.client, "claim")?;
-        self.inner.claims.claim(key, ttl).await
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, true).with_key_listing()
     }
 }
