@@ -17,7 +17,7 @@
 //!
 //! The old connection is gone before the new one subscribes, so no message arrives twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use bgtask_core::supervisor::{
     Connection, Failure, Subscribers, Supervisor, SupervisorHandle, Transport,
@@ -66,6 +66,7 @@ impl Transport for ClusterTransport {
             conn,
             pushes,
             subscribed: HashSet::new(),
+            unsubscribing: HashMap::new(),
         })
     }
 
@@ -93,8 +94,11 @@ pub(crate) struct ShardedConnection {
     conn: ClusterConnection,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
     /// What this connection subscribed and did not unsubscribe: a `sunsubscribe` for one of
-    /// these came from the server.
+    /// these came from the server...
     subscribed: HashSet<Vec<u8>>,
+    /// ...unless it is the confirmation of one of our own `SUNSUBSCRIBE`s still to come, which
+    /// may arrive after the channel was subscribed again: how many are owed, per channel.
+    unsubscribing: HashMap<Vec<u8>, usize>,
 }
 
 impl Connection for ShardedConnection {
@@ -118,7 +122,7 @@ impl Connection for ShardedConnection {
                     return Err("a node's connection dropped".to_owned());
                 }
                 (PushKind::SUnsubscribe, Some(Value::BulkString(channel)), _)
-                    if self.subscribed.contains(&channel) =>
+                    if !self.own_unsubscribe(&channel) && self.subscribed.contains(&channel) =>
                 {
                     return Err(format!(
                         "the server ended the subscription of {:?} (its slot moved)",
@@ -165,6 +169,10 @@ impl Connection for ShardedConnection {
 
     async fn unsubscribe(&mut self, key: &str) -> std::result::Result<(), Failure> {
         self.subscribed.remove(key.as_bytes());
+        *self
+            .unsubscribing
+            .entry(key.as_bytes().to_vec())
+            .or_default() += 1;
         classify(self.conn.sunsubscribe(key).await)
     }
 
@@ -183,6 +191,22 @@ impl Connection for ShardedConnection {
 
     fn buffered(&mut self) -> Option<Self::Message> {
         None
+    }
+}
+
+impl ShardedConnection {
+    /// Whether a `sunsubscribe` push for `channel` confirms one of our own (and count it paid).
+    fn own_unsubscribe(&mut self, channel: &[u8]) -> bool {
+        match self.unsubscribing.get_mut(channel) {
+            Some(owed) => {
+                *owed -= 1;
+                if *owed == 0 {
+                    self.unsubscribing.remove(channel);
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
