@@ -63,15 +63,7 @@ impl fmt::Debug for RedisConfig {
 /// (`redis+cluster://user:password@h1:p1,h2:p2`) keeps its nodes and loses its password.
 pub(crate) fn redact(url: &str) -> String {
     if crate::cluster::is_cluster_url(url) {
-        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-        let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-        return match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***@{hosts}{path}"),
-                None => url.to_owned(),
-            },
-            None => url.to_owned(),
-        };
+        return bgtask_core::connection::redact_userinfo(url, false);
     }
     let secrets = bgtask_core::connection::Secrets {
         query: &["pass"],

@@ -194,6 +194,7 @@ use bgtask_core::{
     LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
 };
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use redis::Value;
 
 pub use config::{
@@ -446,15 +447,21 @@ impl RedisBroker {
     /// each node has its clock), each key's `count`.
     async fn live_counts(&self, keys: &[String]) -> Result<Vec<KeyCount>> {
         if self.is_cluster() {
-            let mut counts = Vec::with_capacity(keys.len());
-            for key in keys {
-                let live = self.count(key).await?;
-                counts.push(KeyCount {
-                    key: key.clone(),
-                    live,
-                });
-            }
-            return Ok(counts);
+            // The keys live on different nodes: their counts run side by side, 64 at a time.
+            let counts: Vec<_> = keys
+                .iter()
+                .map(|key| async move {
+                    let live = self.count(key).await?;
+                    Ok::<_, Error>(KeyCount {
+                        key: key.clone(),
+                        live,
+                    })
+                })
+                .collect();
+            return futures::stream::iter(counts)
+                .buffered(64)
+                .try_collect()
+                .await;
         }
         let time: (u64, u64) = self
             .inner

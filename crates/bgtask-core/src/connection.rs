@@ -113,6 +113,29 @@ pub struct Secrets<'a> {
 /// reliably, so nothing of it is shown.
 pub const UNPARSABLE_URL: &str = "<unparsable url>";
 
+/// `url` with the password of its user info replaced by `***`, reading the authority as text
+/// (`scheme://[user[:password]@]hosts[/...]`), so it also serves URLs [`url::Url`] cannot parse,
+/// such as several comma-separated hosts. A bare user is a secret too when `bare_user` (a NATS
+/// token). For logs and messages about URLs of any scheme; [`redact_url`] also hides secrets in
+/// the query.
+pub fn redact_userinfo(url: &str, bare_user: bool) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{user}:***"),
+                None if bare_user => "***".to_owned(),
+                None => userinfo.to_owned(),
+            };
+            format!("{scheme}://{user}@{hosts}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// `url` without its secrets: the password of its user info (and the rest of `secrets`)
 /// becomes `***`. The one redaction every backend's errors, logs and `Debug` output use.
 pub fn redact_url(url: &str, secrets: &Secrets<'_>) -> String {

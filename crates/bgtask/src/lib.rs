@@ -109,24 +109,8 @@ fn not_compiled_in(scheme: Scheme, url: &str) -> Error {
 
 /// `url` with any password replaced by `***`, for messages and logs.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = match userinfo.split_once(':') {
-                Some((user, _password)) => format!("{user}:***"),
-                None if scheme.starts_with("nats") || scheme == "tls" => "***".to_owned(),
-                None => userinfo.to_owned(),
-            };
-            format!("{scheme}://{user}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    bgtask_core::connection::redact_userinfo(url, scheme.starts_with("nats") || scheme == "tls")
 }
 
 #[cfg(test)]
