@@ -136,8 +136,9 @@
 //! [`admit`](Broker::admit), every keyed task's admission, reads the blacklist flag's record and
 //! acquires the limit lease at once, so it waits one round trip instead of two; a lease taken for
 //! a value found blacklisted is released before it returns (it exists for that moment only, and
-//! every admission of that value is refused meanwhile). `release_and_publish` is the provided
-//! `release` then `publish`.
+//! every admission of that value is refused meanwhile). `admit_and_publish` and
+//! `release_and_publish` are the provided compositions (`admit` then `publish`, `release` then
+//! `publish`); a core NATS publish waits for no answer.
 //!
 //! So a key's lease set changes only through compare-and-set on its record: 100 concurrent
 //! acquires with cap 5 yield exactly 5 leases, from any number of brokers.

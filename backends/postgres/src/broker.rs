@@ -25,32 +25,56 @@ type AdmitRow = (
 
 impl PostgresBroker {
     /// One call of `admit_lease` for a new lease on `key` under `request`, refused if `flag` has
-    /// a live lease (no flag: a plain acquire). Returns the row and the id asked for.
+    /// a live lease (no flag: a plain acquire), and when `notify` (a channel identifier and a
+    /// notification text) is given, that notification if granted. Returns the row and the id
+    /// asked for.
     async fn admit_lease(
         &self,
         what: &str,
         flag: Option<&str>,
         key: &str,
         request: &LeaseRequest,
+        notify: Option<(&str, &str)>,
     ) -> Result<(AdmitRow, LeaseId)> {
         let db = &self.inner.db;
-        let id = LeaseId::random();
+        let id = request.lease_id();
         let ttl = stored_ttl_millis(request.ttl_millis());
         let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        let statement = match notify {
+            Some(_) => &db.statements.admit_and_notify,
+            None => &db.statements.admit,
+        };
+        let mut query = sqlx::query_as::<_, AdmitRow>(statement)
+            .bind(flag.map(str::as_bytes))
+            .bind(key.as_bytes())
+            .bind(id.as_str())
+            .bind(request.note.as_bytes())
+            .bind(ttl)
+            .bind(cap);
+        if let Some((ident, text)) = notify {
+            query = query.bind(ident).bind(text);
+        }
         let (mut conn, deadline) = self.conn(what).await?;
-        let result = timeout_at(
-            deadline,
-            sqlx::query_as::<_, AdmitRow>(&db.statements.admit)
-                .bind(flag.map(str::as_bytes))
-                .bind(key.as_bytes())
-                .bind(id.as_str())
-                .bind(request.note.as_bytes())
-                .bind(ttl)
-                .bind(cap)
-                .fetch_one(&mut *conn),
-        )
-        .await;
+        let result = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
         Ok((db.settle(what, conn, result)?, id))
+    }
+
+    /// An `admit_lease` row as an admission of lease `id`.
+    fn admission(row: AdmitRow, id: LeaseId) -> Admission {
+        let (flag_id, flag_note, flag_left, granted, live) = row;
+        if let Some(flag_id) = flag_id {
+            return Admission::Blacklisted(LeaseInfo {
+                id: LeaseId::new(flag_id),
+                note: String::from_utf8_lossy(&flag_note.unwrap_or_default()).into_owned(),
+                remaining: remaining(flag_left.unwrap_or(0.0)),
+            });
+        }
+        let live = u64::try_from(live.unwrap_or(0)).unwrap_or(0);
+        if granted == Some(true) {
+            Admission::Granted(id)
+        } else {
+            Admission::Full { live }
+        }
     }
 }
 
@@ -124,7 +148,9 @@ impl Broker for PostgresBroker {
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
-        let ((.., granted, live), id) = self.admit_lease("acquire", None, key, &request).await?;
+        let ((.., granted, live), id) = self
+            .admit_lease("acquire", None, key, &request, None)
+            .await?;
         Ok(Acquired {
             lease: (granted == Some(true)).then_some(id),
             live: u64::try_from(live.unwrap_or(0)).unwrap_or(0),
@@ -133,21 +159,37 @@ impl Broker for PostgresBroker {
 
     /// One statement calling `admit_lease` (see the crate docs, *Leases*).
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
-        let (row, id) = self.admit_lease("admit", Some(flag), key, &request).await?;
-        let (flag_id, flag_note, flag_left, granted, live) = row;
-        if let Some(flag_id) = flag_id {
-            return Ok(Admission::Blacklisted(LeaseInfo {
-                id: LeaseId::new(flag_id),
-                note: String::from_utf8_lossy(&flag_note.unwrap_or_default()).into_owned(),
-                remaining: remaining(flag_left.unwrap_or(0.0)),
-            }));
-        }
-        let live = u64::try_from(live.unwrap_or(0)).unwrap_or(0);
-        Ok(if granted == Some(true) {
-            Admission::Granted(id)
-        } else {
-            Admission::Full { live }
-        })
+        let (row, id) = self
+            .admit_lease("admit", Some(flag), key, &request, None)
+            .await?;
+        Ok(Self::admission(row, id))
+    }
+
+    /// One statement: `admit_lease`, then `pg_notify` if granted, which the database sends at
+    /// commit, after the insert. A payload too large for one notification takes the two calls.
+    async fn admit_and_publish(
+        &self,
+        flag: &str,
+        key: &str,
+        request: LeaseRequest,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Admission, Option<Published>)> {
+        let id = wire::message_id();
+        let Some(text) = wire::encode_inline(&id, channel, &payload) else {
+            return bgtask_core::broker::admit_then_publish(
+                self, flag, key, request, channel, payload,
+            )
+            .await;
+        };
+        let ident = self.channel_identifier(channel);
+        let notify = Some((ident.as_str(), text.as_str()));
+        let (row, id) = self
+            .admit_lease("admit and publish", Some(flag), key, &request, notify)
+            .await?;
+        let admission = Self::admission(row, id);
+        let published = matches!(admission, Admission::Granted(_)).then_some(Published::Unknown);
+        Ok((admission, published))
     }
 
     /// One statement: the delete, then `pg_notify`, which the database sends at commit, after

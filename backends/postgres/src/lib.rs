@@ -119,6 +119,9 @@
 //! client's. `release`, `leases` and `count` are single statements. [`admit`](Broker::admit),
 //! every keyed task's admission, is one statement calling `admit_lease`, which reads the
 //! blacklist flag's oldest live lease and returns it if there is one, else calls `acquire_lease`.
+//! [`admit_and_publish`](Broker::admit_and_publish) is the same statement with
+//! `pg_notify(…)` for the granted row: the offer goes out at commit, after the insert (a payload
+//! too large for one notification takes `admit` then `publish`).
 //! [`release_and_publish`](Broker::release_and_publish), a worker's reply to a keyed task, is one
 //! statement (`WITH released AS (DELETE …) SELECT … FROM (SELECT pg_notify(…))`): the
 //! notification goes out at commit, after the delete; a payload too large for one notification

@@ -207,6 +207,9 @@ pub(crate) struct Statements {
     /// (flag id, flag note, flag seconds left, granted, live): a flag id when blacklisted. With
     /// no flag, a plain acquire.
     pub(crate) admit: String,
+    /// `admit` with `$7` channel identifier and `$8` notification text, notified when the
+    /// lease is granted (the notification goes out at commit, after the insert).
+    pub(crate) admit_and_notify: String,
     /// `$1` key, `$2` id → one row (was it live?) if the lease existed.
     pub(crate) release: String,
     /// `$1` key, `$2` id, `$3` channel identifier, `$4` notification text → one row: was the
@@ -239,6 +242,10 @@ impl Statements {
             fetch_payload: r("SELECT CASE WHEN channel = $2 THEN data END \
                  FROM {s}.payloads WHERE id = $1"),
             admit: r("SELECT flag_id, flag_note, flag_left, granted, live \
+                 FROM {s}.admit_lease($1, $2, $3, $4, $5, $6)"),
+            // `pg_notify` returns `void`: as text, so that the row has only values sqlx reads.
+            admit_and_notify: r("SELECT flag_id, flag_note, flag_left, granted, live, \
+                     (CASE WHEN granted THEN pg_notify($7, $8) END)::text IS NOT NULL \
                  FROM {s}.admit_lease($1, $2, $3, $4, $5, $6)"),
             release_and_notify: r("WITH released AS ( \
                      DELETE FROM {s}.leases \

@@ -91,12 +91,13 @@ local function purge()
 end
 
 -- Drop the expired leases; under the cap (ARGV[4], -1 for none), add lease ARGV[2] of ARGV[3] ms
--- with note ARGV[5]. Returns {1, live} when added, {0, live} when not. Every `redis.call` costs
--- more than the command it runs, so a key without leases (most keyed tasks' limit key) takes
--- the short way: nothing to purge, the order starts again at 1, the new lease is the longest.
-local function acquire()
+-- with note ARGV[5]. `live` is the key's ZCARD when the caller knows it. Returns {1, live} when
+-- added, {0, live} when not. Every `redis.call` costs more than the command it runs, so a key
+-- without leases (most keyed tasks' limit key) takes the short way: nothing to purge, the order
+-- starts again at 1, the new lease is the longest.
+local function acquire(live)
   local id, ttl, cap, note = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  local live = redis.call('ZCARD', leases)
+  live = live or redis.call('ZCARD', leases)
   if live > 0 then live = live - purge() end
   if cap >= 0 and live >= cap then return {0, live} end
   redis.call('ZADD', leases, int(now + ttl), id)
@@ -120,13 +121,25 @@ if op == 'acquire' then
   return acquire()
 elseif op == 'admit' then
   -- KEYS[3], KEYS[4]: the blacklist flag's sorted set and hash. A live flag refuses, with its
-  -- lease: {2, id, remaining ms, "<seq>:<note>"}. Else acquire, as above.
-  local flag = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if #flag > 0 then
-    local stored = redis.call('HGET', KEYS[4], flag[1]) or ''
-    return {2, flag[1], int(tonumber(flag[2]) - now), stored}
+  -- lease: {2, id, remaining ms, "<seq>:<note>"}. Else acquire, as above. With ARGV[6] and
+  -- ARGV[7] (a channel and a message), a granted lease is followed by their PUBLISH, whose
+  -- receiver count ends the answer: {1, live, receivers}.
+  local answer
+  if redis.call('EXISTS', KEYS[3], leases) == 0 then
+    -- Neither a flag nor a lease (the common case): one call settles both.
+    answer = acquire(0)
+  else
+    local flag = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if #flag > 0 then
+      local stored = redis.call('HGET', KEYS[4], flag[1]) or ''
+      return {2, flag[1], int(tonumber(flag[2]) - now), stored}
+    end
+    answer = acquire()
   end
-  return acquire()
+  if ARGV[6] and answer[1] == 1 then
+    answer[3] = redis.call('PUBLISH', ARGV[6], ARGV[7])
+  end
+  return answer
 elseif op == 'leases' then
   local items = redis.call('ZRANGEBYSCORE', leases, '(' .. int(now), '+inf', 'WITHSCORES')
   local out = {}
@@ -168,7 +181,8 @@ pub(crate) fn millis((seconds, micros): (u64, u64)) -> u64 {
     seconds.saturating_mul(1000).saturating_add(micros / 1000)
 }
 
-/// Build the arguments of an `acquire` call, or (`op` = `admit`) of an `admit` call.
+/// Build the arguments of an `acquire` call, or (`op` = `admit`) of an `admit` call; an admit
+/// that publishes when granted appends the channel and the message.
 pub(crate) fn acquire_args(op: &str, id: &LeaseId, request: &LeaseRequest) -> Vec<Vec<u8>> {
     let ttl = request.ttl_millis().min(MAX_TTL_MILLIS);
     let cap = match request.cap {
@@ -225,17 +239,27 @@ pub(crate) fn parse_acquired(id: LeaseId, value: Value) -> Result<Acquired> {
     }
 }
 
-/// Read the answer of `admit` (made with lease id `id`).
-pub(crate) fn parse_admission(id: LeaseId, value: Value) -> Result<Admission> {
-    if let Value::Array(items) = &value {
-        if items.len() == 4 && as_u64(&items[0]) == Some(2) {
+/// Read the answer of `admit` (made with lease id `id`), and the receiver count of the publish
+/// that follows a granted lease when the call carried a message.
+pub(crate) fn parse_admission(id: LeaseId, value: Value) -> Result<(Admission, Option<u64>)> {
+    match value {
+        Value::Array(items) if items.len() == 4 && as_u64(&items[0]) == Some(2) => {
             let flag = parse_leases(Value::Array(items[1..].to_vec()))?;
-            if let Some(flag) = flag.into_iter().next() {
-                return Ok(Admission::Blacklisted(flag));
+            match flag.into_iter().next() {
+                Some(flag) => Ok((Admission::Blacklisted(flag), None)),
+                None => Err(unexpected("admit", &Value::Array(items))),
             }
         }
+        Value::Array(mut items) if items.len() == 3 && as_u64(&items[0]) == Some(1) => {
+            let receivers = items.pop().as_ref().and_then(as_u64);
+            let Some(receivers) = receivers else {
+                return Err(unexpected("admit", &Value::Array(items)));
+            };
+            let admission = Admission::from(parse_acquired(id, Value::Array(items))?);
+            Ok((admission, Some(receivers)))
+        }
+        value => Ok((Admission::from(parse_acquired(id, value)?), None)),
     }
-    Ok(Admission::from(parse_acquired(id, value)?))
 }
 
 /// Read the answer of `count`.

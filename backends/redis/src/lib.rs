@@ -97,8 +97,12 @@
 //! inside the script: `acquire` drops the expired leases, counts the live ones, and, under the
 //! cap, adds one. `admit` (every keyed task's admission) is one run of the same script on four
 //! keys: the blacklist flag's live lease, if any, refuses; else it acquires as `acquire` does.
-//! (On a Redis Cluster, where the flag and the limit key hash to different slots, `admit` is the
-//! flag check, then the acquire.) The two hot calls that need no decision skip the script, which costs far more
+//! `admit_and_publish` (the admission with the task's offer) is the same run with the channel
+//! and the message as two more arguments: the script `PUBLISH`es them when the lease is granted,
+//! so a keyed task's offer costs one round trip, like an unkeyed one. When neither the flag nor
+//! the limit key exists (most admissions), one `EXISTS` on both settles it. (On a Redis Cluster,
+//! where the flag and the limit key hash to different slots, `admit` is the flag check, then the
+//! acquire; `admit_and_publish` is `admit`, then `SPUBLISH`.) The two hot calls that need no decision skip the script, which costs far more
 //! on the server than the commands it runs:
 //!
 //! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
@@ -566,7 +570,7 @@ impl Broker for RedisBroker {
     }
 
     async fn acquire(&self, key: &str, request: LeaseRequest) -> Result<Acquired> {
-        let id = LeaseId::random();
+        let id = request.lease_id();
         let args = lease::acquire_args("acquire", &id, &request);
         let value = self.lease_script("acquire", key, None, args).await?;
         lease::parse_acquired(id, value)
@@ -579,10 +583,38 @@ impl Broker for RedisBroker {
         if self.is_cluster() && !cluster::same_slot(&lease::keys(flag).0, &lease::keys(key).0) {
             return bgtask_core::broker::admit_in_two_steps(self, flag, key, request).await;
         }
-        let id = LeaseId::random();
+        let id = request.lease_id();
         let args = lease::acquire_args("admit", &id, &request);
         let value = self.lease_script("admit", key, Some(flag), args).await?;
-        lease::parse_admission(id, value)
+        Ok(lease::parse_admission(id, value)?.0)
+    }
+
+    /// The admission script with the message: it publishes it when the lease is granted, so a
+    /// keyed task's offer costs one round trip, as an unkeyed task's does. On a cluster (the
+    /// keys and the channel live in different slots): the admission, then `SPUBLISH`.
+    async fn admit_and_publish(
+        &self,
+        flag: &str,
+        key: &str,
+        request: LeaseRequest,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Admission, Option<Published>)> {
+        if self.is_cluster() {
+            return bgtask_core::broker::admit_then_publish(
+                self, flag, key, request, channel, payload,
+            )
+            .await;
+        }
+        let id = request.lease_id();
+        let mut args = lease::acquire_args("admit", &id, &request);
+        args.push(channel.as_bytes().to_vec());
+        args.push(payload.to_vec());
+        let value = self
+            .lease_script("admit and publish", key, Some(flag), args)
+            .await?;
+        let (admission, receivers) = lease::parse_admission(id, value)?;
+        Ok((admission, receivers.map(Published::Receivers)))
     }
 
     /// One `MULTI`/`EXEC`: the release's commands (see [`release`](Broker::release)), then

@@ -1,5 +1,6 @@
 //! Keyed tasks: [`Broker::admit`](bgtask_core::Broker::admit) (blacklist check and limit lease
-//! in one call) and [`Broker::release_and_publish`](bgtask_core::Broker::release_and_publish)
+//! in one call), [`Broker::admit_and_publish`](bgtask_core::Broker::admit_and_publish) (and the
+//! offer published when granted) and [`Broker::release_and_publish`](bgtask_core::Broker::release_and_publish)
 //! (the limit lease freed with the reply), on the broker and through the protocol.
 //!
 //! A backend that overrides either method must behave exactly as the provided composition of
@@ -7,7 +8,7 @@
 
 use std::time::Duration;
 
-use bgtask_core::{Admission, ClientConfig, DynBroker, ErrorKind, KeyLimit, LeaseRequest};
+use bgtask_core::{Admission, ClientConfig, DynBroker, ErrorKind, KeyLimit, LeaseId, LeaseRequest};
 use bytes::Bytes;
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -146,6 +147,153 @@ pub async fn release_and_publish_frees_the_slot_before_delivery(h: Harness) {
         assert!(!again, "released already");
         assert_eq!(expect_message(&mut subscription).await.as_ref(), b"again");
     }
+}
+
+/// A lease named by its caller (`LeaseRequest::id`) gets that identity from `acquire` and
+/// `admit`, is listed and released under it, and a request without one gets a fresh identity
+/// each time.
+pub async fn a_chosen_lease_id_names_the_lease(h: Harness) {
+    let broker = h.broker().await;
+    let (flag, key) = (h.name("flag"), h.name("limit"));
+    let chosen = LeaseId::new(bgtask_core::names::random_id());
+    let acquired = broker
+        .acquire(&key, limit(3, WAIT).id(chosen.clone()))
+        .await
+        .unwrap();
+    assert_eq!(acquired.lease.as_ref(), Some(&chosen));
+    let admitted_id = LeaseId::new(bgtask_core::names::random_id());
+    let admitted = broker
+        .admit(&flag, &key, limit(3, WAIT).id(admitted_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(admitted, Admission::Granted(admitted_id.clone()));
+    let random = broker.acquire(&key, limit(3, WAIT)).await.unwrap().lease;
+    let random = random.expect("under the cap");
+    assert!(random != chosen && random != admitted_id);
+    let listed: Vec<LeaseId> = broker
+        .leases(&key)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(listed, [chosen.clone(), admitted_id.clone(), random]);
+    assert!(broker.release(&key, &chosen).await.unwrap());
+    assert!(broker.release(&key, &admitted_id).await.unwrap());
+    assert_eq!(broker.count(&key).await.unwrap(), 1);
+}
+
+/// `admit_and_publish` publishes only what it admits: granted offers arrive (and whoever gets
+/// one finds its lease), a full key and a blacklisted value publish nothing and take no slot.
+pub async fn admit_and_publish_offers_only_when_granted(h: Harness) {
+    let broker = h.broker().await;
+    let (flag, key, channel) = (h.name("flag"), h.name("limit"), h.name("offers"));
+    let mut offers = h.broker().await.subscribe(&channel).await.unwrap();
+    let observer = h.broker().await;
+    for n in 0..2u8 {
+        let id = LeaseId::new(format!("lease-{n}"));
+        let (admission, published) = broker
+            .admit_and_publish(
+                &flag,
+                &key,
+                limit(2, WAIT).id(id.clone()),
+                &channel,
+                Bytes::from(vec![n]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(admission, Admission::Granted(id.clone()));
+        let published = published.expect("a granted admission publishes");
+        assert!(!published.nobody(), "a subscriber is listening");
+        assert_eq!(expect_message(&mut offers).await.as_ref(), [n]);
+        let leases = observer.leases(&key).await.unwrap();
+        assert!(
+            leases.iter().any(|l| l.id == id),
+            "the lease before the offer"
+        );
+    }
+    let (admission, published) = broker
+        .admit_and_publish(
+            &flag,
+            &key,
+            limit(2, WAIT),
+            &channel,
+            Bytes::from_static(b"full"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((admission, published), (Admission::Full { live: 2 }, None));
+    let (other_flag, other_key) = (h.name("flag2"), h.name("limit2"));
+    blacklist(&broker, &other_flag, "bad input", Duration::from_secs(30)).await;
+    let (admission, published) = broker
+        .admit_and_publish(
+            &other_flag,
+            &other_key,
+            limit(2, WAIT),
+            &channel,
+            Bytes::from_static(b"flagged"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(admission, Admission::Blacklisted(ref l) if l.note == "bad input"));
+    assert_eq!(published, None);
+    assert_eq!(broker.count(&other_key).await.unwrap(), 0, "no slot taken");
+    assert!(
+        next_message(&mut offers, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a refused admission published"
+    );
+}
+
+/// 64 concurrent `admit_and_publish` calls with cap 5, from four brokers: exactly 5 granted,
+/// exactly their 5 messages published.
+pub async fn admit_and_publish_caps_exactly_under_64_creators(h: Harness) {
+    let (flag, key, channel) = (h.name("flag"), h.name("limit"), h.name("offers"));
+    let mut offers = h.broker().await.subscribe(&channel).await.unwrap();
+    let (results, brokers) = from_four_brokers(&h, 64, |broker| {
+        let (flag, key, channel) = (flag.clone(), key.clone(), channel.clone());
+        async move {
+            let id = LeaseId::new(bgtask_core::names::random_id());
+            let payload = Bytes::from(id.as_str().to_owned());
+            let request = limit(5, Duration::from_secs(30)).id(id);
+            broker
+                .admit_and_publish(&flag, &key, request, &channel, payload)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let mut granted = Vec::new();
+    for (admission, published) in results {
+        match admission {
+            Admission::Granted(id) => {
+                assert!(published.is_some());
+                granted.push(id.as_str().to_owned());
+            }
+            Admission::Full { live } => {
+                assert_eq!(live, 5);
+                assert_eq!(published, None);
+            }
+            other => panic!("unexpected admission {other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 5, "64 concurrent admissions with cap 5");
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        let message = expect_message(&mut offers).await;
+        received.push(String::from_utf8(message.to_vec()).unwrap());
+    }
+    granted.sort();
+    received.sort();
+    assert_eq!(
+        received, granted,
+        "the granted ones' messages, and only theirs"
+    );
+    assert!(next_message(&mut offers, Duration::from_millis(300))
+        .await
+        .is_none());
+    assert_eq!(brokers[0].count(&key).await.unwrap(), 5);
 }
 
 fn keyed(h: &Harness, max: u64) -> ClientConfig {

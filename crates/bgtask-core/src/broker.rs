@@ -49,9 +49,11 @@ pub type DynBroker = Arc<dyn Broker>;
 /// once that the worker is gone); worker presence is one lease per worker on one key, renewed
 /// every heartbeat, whose note is the worker's record (JSON: a few hundred bytes, a few KiB for a
 /// worker of many task names), listed with [`leases`](Broker::leases) when a creator starts; the first-accept-wins arbiter is
-/// [`claim`](Broker::claim). A keyed task adds [`admit`](Broker::admit) at the creator (blacklist
-/// check and limit lease) and [`release_and_publish`](Broker::release_and_publish) at the worker
-/// (the limit lease freed with the reply). Both are provided from the other methods, so nothing
+/// [`claim`](Broker::claim). A keyed task adds [`admit_and_publish`](Broker::admit_and_publish)
+/// at the creator (blacklist check, limit lease, and the offer when granted; or
+/// [`admit`](Broker::admit) alone when the task is held back or broadcast) and
+/// [`release_and_publish`](Broker::release_and_publish) at the worker (the limit lease freed
+/// with the reply). All three are provided from the other methods, so nothing
 /// else is asked of a backend: every backend, and any third-party one, gets scale-out and keyed
 /// tasks unchanged, and overrides them only to save round trips.
 #[async_trait]
@@ -137,6 +139,37 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// backend overrides with one where it can (Redis: one script; PostgreSQL: one statement).
     async fn admit(&self, flag: &str, key: &str, request: LeaseRequest) -> Result<Admission> {
         admit_in_two_steps(self, flag, key, request).await
+    }
+
+    /// [`Admit`](Broker::admit) one keyed task and, only if it is granted, [`publish`](Broker::publish)
+    /// `payload` on `channel`: how a creator offers a keyed task to the worker it chose, in the
+    /// same step as it takes the task's slot.
+    ///
+    /// # Behaviour
+    ///
+    /// - `request.id` names the lease to take (the payload names it too, so that the worker
+    ///   can free it with its reply). A request without one gets a random id, as in `admit`.
+    /// - Granted: the lease is taken, then the message published; returns the admission and
+    ///   what the publish returned. Refused (blacklisted or full): nothing is published and no
+    ///   lease is taken; returns the admission and `None`. The cap is exact, as in `admit`.
+    /// - Ordered: a subscriber that receives the message and then looks at `key` finds the
+    ///   lease.
+    /// - An error leaves the outcome unknown: the lease may have been taken and the message
+    ///   published. The caller releases the lease it named (releasing a lease that was never
+    ///   taken is harmless).
+    ///
+    /// The provided implementation is [`admit`](Broker::admit) then, when granted,
+    /// [`publish`](Broker::publish); a backend overrides it with one round trip where it can
+    /// (Redis: the admission script publishes; PostgreSQL: one statement).
+    async fn admit_and_publish(
+        &self,
+        flag: &str,
+        key: &str,
+        request: LeaseRequest,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<(Admission, Option<Published>)> {
+        admit_then_publish(self, flag, key, request, channel, payload).await
     }
 
     /// [`Release`](Broker::release) `lease` of `key`, then [`publish`](Broker::publish)
@@ -360,6 +393,12 @@ pub struct LeaseRequest {
     pub cap: Option<u64>,
     /// A short text stored with the lease and returned by [`Broker::leases`] (may be empty).
     pub note: String,
+    /// The new lease's identity, chosen by the caller, or `None` for a random one (see
+    /// [`LeaseId::random`]). The caller keeps it unique per key (a random 128-bit id is), so
+    /// that it can name the lease before it is granted: in the payload of
+    /// [`Broker::admit_and_publish`], or to release it after an error that leaves the outcome
+    /// unknown. Short printable ASCII, like the random ones (the protocol uses the task's id).
+    pub id: Option<LeaseId>,
 }
 
 impl LeaseRequest {
@@ -369,6 +408,7 @@ impl LeaseRequest {
             ttl,
             cap: None,
             note: String::new(),
+            id: None,
         }
     }
 
@@ -384,9 +424,21 @@ impl LeaseRequest {
         self
     }
 
+    /// Set the new lease's identity (see [`LeaseRequest::id`]).
+    pub fn id(mut self, id: LeaseId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
     /// The TTL in whole milliseconds, at least 1 (see [`ttl_millis`]).
     pub fn ttl_millis(&self) -> u64 {
         ttl_millis(self.ttl)
+    }
+
+    /// The identity the new lease gets: the caller's, else a new random one. What every
+    /// backend calls before it stores a lease.
+    pub fn lease_id(&self) -> LeaseId {
+        self.id.clone().unwrap_or_else(LeaseId::random)
     }
 }
 
@@ -403,6 +455,25 @@ pub async fn admit_in_two_steps<B: Broker + ?Sized>(
         return Ok(Admission::Blacklisted(flag));
     }
     Ok(Admission::from(broker.acquire(key, request).await?))
+}
+
+/// [`Broker::admit_and_publish`]'s provided implementation, [`admit`](Broker::admit) then,
+/// when granted, [`publish`](Broker::publish): for a backend whose own one cannot take one step
+/// every time (a Redis Cluster, a payload too large for one PostgreSQL notification).
+pub async fn admit_then_publish<B: Broker + ?Sized>(
+    broker: &B,
+    flag: &str,
+    key: &str,
+    request: LeaseRequest,
+    channel: &str,
+    payload: Bytes,
+) -> Result<(Admission, Option<Published>)> {
+    let admission = broker.admit(flag, key, request).await?;
+    let published = match admission {
+        Admission::Granted(_) => Some(broker.publish(channel, payload).await?),
+        Admission::Full { .. } | Admission::Blacklisted(_) => None,
+    };
+    Ok((admission, published))
 }
 
 /// [`Broker::release_and_publish`]'s provided implementation, [`release`](Broker::release)

@@ -155,7 +155,7 @@ impl State {
         if request.cap.is_some_and(|cap| live >= cap) {
             return Acquired { lease: None, live };
         }
-        let id = LeaseId::random();
+        let id = request.lease_id();
         let extends = list.iter().all(|l| l.expires < expires);
         list.push(Lease {
             id: id.clone(),

@@ -23,7 +23,7 @@ impl Leases {
                 ),
             ));
         }
-        let id = LeaseId::random();
+        let id = request.lease_id();
         let clock = AtomicU64::new(0);
         let guess_absent =
             AtomicBool::new(request.cap != Some(0) && !self.store.had_record(&subject));

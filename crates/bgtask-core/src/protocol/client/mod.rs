@@ -28,7 +28,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{self, check_payload_size, extract_key_value, KeyLease};
+use super::admission::{check_payload_size, extract_key_value, Admitted, KeyAdmission, KeyLease};
 use super::blacklist::Blacklist;
 use super::due::DueQueue;
 use super::envelope::{Kind, Message};
@@ -355,7 +355,7 @@ impl Client {
             Some(key) => key.as_deref(),
             None => inner.config.task_key.as_deref(),
         };
-        let (mut key_value, mut lease, mut body) = (None, None, None);
+        let (mut key_value, mut body) = (None, None);
         if let Some(key) = task_key {
             // The key value goes in the envelope (before the body), so serialize the payload on
             // its own first; this path pays one copy of it. Everything is checked before the
@@ -366,20 +366,16 @@ impl Client {
             check_payload_size("task payload", raw.get().len(), inner.config.max_payload)?;
             let value = extract_key_value(&raw, key)?;
             validate_name("task key value", &value)?;
-            let limit = options.limit.unwrap_or(inner.config.per_key_limit);
-            let ttl = timeout + inner.config.lease_margin;
-            lease = admission::admit(
-                &inner.broker,
-                &inner.namespace,
-                (task, &value),
-                limit,
-                ttl,
-                &id_hex,
-            )
-            .await?;
             key_value = Some(value);
             body = Some(raw);
         }
+        let admission = key_value.as_deref().map(|value| {
+            let limit = options.limit.unwrap_or(inner.config.per_key_limit);
+            let ttl = timeout + inner.config.lease_margin;
+            KeyAdmission::new(&inner.namespace, (task, value), limit, ttl, &id_hex)
+        });
+        // The limit lease the admission takes, named before it is taken.
+        let lease = admission.as_ref().and_then(KeyAdmission::lease);
         // The envelope, with the payload serialized straight into it.
         let mut message = Message::new(Kind::Task, id_hex.as_str());
         message.task = Some(Cow::Borrowed(task));
@@ -409,13 +405,7 @@ impl Client {
                 check_payload_size("task payload", size, inner.config.max_payload).map(|()| encoded)
             }),
         };
-        let encoded = match encoded {
-            Ok(encoded) => encoded,
-            Err(error) => {
-                inner.release_in_background(lease);
-                return Err(error);
-            }
-        };
+        let encoded = encoded?;
 
         let slot = Arc::new(Slot::default());
         // The name's one copy: the guard's, the offer's, and every metric's label.
@@ -447,16 +437,31 @@ impl Client {
         );
         // From here on the guard cleans up (pending entry, lease) on every early return.
         metrics::in_flight(&task_name, 1.0);
-        let guard = TaskGuard {
+        let mut guard = TaskGuard {
             client: inner.clone(),
             id,
             task: task_name.clone(),
             submitted: Instant::now(),
             deadline,
-            lease,
+            lease: None,
             slot: slot.clone(),
             armed: true,
         };
+        // A keyed task is admitted now; with a worker chosen, the broker publishes its offer in
+        // the same step. Until the broker answers, the lease may be taken: the guard releases it
+        // on an error.
+        let mut published = None;
+        if let Some(admission) = admission {
+            guard.lease = lease;
+            let offer = offer_channel.as_deref().map(|c| (c, bytes.clone()));
+            match admission.admit(&inner.broker, offer).await? {
+                Admitted::Granted(offered) => published = offered,
+                Admitted::Refused(error) => {
+                    guard.lease = None;
+                    return Err(error);
+                }
+            }
+        }
         if broadcast {
             let published = inner.broker.publish(&channel, bytes).await?;
             if published == Published::Receivers(0) {
@@ -469,7 +474,10 @@ impl Client {
             inner
                 .offer_timers
                 .push(Instant::now() + inner.config.offer_timeout, (id, 1));
-            let published = inner.broker.publish(&offer_channel, bytes).await?;
+            let published = match published {
+                Some(published) => published,
+                None => inner.broker.publish(&offer_channel, bytes).await?,
+            };
             if published.nobody() {
                 inner.undelivered(id, 1);
             }
