@@ -77,6 +77,19 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leases, notes = KEYS[1], KEYS[2]
 local op = ARGV[1]
 
+-- The hot path first, before anything else is defined (each call pays for what the script
+-- runs): an admission where neither the blacklist flag (KEYS[3]) nor the limit key exists, so
+-- one EXISTS settles both. The first lease, as `acquire` below adds it to an empty key; with
+-- ARGV[6] and ARGV[7], their PUBLISH. ARGV[3] is the TTL in whole ms.
+if op == 'admit' and ARGV[4] ~= '0' and redis.call('EXISTS', KEYS[3], leases) == 0 then
+  redis.call('ZADD', leases, string.format('%d', now + tonumber(ARGV[3])), ARGV[2])
+  redis.call('HSET', notes, '#seq', 1, ARGV[2], '1:' .. ARGV[5])
+  redis.call('PEXPIRE', leases, ARGV[3])
+  redis.call('PEXPIRE', notes, ARGV[3])
+  if ARGV[6] then return {1, 1, redis.call('PUBLISH', ARGV[6], ARGV[7])} end
+  return {1, 1}
+end
+
 local function int(n) return string.format('%d', n) end
 
 -- Remove the expired leases and their notes; returns how many there were.
@@ -91,13 +104,12 @@ local function purge()
 end
 
 -- Drop the expired leases; under the cap (ARGV[4], -1 for none), add lease ARGV[2] of ARGV[3] ms
--- with note ARGV[5]. `live` is the key's ZCARD when the caller knows it. Returns {1, live} when
--- added, {0, live} when not. Every `redis.call` costs more than the command it runs, so a key
--- without leases (most keyed tasks' limit key) takes the short way: nothing to purge, the order
--- starts again at 1, the new lease is the longest.
-local function acquire(live)
+-- with note ARGV[5]. Returns {1, live} when added, {0, live} when not. Every `redis.call` costs
+-- more than the command it runs, so a key without leases (most keyed tasks' limit key) takes the
+-- short way: nothing to purge, the order starts again at 1, the new lease is the longest.
+local function acquire()
   local id, ttl, cap, note = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-  live = live or redis.call('ZCARD', leases)
+  local live = redis.call('ZCARD', leases)
   if live > 0 then live = live - purge() end
   if cap >= 0 and live >= cap then return {0, live} end
   redis.call('ZADD', leases, int(now + ttl), id)
@@ -123,19 +135,14 @@ elseif op == 'admit' then
   -- KEYS[3], KEYS[4]: the blacklist flag's sorted set and hash. A live flag refuses, with its
   -- lease: {2, id, remaining ms, "<seq>:<note>"}. Else acquire, as above. With ARGV[6] and
   -- ARGV[7] (a channel and a message), a granted lease is followed by their PUBLISH, whose
-  -- receiver count ends the answer: {1, live, receivers}.
-  local answer
-  if redis.call('EXISTS', KEYS[3], leases) == 0 then
-    -- Neither a flag nor a lease (the common case): one call settles both.
-    answer = acquire(0)
-  else
-    local flag = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    if #flag > 0 then
-      local stored = redis.call('HGET', KEYS[4], flag[1]) or ''
-      return {2, flag[1], int(tonumber(flag[2]) - now), stored}
-    end
-    answer = acquire()
+  -- receiver count ends the answer: {1, live, receivers}. (The hot path at the top took the
+  -- admissions to an empty key without a flag.)
+  local flag = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #flag > 0 then
+    local stored = redis.call('HGET', KEYS[4], flag[1]) or ''
+    return {2, flag[1], int(tonumber(flag[2]) - now), stored}
   end
+  local answer = acquire()
   if ARGV[6] and answer[1] == 1 then
     answer[3] = redis.call('PUBLISH', ARGV[6], ARGV[7])
   end
