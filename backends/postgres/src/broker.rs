@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, LeaseId,
-    LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, KeyedOffer,
+    LeaseId, LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
 };
 use bytes::Bytes;
 use tokio::time::timeout_at;
@@ -40,20 +40,15 @@ impl PostgresBroker {
         let id = request.lease_id();
         let ttl = stored_ttl_millis(request.ttl_millis());
         let cap = request.cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
-        let statement = match notify {
-            Some(_) => &db.statements.admit_and_notify,
-            None => &db.statements.admit,
-        };
-        let mut query = sqlx::query_as::<_, AdmitRow>(statement)
+        let query = sqlx::query_as::<_, AdmitRow>(&db.statements.admit)
             .bind(flag.map(str::as_bytes))
             .bind(key.as_bytes())
             .bind(id.as_str())
             .bind(request.note.as_bytes())
             .bind(ttl)
-            .bind(cap);
-        if let Some((ident, text)) = notify {
-            query = query.bind(ident).bind(text);
-        }
+            .bind(cap)
+            .bind(notify.map(|(ident, _)| ident))
+            .bind(notify.map(|(_, text)| text));
         let (mut conn, deadline) = self.conn(what).await?;
         let result = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
         Ok((db.settle(what, conn, result)?, id))
@@ -169,23 +164,22 @@ impl Broker for PostgresBroker {
     /// commit, after the insert. A payload too large for one notification takes the two calls.
     async fn admit_and_publish(
         &self,
-        flag: &str,
-        key: &str,
-        request: LeaseRequest,
-        channel: &str,
-        payload: Bytes,
+        offer: KeyedOffer<'_>,
     ) -> Result<(Admission, Option<Published>)> {
         let id = wire::message_id();
-        let Some(text) = wire::encode_inline(&id, channel, &payload) else {
-            return bgtask_core::broker::admit_then_publish(
-                self, flag, key, request, channel, payload,
-            )
-            .await;
+        let Some(text) = wire::encode_inline(&id, offer.channel, &offer.payload) else {
+            return bgtask_core::broker::admit_then_publish(self, offer).await;
         };
-        let ident = self.channel_identifier(channel);
+        let ident = self.channel_identifier(offer.channel);
         let notify = Some((ident.as_str(), text.as_str()));
         let (row, id) = self
-            .admit_lease("admit and publish", Some(flag), key, &request, notify)
+            .admit_lease(
+                "admit and publish",
+                Some(offer.flag),
+                offer.key,
+                &offer.request,
+                notify,
+            )
             .await?;
         let admission = Self::admission(row, id);
         let published = matches!(admission, Admission::Granted(_)).then_some(Published::Unknown);

@@ -203,13 +203,11 @@ pub(crate) struct Statements {
     pub(crate) notify_by_reference: String,
     /// `$1` id, `$2` channel bytes → `data` when the row is that channel's, NULL otherwise.
     pub(crate) fetch_payload: String,
-    /// `$1` flag key or NULL, `$2` key, `$3` id, `$4` note, `$5` ttl in ms, `$6` cap or NULL →
-    /// (flag id, flag note, flag seconds left, granted, live): a flag id when blacklisted. With
-    /// no flag, a plain acquire.
+    /// `$1` flag key or NULL, `$2` key, `$3` id, `$4` note, `$5` ttl in ms, `$6` cap or NULL,
+    /// `$7` channel identifier or NULL, `$8` notification text or NULL → (flag id, flag note,
+    /// flag seconds left, granted, live): a flag id when blacklisted. With no flag, a plain
+    /// acquire; with a channel, its notification when granted (sent at commit, after the insert).
     pub(crate) admit: String,
-    /// `admit` with `$7` channel identifier and `$8` notification text, notified when the
-    /// lease is granted (the notification goes out at commit, after the insert).
-    pub(crate) admit_and_notify: String,
     /// `$1` key, `$2` id → one row (was it live?) if the lease existed.
     pub(crate) release: String,
     /// `$1` key, `$2` id, `$3` channel identifier, `$4` notification text → one row: was the
@@ -241,11 +239,10 @@ impl Statements {
                  SELECT pg_notify($5, $6) FROM row"),
             fetch_payload: r("SELECT CASE WHEN channel = $2 THEN data END \
                  FROM {s}.payloads WHERE id = $1"),
-            admit: r("SELECT flag_id, flag_note, flag_left, granted, live \
-                 FROM {s}.admit_lease($1, $2, $3, $4, $5, $6)"),
             // `pg_notify` returns `void`: as text, so that the row has only values sqlx reads.
-            admit_and_notify: r("SELECT flag_id, flag_note, flag_left, granted, live, \
-                     (CASE WHEN granted THEN pg_notify($7, $8) END)::text IS NOT NULL \
+            admit: r("SELECT flag_id, flag_note, flag_left, granted, live, \
+                     (CASE WHEN granted AND $7::text IS NOT NULL \
+                         THEN pg_notify($7, $8::text) END)::text IS NOT NULL \
                  FROM {s}.admit_lease($1, $2, $3, $4, $5, $6)"),
             release_and_notify: r("WITH released AS ( \
                      DELETE FROM {s}.leases \

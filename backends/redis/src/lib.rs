@@ -194,8 +194,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bgtask_core::{
-    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, LeaseId,
-    LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
+    Acquired, Admission, Broker, Capabilities, Error, ErrorKind, KeyCount, KeyPage, KeyedOffer,
+    LeaseId, LeaseInfo, LeaseRequest, Published, Result, Subscription, MAX_KEY_PAGE,
 };
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -594,24 +594,17 @@ impl Broker for RedisBroker {
     /// keys and the channel live in different slots): the admission, then `SPUBLISH`.
     async fn admit_and_publish(
         &self,
-        flag: &str,
-        key: &str,
-        request: LeaseRequest,
-        channel: &str,
-        payload: Bytes,
+        offer: KeyedOffer<'_>,
     ) -> Result<(Admission, Option<Published>)> {
         if self.is_cluster() {
-            return bgtask_core::broker::admit_then_publish(
-                self, flag, key, request, channel, payload,
-            )
-            .await;
+            return bgtask_core::broker::admit_then_publish(self, offer).await;
         }
-        let id = request.lease_id();
-        let mut args = lease::acquire_args("admit", &id, &request);
-        args.push(channel.as_bytes().to_vec());
-        args.push(payload.to_vec());
+        let id = offer.request.lease_id();
+        let mut args = lease::acquire_args("admit", &id, &offer.request);
+        args.push(offer.channel.as_bytes().to_vec());
+        args.push(offer.payload.to_vec());
         let value = self
-            .lease_script("admit and publish", key, Some(flag), args)
+            .lease_script("admit and publish", offer.key, Some(offer.flag), args)
             .await?;
         let (admission, receivers) = lease::parse_admission(id, value)?;
         Ok((admission, receivers.map(Published::Receivers)))

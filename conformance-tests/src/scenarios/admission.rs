@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use bgtask_core::{Admission, ClientConfig, DynBroker, ErrorKind, KeyLimit, LeaseId, LeaseRequest};
+use bgtask_core::{
+    Admission, ClientConfig, DynBroker, ErrorKind, KeyLimit, KeyedOffer, LeaseId, LeaseRequest,
+};
 use bytes::Bytes;
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -192,16 +194,14 @@ pub async fn admit_and_publish_offers_only_when_granted(h: Harness) {
     let observer = h.broker().await;
     for n in 0..2u8 {
         let id = LeaseId::new(format!("lease-{n}"));
-        let (admission, published) = broker
-            .admit_and_publish(
-                &flag,
-                &key,
-                limit(2, WAIT).id(id.clone()),
-                &channel,
-                Bytes::from(vec![n]),
-            )
-            .await
-            .unwrap();
+        let offer = KeyedOffer {
+            flag: &flag,
+            key: &key,
+            request: limit(2, WAIT).id(id.clone()),
+            channel: &channel,
+            payload: Bytes::from(vec![n]),
+        };
+        let (admission, published) = broker.admit_and_publish(offer).await.unwrap();
         assert_eq!(admission, Admission::Granted(id.clone()));
         let published = published.expect("a granted admission publishes");
         assert!(!published.nobody(), "a subscriber is listening");
@@ -212,29 +212,20 @@ pub async fn admit_and_publish_offers_only_when_granted(h: Harness) {
             "the lease before the offer"
         );
     }
-    let (admission, published) = broker
-        .admit_and_publish(
-            &flag,
-            &key,
-            limit(2, WAIT),
-            &channel,
-            Bytes::from_static(b"full"),
-        )
-        .await
-        .unwrap();
+    let offer = |flag, key, payload: &'static [u8]| KeyedOffer {
+        flag,
+        key,
+        request: limit(2, WAIT),
+        channel: &channel,
+        payload: Bytes::from_static(payload),
+    };
+    let full = offer(&flag, &key, b"full");
+    let (admission, published) = broker.admit_and_publish(full).await.unwrap();
     assert_eq!((admission, published), (Admission::Full { live: 2 }, None));
     let (other_flag, other_key) = (h.name("flag2"), h.name("limit2"));
     blacklist(&broker, &other_flag, "bad input", Duration::from_secs(30)).await;
-    let (admission, published) = broker
-        .admit_and_publish(
-            &other_flag,
-            &other_key,
-            limit(2, WAIT),
-            &channel,
-            Bytes::from_static(b"flagged"),
-        )
-        .await
-        .unwrap();
+    let flagged = offer(&other_flag, &other_key, b"flagged");
+    let (admission, published) = broker.admit_and_publish(flagged).await.unwrap();
     assert!(matches!(admission, Admission::Blacklisted(ref l) if l.note == "bad input"));
     assert_eq!(published, None);
     assert_eq!(broker.count(&other_key).await.unwrap(), 0, "no slot taken");
@@ -257,10 +248,14 @@ pub async fn admit_and_publish_caps_exactly_under_64_creators(h: Harness) {
             let id = LeaseId::new(bgtask_core::names::random_id());
             let payload = Bytes::from(id.as_str().to_owned());
             let request = limit(5, Duration::from_secs(30)).id(id);
-            broker
-                .admit_and_publish(&flag, &key, request, &channel, payload)
-                .await
-                .unwrap()
+            let offer = KeyedOffer {
+                flag: &flag,
+                key: &key,
+                request,
+                channel: &channel,
+                payload,
+            };
+            broker.admit_and_publish(offer).await.unwrap()
         }
     })
     .await;

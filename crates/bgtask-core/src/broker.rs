@@ -141,9 +141,10 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         admit_in_two_steps(self, flag, key, request).await
     }
 
-    /// [`Admit`](Broker::admit) one keyed task and, only if it is granted, [`publish`](Broker::publish)
-    /// `payload` on `channel`: how a creator offers a keyed task to the worker it chose, in the
-    /// same step as it takes the task's slot.
+    /// [`Admit`](Broker::admit) one keyed task (`offer.flag`, `offer.key`, `offer.request`) and,
+    /// only if it is granted, [`publish`](Broker::publish) `offer.payload` on `offer.channel`:
+    /// how a creator offers a keyed task to the worker it chose, in the same step as it takes
+    /// the task's slot.
     ///
     /// # Behaviour
     ///
@@ -163,13 +164,9 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// (Redis: the admission script publishes; PostgreSQL: one statement).
     async fn admit_and_publish(
         &self,
-        flag: &str,
-        key: &str,
-        request: LeaseRequest,
-        channel: &str,
-        payload: Bytes,
+        offer: KeyedOffer<'_>,
     ) -> Result<(Admission, Option<Published>)> {
-        admit_then_publish(self, flag, key, request, channel, payload).await
+        admit_then_publish(self, offer).await
     }
 
     /// [`Release`](Broker::release) `lease` of `key`, then [`publish`](Broker::publish)
@@ -276,6 +273,22 @@ pub struct KeyCount {
     pub key: String,
     /// Its live leases when it was read.
     pub live: u64,
+}
+
+/// What [`Broker::admit_and_publish`] is asked: admit one keyed task and, if it is granted,
+/// publish its offer.
+#[derive(Debug, Clone)]
+pub struct KeyedOffer<'a> {
+    /// The key value's blacklist flag: a live lease on it refuses the task.
+    pub flag: &'a str,
+    /// The limit key the task's lease is taken on.
+    pub key: &'a str,
+    /// The lease asked for: TTL, cap, note and (see [`LeaseRequest::id`]) its identity.
+    pub request: LeaseRequest,
+    /// Where the offer is published when the task is admitted.
+    pub channel: &'a str,
+    /// The offer.
+    pub payload: Bytes,
 }
 
 /// The outcome of [`Broker::admit`].
@@ -462,15 +475,11 @@ pub async fn admit_in_two_steps<B: Broker + ?Sized>(
 /// every time (a Redis Cluster, a payload too large for one PostgreSQL notification).
 pub async fn admit_then_publish<B: Broker + ?Sized>(
     broker: &B,
-    flag: &str,
-    key: &str,
-    request: LeaseRequest,
-    channel: &str,
-    payload: Bytes,
+    offer: KeyedOffer<'_>,
 ) -> Result<(Admission, Option<Published>)> {
-    let admission = broker.admit(flag, key, request).await?;
+    let admission = broker.admit(offer.flag, offer.key, offer.request).await?;
     let published = match admission {
-        Admission::Granted(_) => Some(broker.publish(channel, payload).await?),
+        Admission::Granted(_) => Some(broker.publish(offer.channel, offer.payload).await?),
         Admission::Full { .. } | Admission::Blacklisted(_) => None,
     };
     Ok((admission, published))

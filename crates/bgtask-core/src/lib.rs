@@ -18,8 +18,8 @@ mod status;
 pub mod supervisor;
 
 pub use broker::{
-    Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, KeyCount, KeyPage, LeaseId,
-    LeaseInfo, LeaseRequest, Published, Subscription, MAX_KEY_PAGE,
+    Acquired, Admission, Broker, Capabilities, DynBroker, Incoming, KeyCount, KeyPage, KeyedOffer,
+    LeaseId, LeaseInfo, LeaseRequest, Published, Subscription, MAX_KEY_PAGE,
 };
 pub use connection::ConnectionSettings;
 pub use error::{BoxError, Error, ErrorDetail, ErrorKind, Result};

@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 
 use super::blacklist::BlacklistEntry;
 use super::KeyLimit;
-use crate::broker::{Admission, DynBroker, LeaseId, LeaseInfo, LeaseRequest, Published};
+use crate::broker::{
+    Admission, DynBroker, KeyedOffer, LeaseId, LeaseInfo, LeaseRequest, Published,
+};
 use crate::error::{Error, ErrorDetail, ErrorKind, Result};
 use crate::names::Namespace;
 
@@ -124,10 +126,15 @@ impl<'a> KeyAdmission<'a> {
             });
         };
         let (admission, published) = match offer {
-            Some((channel, bytes)) => {
-                broker
-                    .admit_and_publish(&self.flag, &key, request, channel, bytes)
-                    .await?
+            Some((channel, payload)) => {
+                let offer = KeyedOffer {
+                    flag: &self.flag,
+                    key: &key,
+                    request,
+                    channel,
+                    payload,
+                };
+                broker.admit_and_publish(offer).await?
             }
             None => (broker.admit(&self.flag, &key, request).await?, None),
         };
