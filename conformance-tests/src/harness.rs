@@ -228,8 +228,18 @@ impl RawWorker {
     /// Announce a worker of `tasks` with concurrency `concurrency` whose presence lasts `ttl`
     /// (one join, never renewed).
     pub async fn announce(h: &Harness, tasks: &[&str], concurrency: u64, ttl: Duration) -> Self {
-        let broker = h.broker().await;
         let namespace = bgtask_core::Namespace::new(h.namespace()).expect("namespace");
+        Self::announce_on(h.broker().await, namespace, tasks, concurrency, ttl).await
+    }
+
+    /// [`announce`](Self::announce) on `broker` in `namespace`, without a harness.
+    pub async fn announce_on(
+        broker: DynBroker,
+        namespace: bgtask_core::Namespace,
+        tasks: &[&str],
+        concurrency: u64,
+        ttl: Duration,
+    ) -> Self {
         let id = bgtask_core::names::random_id();
         let offers = broker
             .subscribe(&namespace.worker_channel(&id))

@@ -51,8 +51,9 @@ pub(crate) fn extract_key_value(body: &RawValue, key: &str) -> Result<String> {
 }
 
 /// A keyed task's admission, prepared before anything reaches the broker: the blacklist flag
-/// to check and, under a limit, the lease to take, named by the task's id so that the task can
-/// carry it before it is granted.
+/// to check and, under a limit, the lease to take, named by the task's id (always: the
+/// creator's guard and the worker rely on it), so that the task can carry it before it is
+/// granted.
 pub(crate) struct KeyAdmission<'a> {
     task: &'a str,
     value: &'a str,
@@ -98,10 +99,10 @@ impl<'a> KeyAdmission<'a> {
         }
     }
 
-    /// The limit lease this admission takes, if any, known before it is taken.
-    pub(crate) fn lease(&self) -> Option<KeyLease> {
-        let (key, request, _) = self.limited.as_ref()?;
-        Some((key.clone(), request.id.clone()?))
+    /// The limit key of the lease this admission takes, if any. The lease is named by the
+    /// task's id.
+    pub(crate) fn lease_key(&self) -> Option<String> {
+        self.limited.as_ref().map(|(key, ..)| key.clone())
     }
 
     /// Admit the task in one broker call: [`Broker::admit_and_publish`] when it has a limit

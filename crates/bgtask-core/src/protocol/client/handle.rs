@@ -11,14 +11,18 @@ use serde_json::Value;
 use tokio::time::{Instant, Sleep};
 
 use super::{ClientEvent, Inner, Slot, FINISH_GRACE};
+use crate::broker::LeaseId;
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics;
+use crate::names::id_to_hex;
 use crate::protocol::admission::KeyLease;
 use crate::protocol::Reply;
 
 /// Owns a submitted task's pending entry and key lease, and frees both exactly once: when the
 /// task ends, or when its handle is dropped. A worker that completes the task frees the lease
-/// with its reply (`released`); the guard releases it otherwise.
+/// with its reply (`released`); the guard releases it otherwise. The lease is named by the
+/// task's id (see [`KeyAdmission`](crate::protocol::admission::KeyAdmission)), so the guard
+/// keeps only its key.
 pub(super) struct TaskGuard {
     pub(super) client: Arc<Inner>,
     pub(super) id: u128,
@@ -27,7 +31,8 @@ pub(super) struct TaskGuard {
     /// When the task was published, for the reply histogram.
     pub(super) submitted: Instant,
     pub(super) deadline: Instant,
-    pub(super) lease: Option<KeyLease>,
+    /// The limit key of the task's lease, if it has one.
+    pub(super) lease_key: Option<String>,
     pub(super) slot: Arc<Slot>,
     pub(super) armed: bool,
 }
@@ -42,11 +47,11 @@ impl TaskGuard {
 
     /// The lease still to release: none if the worker released it with its reply.
     fn take_lease(&mut self) -> Option<KeyLease> {
-        let lease = self.lease.take();
+        let key = self.lease_key.take();
         if self.slot.released.load(Ordering::Relaxed) {
             return None;
         }
-        lease
+        Some((key?, LeaseId::new(id_to_hex(self.id))))
     }
 
     /// Forget the pending entry and release the key lease: awaited until the task's deadline

@@ -374,8 +374,8 @@ impl Client {
             let ttl = timeout + inner.config.lease_margin;
             KeyAdmission::new(&inner.namespace, (task, value), limit, ttl, &id_hex)
         });
-        // The limit lease the admission takes, named before it is taken.
-        let lease = admission.as_ref().and_then(KeyAdmission::lease);
+        // The limit key of the lease the admission takes, named by the task's id.
+        let lease_key = admission.as_ref().and_then(KeyAdmission::lease_key);
         // The envelope, with the payload serialized straight into it.
         let mut message = Message::new(Kind::Task, id_hex.as_str());
         message.task = Some(Cow::Borrowed(task));
@@ -396,7 +396,7 @@ impl Client {
         message.key = key_value.as_deref().map(Cow::Borrowed);
         if !broadcast {
             // The worker that runs it frees the slot with its reply.
-            message.lease = lease.as_ref().map(|(_, l)| Cow::Borrowed(l.as_str()));
+            message.lease = lease_key.as_ref().map(|_| Cow::Borrowed(id_hex.as_str()));
         }
         let encoded = match &body {
             Some(raw) => message.encode_with_body(&**raw),
@@ -415,7 +415,11 @@ impl Client {
         let (offer, offer_channel) = if broadcast {
             (None, None)
         } else {
-            let mut offer = offer::OfferState::new(route.clone(), bytes.clone(), task_name.clone());
+            let mut offer = Box::new(offer::OfferState::new(
+                route.clone(),
+                bytes.clone(),
+                task_name.clone(),
+            ));
             let channel = match inner.roster.choose(&route, &[]) {
                 presence::Choice::Offer(member) => {
                     let channel = member.channel.clone();
@@ -443,7 +447,7 @@ impl Client {
             task: task_name.clone(),
             submitted: Instant::now(),
             deadline,
-            lease: None,
+            lease_key: None,
             slot: slot.clone(),
             armed: true,
         };
@@ -452,12 +456,12 @@ impl Client {
         // on an error.
         let mut published = None;
         if let Some(admission) = admission {
-            guard.lease = lease;
+            guard.lease_key = lease_key;
             let offer = offer_channel.as_deref().map(|c| (c, bytes.clone()));
             match admission.admit(&inner.broker, offer).await? {
                 Admitted::Granted(offered) => published = offered,
                 Admitted::Refused(error) => {
-                    guard.lease = None;
+                    guard.lease_key = None;
                     return Err(error);
                 }
             }

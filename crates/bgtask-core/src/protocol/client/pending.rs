@@ -87,8 +87,9 @@ pub(super) struct Pending {
     pub(super) slot: Arc<Slot>,
     pub(super) broadcast: bool,
     pub(super) deadline: Instant,
-    /// Where its directed offer stands (none for broadcasts).
-    pub(super) offer: Option<offer::OfferState>,
+    /// Where its directed offer stands (none for broadcasts); boxed, so that the map of
+    /// pending tasks, which keeps spare room, keeps it for small entries.
+    pub(super) offer: Option<Box<offer::OfferState>>,
 }
 
 /// Task ids are random 128-bit numbers: their low 64 bits are already a good hash.
