@@ -163,17 +163,23 @@ end
 return redis.error_reply('bgtask: unknown lease operation')
 "#;
 
-/// The reply of the `release` transaction: `TIME`, the lease's expiry (`ZSCORE`), and the counts
-/// removed by `ZREM` and `HDEL`.
+/// The replies of `release`: `TIME`, the lease's expiry (`ZSCORE`), and the counts removed by
+/// `ZREM` and `HDEL`.
 pub(crate) type ReleaseReply = ((u64, u64), Option<f64>, u64, u64);
 
-/// The transaction of `release`: `TIME`, the lease's expiry (`ZSCORE`), `ZREM` and `HDEL`.
-pub(crate) fn release_pipe(key: &str, lease: &LeaseId) -> redis::Pipeline {
+/// The commands of `release`: `TIME`, the lease's expiry (`ZSCORE`), `ZREM` and `HDEL`, in one
+/// pipeline. One connection's commands run in order, and nothing that runs between them can make
+/// the lease live again (lease ids are unique and a lease is never extended), so on one server
+/// they need no transaction, whose `MULTI`, `QUEUED`s and `EXEC` would double the replies to
+/// parse. `atomic` (a cluster) wraps them in `MULTI`/`EXEC`, which keeps `TIME` on the key's node.
+pub(crate) fn release_pipe(key: &str, lease: &LeaseId, atomic: bool) -> redis::Pipeline {
     let (leases, notes) = keys(key);
     let id = lease.as_str();
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("TIME")
+    if atomic {
+        pipe.atomic();
+    }
+    pipe.cmd("TIME")
         .zscore(&leases, id)
         .zrem(&leases, id)
         .hdel(&notes, id);

@@ -102,13 +102,15 @@
 //! so a keyed task's offer costs one round trip, like an unkeyed one. When neither the flag nor
 //! the limit key exists (most admissions), one `EXISTS` on both settles it. (On a Redis Cluster,
 //! where the flag and the limit key hash to different slots, `admit` is the flag check, then the
-//! acquire; `admit_and_publish` is `admit`, then `SPUBLISH`.) The two hot calls that need no decision skip the script, which costs far more
-//! on the server than the commands it runs:
+//! acquire; `admit_and_publish` is `admit`, then `SPUBLISH`.) The calls that need no decision
+//! skip the script, which costs far more on the server than the commands it runs:
 //!
-//! - `release` is one `MULTI`/`EXEC` of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
+//! - `release` is one pipeline of `TIME`, `ZSCORE`, `ZREM` and `HDEL` (it was live if its
 //!   expiry is after `TIME`); `release_and_publish` (a worker's reply to a keyed task) is the
-//!   same transaction with the `PUBLISH` at its end, one round trip, the slot free before the
-//!   reply goes out;
+//!   same pipeline with the `PUBLISH` at its end, one round trip, the slot free before the
+//!   reply goes out. One connection's commands run in order, and nothing between them can make
+//!   the lease live again, so they need no `MULTI`, whose `QUEUED` replies would double what
+//!   the client parses (on a cluster `release` keeps `MULTI`, so that `TIME` is the key's node's);
 //! - `leases` and `count` first ask `EXISTS bgl:{K}`; a key without leases (every blacklist
 //!   check of a value that is not blacklisted) costs that one command.
 //!
@@ -610,7 +612,7 @@ impl Broker for RedisBroker {
         Ok((admission, receivers.map(Published::Receivers)))
     }
 
-    /// One `MULTI`/`EXEC`: the release's commands (see [`release`](Broker::release)), then
+    /// One pipeline: the release's commands (see [`release`](Broker::release)), then
     /// `PUBLISH`. One round trip, and the release is applied before the message goes out. On a
     /// cluster (the key and the channel live in different slots): the release, then `SPUBLISH`.
     async fn release_and_publish(
@@ -625,7 +627,7 @@ impl Broker for RedisBroker {
             return bgtask_core::broker::release_then_publish(self, key, lease, channel, payload)
                 .await;
         }
-        let mut pipe = lease::release_pipe(key, lease);
+        let mut pipe = lease::release_pipe(key, lease, false);
         pipe.publish(channel, payload.as_ref());
         let (time, expiry, _, _, receivers): lease::ReleaseAndPublishReply = self
             .inner
@@ -638,11 +640,11 @@ impl Broker for RedisBroker {
         Ok((Published::Receivers(receivers), released))
     }
 
-    /// One `MULTI`/`EXEC` (`TIME`, `ZSCORE`, `ZREM`, `HDEL`), no script: the hot path of every
-    /// keyed task's end.
+    /// One pipeline (`TIME`, `ZSCORE`, `ZREM`, `HDEL`; on a cluster in `MULTI`/`EXEC`), no
+    /// script.
     async fn release(&self, key: &str, lease: &LeaseId) -> Result<bool> {
         self.check_open("release")?;
-        let pipe = lease::release_pipe(key, lease);
+        let pipe = lease::release_pipe(key, lease, self.is_cluster());
         let (time, expiry, ..): lease::ReleaseReply = self
             .inner
             .commands
