@@ -296,10 +296,13 @@ pub(crate) struct Member {
     pub(crate) channel: String,
     pub(crate) concurrency: Option<u64>,
     /// Tasks of other creators in flight on it, as of its last report (its announced
-    /// `in_flight` less this creator's offers to it then; a `busy` decline: all the rest).
+    /// `in_flight` less this creator's offers to it then and its completions on it since the
+    /// report before; a `busy` decline: all the rest).
     pub(crate) others: AtomicU64,
     /// This creator's offers to it that are not answered by a completion yet.
     pub(crate) outstanding: AtomicU64,
+    /// This creator's completions on it since its last report was applied.
+    completed_since_report: AtomicU64,
     /// An offer to it went unanswered: skip it until it announces itself again.
     pub(crate) suspect: AtomicBool,
     /// Milliseconds since the roster's epoch after which it counts as gone.
@@ -320,6 +323,7 @@ impl Member {
     /// estimate, so a stale report does not starve the worker until its next one. Guessing low
     /// costs at most a `busy` decline, which corrects the estimate at once.
     pub(crate) fn completed_one(&self) {
+        self.completed_since_report.fetch_add(1, Ordering::Relaxed);
         let _ = self
             .others
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -410,7 +414,13 @@ impl Roster {
         let expires = self.now_ms() + ttl.as_millis().min(u128::from(u32::MAX)) as u64;
         if let Some(member) = members.by_id.get(&record.id) {
             if member.concurrency == record.concurrency && member.routes == routes_of(record) {
-                let ours = member.outstanding.load(Ordering::Relaxed);
+                // The report counts this creator's tasks on it: those still outstanding, and
+                // maybe some completed since the last report, whose replies were read before
+                // it (replies and reports are separate streams, and a report is built before
+                // it is sent). Counting those as other creators' load would hold tasks back
+                // until the next report; guessing low costs at most a `busy` decline.
+                let ours = member.outstanding.load(Ordering::Relaxed)
+                    + member.completed_since_report.swap(0, Ordering::Relaxed);
                 member
                     .others
                     .store(record.in_flight.saturating_sub(ours), Ordering::Relaxed);
@@ -427,6 +437,7 @@ impl Roster {
             concurrency: record.concurrency,
             others: AtomicU64::new(record.in_flight),
             outstanding: AtomicU64::new(0),
+            completed_since_report: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
             expires: AtomicU64::new(expires),
             routes: routes_of(record),
@@ -544,5 +555,35 @@ fn unlink(members: &mut Members, gone: &Arc<Member>) {
                 members.by_route.remove(route);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(in_flight: u64) -> WorkerRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": "w1", "tasks": ["echo"], "concurrency": 1, "in_flight": in_flight,
+            "level": "v1", "ttl_ms": 3000,
+        }))
+        .unwrap()
+    }
+
+    /// A report built while one of this creator's tasks ran, read after its reply: that task is
+    /// not another creator's load, so the worker is offered the next task at once. A later
+    /// report of the same load is another creator's.
+    #[test]
+    fn a_report_read_after_our_completion_does_not_hold_tasks_back() {
+        let roster = Roster::new(Namespace::new("ns").unwrap());
+        let route = Route::Task("echo".into());
+        let ttl = Duration::from_secs(3);
+        let member = roster.apply(Event::Join, &report(0), ttl).unwrap();
+        drop(Charge::new(member.clone()));
+        member.completed_one();
+        roster.apply(Event::Beat, &report(1), ttl);
+        assert!(matches!(roster.choose(&route, &[]), Choice::Offer(_)));
+        roster.apply(Event::Beat, &report(1), ttl);
+        assert!(matches!(roster.choose(&route, &[]), Choice::Full));
     }
 }
