@@ -368,6 +368,22 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    under_load_at(h, 500, workers, creator, fault).await
+}
+
+/// [`under_load`] at `per_second` tasks per second (at most 500): for a setup that cannot
+/// sustain 500 on this machine even without a fault.
+pub async fn under_load_at<F, Fut>(
+    h: &Harness,
+    per_second: u64,
+    workers: Vec<bgtask_core::DynBroker>,
+    creator: bgtask_core::DynBroker,
+    fault: F,
+) -> LoadReport
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
@@ -407,7 +423,8 @@ where
         fault().await;
         Instant::now()
     });
-    let mut ticker = tokio::time::interval(Duration::from_millis(2));
+    let mut ticker =
+        tokio::time::interval(Duration::from_micros(1_000_000 / per_second.clamp(1, 500)));
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..TASKS {
         ticker.tick().await;
