@@ -4,7 +4,7 @@
 //! own, on free loopback ports) and brings it down at the end; the shared servers are never
 //! touched.
 //!
-//! The runner is the shared [`under_load_at`] (the Redis Cluster's node faults use it too); run
+//! The runner is the shared [`under_load`] (the Redis Cluster's node faults use it too); run
 //! with `--nocapture` to see the figures (docs/reliability.md has them).
 //!
 //! On nats-server before 2.10.19 the lease and claim streams have one replica (see the crate
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bgtask_conformance::scenarios::faults::under_load_at;
+use bgtask_conformance::scenarios::faults::under_load;
 use bgtask_conformance::BrokerFactory;
 use bgtask_core::DynBroker;
 use bgtask_nats::{NatsBroker, NatsConfig};
@@ -116,7 +116,7 @@ async fn run_load<F, Fut>(
         // one before alike.
         let workers = vec![on_node.broker().await, on_node.broker().await];
         let creator = on_node.broker().await;
-        let report = under_load_at(&h, 300, workers, creator, fault).await;
+        let report = under_load(&h, 300, workers, creator, fault).await;
         let back = report.throughput_back(0.8);
         let length = report.fault.1.saturating_sub(report.fault.0);
         let back_after_end = back.map(|b| b.saturating_sub(length));

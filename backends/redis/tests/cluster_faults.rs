@@ -148,7 +148,7 @@ where
         |h: Harness| async move {
             let workers = vec![h.broker().await, h.broker().await];
             let creator = h.broker().await;
-            let report = under_load(&h, workers, creator, move || fault(pid)).await;
+            let report = under_load(&h, 500, workers, creator, move || fault(pid)).await;
             let _ = tx.send(report);
         },
     )

@@ -254,7 +254,7 @@ async fn outage_under_load(h: Harness, outage: Outage, length: Duration) {
         tokio::time::sleep(length).await;
         proxy.pass();
     };
-    let report = under_load(&h, workers, creator, fault).await;
+    let report = under_load(&h, 500, workers, creator, fault).await;
     eprintln!("outage under load ({outage:?}, {length:?}): {report}");
     report.check();
     assert!(
@@ -353,27 +353,13 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-/// 10,000 keyed tasks (50 key values) at a steady 500 per second, 2 s timeout, served by one
-/// worker (256 at a time) on each of `workers` and submitted through `creator`, while `fault`
-/// runs from 5 s into the load: it causes the fault and returns when it is over. Each task's
-/// ending is checked as it comes (exactly once, the right reply); what else happened is in the
-/// report, for the caller to assert ([`LoadReport::check`]).
+/// 10,000 keyed tasks (50 key values) at a steady `per_second` (at most 500; 500 for every
+/// scenario here), 2 s timeout, served by one worker (256 at a time) on each of `workers` and
+/// submitted through `creator`, while `fault` runs from 5 s into the load: it causes the fault
+/// and returns when it is over. Each task's ending is checked as it comes (exactly once, the
+/// right reply); what else happened is in the report, for the caller to assert
+/// ([`LoadReport::check`]).
 pub async fn under_load<F, Fut>(
-    h: &Harness,
-    workers: Vec<bgtask_core::DynBroker>,
-    creator: bgtask_core::DynBroker,
-    fault: F,
-) -> LoadReport
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    under_load_at(h, 500, workers, creator, fault).await
-}
-
-/// [`under_load`] at `per_second` tasks per second (at most 500): for a setup that cannot
-/// sustain 500 on this machine even without a fault.
-pub async fn under_load_at<F, Fut>(
     h: &Harness,
     per_second: u64,
     workers: Vec<bgtask_core::DynBroker>,
