@@ -32,11 +32,19 @@ struct Cluster {
 
 #[async_trait]
 impl BrokerFactory for Cluster {
+    /// Tries for up to 10 s: on a loaded machine a cluster that has just started can take
+    /// longer than the short connect timeout to answer (seen in CI once).
     async fn broker(&self) -> DynBroker {
-        let config = short(NatsConfig::new(&self.url));
-        match NatsBroker::connect_with(config).await {
-            Ok(broker) => Arc::new(broker),
-            Err(e) => panic!("cannot reach the private cluster at {}: {e}", self.url),
+        let mut tries = 0;
+        loop {
+            match NatsBroker::connect_with(short(NatsConfig::new(&self.url))).await {
+                Ok(broker) => return Arc::new(broker),
+                Err(_) if tries < 9 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot reach the private cluster at {}: {e}", self.url),
+            }
         }
     }
 }
